@@ -1,0 +1,55 @@
+"""Engine configuration: one dataclass, filled from the CLI (TGI launcher flag names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model_id: str | None = None
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    quantize: str | None = None
+    num_shard: int = 1
+    # request limits (TGI: --max-input-tokens, --max-total-tokens, ...); None = derived from the model
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_stop_sequences: int = 4
+    max_best_of: int = 2
+    max_top_n_tokens: int = 5
+    # batching (TGI semantics)
+    max_batch_prefill_tokens: int | None = None
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    # paged KV cache
+    block_size: int = 16
+    kv_cache_memory_fraction: float = 0.9
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None
+    use_transformers_fallback: bool = False
+
+    def resolve_limits(self, max_position_embeddings: int) -> None:
+        """Fill the limits left unset, the way TGI's launcher derives them."""
+        if self.max_total_tokens is None:
+            self.max_total_tokens = min(max_position_embeddings, 4096)
+        if self.max_input_tokens is None:
+            self.max_input_tokens = self.max_total_tokens - 1
+        if self.max_batch_prefill_tokens is None:
+            self.max_batch_prefill_tokens = max(self.max_input_tokens + 50, 512)
+        if self.max_batch_size is None:
+            self.max_batch_size = 256
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError("`max_input_tokens` must be < `max_total_tokens`")
+        if self.max_total_tokens > max_position_embeddings:
+            raise ValueError(
+                f"`max_total_tokens` ({self.max_total_tokens}) exceeds the model's "
+                f"max_position_embeddings ({max_position_embeddings})"
+            )
+        if self.max_batch_prefill_tokens < self.block_size:
+            raise ValueError("`max_batch_prefill_tokens` must be at least the KV block size")
+        if not 0 < self.waiting_served_ratio:
+            raise ValueError("`waiting_served_ratio` must be positive")

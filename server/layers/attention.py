@@ -1,0 +1,111 @@
+"""Paged attention: new K/V go into a block pool, queries read K/V back through block tables.
+
+Token layout of one step (the runner orders it so):
+
+    [ decode tokens: one per sequence | prefill chunks: ragged, one run per sequence ]
+
+Decode reads every sequence's context with one indexed gather and grouped matmuls (no KV-head
+expansion; measurably faster than SDPA with enable_gqa on CPU). Prefill runs SDPA per sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] flat slot index of each new token in the pool
+    num_decode_tokens: int = 0
+    decode_gather_index: torch.Tensor | None = None  # [B, L] flat slots of each decode context
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] additive: 0 valid, -inf padding
+    # prefill chunk i covers tokens prefill_starts[i]:prefill_starts[i+1] after the decodes
+    prefill_starts: list[int] = field(default_factory=list)
+    prefill_context_lens: list[int] = field(default_factory=list)
+    prefill_gather_index: list[torch.Tensor | None] = field(default_factory=list)  # None: no cached prefix
+
+
+_context: AttentionMetadata | None = None
+
+
+@contextmanager
+def forward_context(meta: AttentionMetadata) -> Iterator[None]:
+    global _context
+    _context = meta
+    try:
+        yield
+    finally:
+        _context = None
+
+
+def get_forward_context() -> AttentionMetadata:
+    assert _context is not None, "attention called outside forward_context()"
+    return _context
+
+
+class Attention(nn.Module):
+    """Attention over this rank's heads; the runner attaches `k_cache`/`v_cache` [slots, kv_heads, head_dim]."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, H*D]; k, v: [T, KVH*D] -> [T, H*D]
+        meta = get_forward_context()
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        self.k_cache.index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        nd = meta.num_decode_tokens
+        if nd:
+            out[:nd] = self._decode(q[:nd], meta)
+        for i, ctx_len in enumerate(meta.prefill_context_lens):
+            start, end = nd + meta.prefill_starts[i], nd + meta.prefill_starts[i + 1]
+            out[start:end] = self._prefill(q[start:end], k[start:end], v[start:end], ctx_len,
+                                           meta.prefill_gather_index[i])
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        batch = q.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        keys = self.k_cache[meta.decode_gather_index]  # [B, L, KVH, D]
+        values = self.v_cache[meta.decode_gather_index]
+        qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
+        scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float() * self.scale  # [B, KVH, G, L]
+        scores = scores + meta.decode_mask
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values.transpose(1, 2))  # [B, KVH, G, D]
+        return out.reshape(batch, self.num_heads, self.head_dim)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int,
+                 gather_index: torch.Tensor | None) -> torch.Tensor:
+        num_new = q.shape[0]
+        if gather_index is None:
+            keys, values, mask, causal = k, v, None, True
+        else:
+            keys, values = self.k_cache[gather_index], self.v_cache[gather_index]
+            # query j sits at position ctx_len - num_new + j and sees keys up to there
+            query_pos = torch.arange(ctx_len - num_new, ctx_len, device=q.device)
+            mask = torch.arange(ctx_len, device=q.device)[None, :] <= query_pos[:, None]
+            causal = False
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            attn_mask=mask, is_causal=causal, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return out.transpose(0, 1)

@@ -1,0 +1,62 @@
+"""Per-request generation parameters and their validation (TGI's messages)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_new_tokens: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = True
+    top_n_tokens: int = 0
+    skip_special_tokens: bool = True
+
+    @property
+    def is_greedy(self) -> bool:
+        """TGI samples when asked to or when any warper is set; temperature 0 always means greedy."""
+        if self.temperature == 0:
+            return True
+        has_warpers = self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0
+        return not (self.do_sample or has_warpers)
+
+    def validate(self, max_stop_sequences: int = 4, max_top_n_tokens: int = 5) -> None:
+        """Raise ValueError with TGI's wording for any out-of-range value."""
+        if self.temperature < 0:
+            raise ValueError("`temperature` must be strictly positive")
+        if self.repetition_penalty <= 0:
+            raise ValueError("`repetition_penalty` must be strictly positive")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError("`presence_penalty` must be >= -2.0 and <= 2.0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("`top_p` must be > 0.0 and < 1.0")
+        if not 0.0 < self.typical_p <= 1.0:
+            raise ValueError("`typical_p` must be > 0.0 and < 1.0")
+        if self.top_k < 0:
+            raise ValueError("`top_k` must be strictly positive")
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise ValueError("`max_new_tokens` must be strictly positive")
+        if len(self.stop) > max_stop_sequences:
+            raise ValueError(
+                f"`stop` supports up to {max_stop_sequences} stop sequences. Given: {len(self.stop)}"
+            )
+        if not 0 <= self.top_n_tokens <= max_top_n_tokens:
+            raise ValueError(
+                f"`top_n_tokens` must be >= 0 and <= {max_top_n_tokens}. Given: {self.top_n_tokens}"
+            )
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError("`seed` must be >= 0 and < 2**64")
