@@ -1,0 +1,263 @@
+"""Pure builders: a parsed TextGenerationService spec in, Kubernetes manifests (plain dicts) out."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from genserve.operator.settings import FIELD_MANAGER, SERVICE_LABEL, OperatorSettings
+from genserve.operator.spec import ServiceSpec
+
+HTTP_PORT = 8080
+SERVICE_PORT = 80
+CACHE_MOUNT = "/data"
+PROBE_PERIOD_SECONDS = 10
+
+
+def selector(name: str) -> dict[str, str]:
+    return {SERVICE_LABEL: name}
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "genserve",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "server",
+        "app.kubernetes.io/managed-by": FIELD_MANAGER,
+        **selector(name),
+    }
+
+
+def _meta(name: str, namespace: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": labels(name), **extra}
+
+
+def cache_claim_name(name: str, spec: ServiceSpec) -> str | None:
+    if not spec.model_cache.enabled:
+        return None
+    return spec.model_cache.existing_claim or f"{name}-model-cache"
+
+
+def endpoint(name: str, namespace: str, cluster_domain: str) -> str:
+    return f"http://{name}.{namespace}.svc.{cluster_domain}/v1"
+
+
+def server_args(spec: ServiceSpec) -> list[str]:
+    s = spec.server
+    args = ["serve", "--model-id", spec.model.id, "--revision", spec.model.revision, "--port", str(HTTP_PORT),
+            "--max-concurrent-requests", str(s.max_concurrent_requests),
+            "--graceful-termination-timeout", str(s.graceful_termination_seconds),
+            "--huggingface-hub-cache", f"{CACHE_MOUNT}/hub", "--json-output"]
+    if spec.shards > 1:
+        args += ["--num-shard", str(spec.shards)]
+    for flag, value in (("--max-input-tokens", s.max_input_tokens), ("--max-total-tokens", s.max_total_tokens),
+                        ("--dtype", s.dtype), ("--quantize", s.quantize)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args + list(s.extra_args)
+
+
+def _env(spec: ServiceSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HOME", "value": CACHE_MOUNT},
+        {"name": "HUGGINGFACE_HUB_CACHE", "value": f"{CACHE_MOUNT}/hub"},
+        {"name": "GENSERVE_CACHE", "value": f"{CACHE_MOUNT}/genserve"},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    if spec.model.token_secret:
+        ref = spec.model.token_secret
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return env
+
+
+def _resources(spec: ServiceSpec) -> dict[str, Any]:
+    requests = dict(spec.resources.get("requests") or {})
+    limits = dict(spec.resources.get("limits") or {})
+    if spec.shards > 0:
+        # extended resources need limits, and requests equal to limits
+        limits["nvidia.com/gpu"] = spec.shards
+        requests["nvidia.com/gpu"] = spec.shards
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures,
+            "timeoutSeconds": timeout}
+
+
+def _volumes(name: str, spec: ServiceSpec, settings: OperatorSettings) -> tuple[list[dict], list[dict]]:
+    claim = cache_claim_name(name, spec)
+    cache = {"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}}
+    volumes = [{"name": "model-cache", **cache}, {"name": "tmp", "emptyDir": {}}]
+    mounts = [{"name": "model-cache", "mountPath": CACHE_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}]
+    if spec.is_sharded:
+        # NCCL needs a large /dev/shm for tensor parallelism; the container default is 64 MiB
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return volumes, mounts
+
+
+def _container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]}}
+
+
+def build_deployment(name: str, namespace: str, spec: ServiceSpec, settings: OperatorSettings,
+                     replicas: int) -> dict[str, Any]:
+    volumes, mounts = _volumes(name, spec, settings)
+    env = _env(spec)
+    main_env = env + list(spec.server.env)
+    if spec.api_key_secret:
+        ref = spec.api_key_secret
+        main_env.append({"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    startup_failures = max(1, math.ceil(spec.server.startup_timeout_seconds / PROBE_PERIOD_SECONDS))
+    server = {
+        "name": "server",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["genserve"],
+        "args": server_args(spec),
+        "env": main_env,
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "startupProbe": _probe("/health", PROBE_PERIOD_SECONDS, startup_failures),
+        "readinessProbe": _probe("/health", 5, 3),
+        "livenessProbe": _probe("/health", 10, 6),
+        # let endpoints drop the pod before SIGTERM starts the server's drain
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(settings.prestop_sleep_seconds)]}}},
+        "securityContext": _container_security(),
+    }
+    download = {
+        "name": "download",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["genserve"],
+        "args": ["download", "--model-id", spec.model.id, "--revision", spec.model.revision],
+        "env": env,
+        "volumeMounts": mounts,
+        "securityContext": _container_security(),
+    }
+    tolerations = list(spec.tolerations)
+    if spec.shards > 0 and not any(t.get("key") == "nvidia.com/gpu" for t in tolerations):
+        tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    pod_spec: dict[str, Any] = {
+        "initContainers": [download],
+        "containers": [server],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": spec.server.graceful_termination_seconds + settings.prestop_sleep_seconds + 5,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "enableServiceLinks": False,
+    }
+    optional = {"nodeSelector": spec.node_selector, "tolerations": tolerations, "affinity": spec.affinity,
+                "serviceAccountName": spec.service_account_name,
+                "imagePullSecrets": [{"name": s} for s in spec.image_pull_secrets]}
+    pod_spec.update({k: v for k, v in optional.items() if v})
+    pod_meta: dict[str, Any] = {"labels": {**spec.pod_labels, **labels(name)}}
+    if spec.pod_annotations:
+        pod_meta["annotations"] = dict(spec.pod_annotations)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(name, namespace),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector(name)},
+            # a surge pod needs spare GPUs; never take a serving replica away first
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "progressDeadlineSeconds": spec.server.startup_timeout_seconds + 600,
+            "template": {"metadata": pod_meta, "spec": pod_spec},
+        },
+    }
+
+
+def build_service(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(name, namespace),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(name),
+            "ports": [
+                {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"},
+                {"name": "metrics", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def build_pdb(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(name, namespace),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(name)}},
+    }
+
+
+def build_pvc(name: str, namespace: str, spec: ServiceSpec) -> dict[str, Any]:
+    cache = spec.model_cache
+    pvc_spec: dict[str, Any] = {"accessModes": [cache.access_mode], "resources": {"requests": {"storage": cache.size}}}
+    if cache.storage_class_name:
+        pvc_spec["storageClassName"] = cache.storage_class_name
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _meta(f"{name}-model-cache", namespace), "spec": pvc_spec}
+
+
+def build_ingress(name: str, namespace: str, spec: ServiceSpec) -> dict[str, Any]:
+    ing = spec.ingress
+    backend = {"service": {"name": name, "port": {"name": "http"}}}
+    ing_spec: dict[str, Any] = {"rules": [{"host": ing.host, "http": {"paths": [
+        {"path": ing.path, "pathType": "Prefix", "backend": backend}]}}]}
+    if ing.class_name:
+        ing_spec["ingressClassName"] = ing.class_name
+    if ing.tls_secret_name:
+        ing_spec["tls"] = [{"hosts": [ing.host], "secretName": ing.tls_secret_name}]
+    meta = _meta(name, namespace)
+    if ing.annotations:
+        meta["annotations"] = dict(ing.annotations)
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": meta, "spec": ing_spec}
+
+
+def build_service_monitor(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": _meta(name, namespace),
+        "spec": {"selector": {"matchLabels": selector(name)},
+                 "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}]},
+    }
+
+
+def desired_replicas(spec: ServiceSpec, status: dict[str, Any]) -> int:
+    """Replicas the Deployment should run: the autoscaler's last decision, clamped to the current bounds."""
+    if not spec.autoscaling.enabled:
+        return spec.replicas
+    current = status.get("desiredReplicas") or spec.autoscaling.min_replicas
+    return max(spec.autoscaling.min_replicas, min(spec.autoscaling.max_replicas, int(current)))
+
+
+def build_children(name: str, namespace: str, spec: ServiceSpec, settings: OperatorSettings, replicas: int,
+                   has_service_monitor: bool = False) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """All children to apply, and the (kind, name) of optional children that must not exist."""
+    wanted = [build_deployment(name, namespace, spec, settings, replicas), build_service(name, namespace)]
+    absent: list[tuple[str, str]] = []
+    if spec.model_cache.enabled and not spec.model_cache.existing_claim:
+        wanted.insert(0, build_pvc(name, namespace, spec))
+    optional = [("PodDisruptionBudget", spec.max_replicas > 1, lambda: build_pdb(name, namespace)),
+                ("Ingress", spec.ingress.enabled, lambda: build_ingress(name, namespace, spec))]
+    if has_service_monitor:
+        optional.append(("ServiceMonitor", spec.monitoring, lambda: build_service_monitor(name, namespace)))
+    for kind, is_wanted, build in optional:
+        if is_wanted:
+            wanted.append(build())
+        else:
+            absent.append((kind, name))
+    return wanted, absent

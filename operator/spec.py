@@ -1,0 +1,260 @@
+"""The TextGenerationService spec as typed dataclasses, with the CRD's defaults and cross-field rules.
+
+The API server applies the CRD's defaults and validation on a real cluster; parsing here again keeps the
+operator safe against objects written before a schema change, and turns a bad spec into a `Degraded`
+condition instead of a crash loop. `tests/operator/test_crd.py` checks these defaults against the CRD.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+QUANTIZE = ("awq", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8", "eetq",
+            "exl2", "compressed-tensors")
+DTYPES = ("float16", "bfloat16", "float32")
+MAX_SHARDS = 8
+
+
+class SpecError(ValueError):
+    """An invalid spec: `reason` becomes the Degraded condition's reason."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class SecretKeyRef:
+    name: str
+    key: str
+
+
+@dataclass(slots=True)
+class ModelSpec:
+    id: str
+    revision: str = "main"
+    token_secret: SecretKeyRef | None = None
+
+
+@dataclass(slots=True)
+class AutoscalingSpec:
+    enabled: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_queue_depth: float = 4.0
+    target_kv_cache_usage: float = 0.9
+    tolerance: float = 0.1
+    interval_seconds: int = 15
+    scale_up_stabilization_seconds: int = 0
+    scale_down_stabilization_seconds: int = 300
+    max_scale_up_step: int = 4
+    max_scale_down_step: int = 1
+    metrics_source: str = "pods"
+    prometheus_url: str | None = None
+
+
+@dataclass(slots=True)
+class ServerSpec:
+    max_concurrent_requests: int = 128
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    quantize: str | None = None
+    dtype: str | None = None
+    graceful_termination_seconds: int = 90
+    startup_timeout_seconds: int = 1800
+    extra_args: list[str] = field(default_factory=list)
+    env: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ModelCacheSpec:
+    enabled: bool = True
+    size: str = "50Gi"
+    storage_class_name: str | None = None
+    access_mode: str = "ReadWriteOnce"
+    existing_claim: str | None = None
+
+
+@dataclass(slots=True)
+class IngressSpec:
+    enabled: bool = False
+    host: str | None = None
+    class_name: str | None = None
+    path: str = "/"
+    tls_secret_name: str | None = None
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ServiceSpec:
+    model: ModelSpec
+    image: str = ""
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: list[str] = field(default_factory=list)
+    shards: int = 1
+    replicas: int = 1
+    autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
+    server: ServerSpec = field(default_factory=ServerSpec)
+    resources: dict[str, Any] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    affinity: dict[str, Any] = field(default_factory=dict)
+    model_cache: ModelCacheSpec = field(default_factory=ModelCacheSpec)
+    ingress: IngressSpec = field(default_factory=IngressSpec)
+    api_key_secret: SecretKeyRef | None = None
+    service_account_name: str | None = None
+    pod_annotations: dict[str, str] = field(default_factory=dict)
+    pod_labels: dict[str, str] = field(default_factory=dict)
+    monitoring: bool = True
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.shards > 1
+
+    @property
+    def quantize_needs_gpu(self) -> bool:
+        # the quantized kernels are CUDA-only
+        return self.shards == 0 and self.server.quantize is not None
+
+    @property
+    def min_replicas(self) -> int:
+        return self.autoscaling.min_replicas if self.autoscaling.enabled else self.replicas
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling.enabled else self.replicas
+
+
+def _secret_ref(raw: dict[str, Any] | None, default_key: str, where: str) -> SecretKeyRef | None:
+    if not raw:
+        return None
+    if not raw.get("name"):
+        raise SpecError("InvalidSecretRef", f"{where}.name is required")
+    return SecretKeyRef(name=raw["name"], key=raw.get("key") or default_key)
+
+
+def _int(raw: dict[str, Any], key: str, default: int | None, lo: int | None = None, hi: int | None = None,
+         where: str = "spec") -> int | None:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError("InvalidField", f"{where}.{key} must be an integer, got {value!r}")
+    if lo is not None and value < lo:
+        raise SpecError("InvalidField", f"{where}.{key} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise SpecError("InvalidField", f"{where}.{key} must be <= {hi}, got {value}")
+    return value
+
+
+def _num(raw: dict[str, Any], key: str, default: float, lo: float, hi: float | None, where: str) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError("InvalidField", f"{where}.{key} must be a number, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise SpecError("InvalidField", f"{where}.{key} must be in [{lo}, {hi if hi is not None else 'inf'}]")
+    return float(value)
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def parse_autoscaling(raw: dict[str, Any]) -> AutoscalingSpec:
+    d, w = _defaults(AutoscalingSpec), "spec.autoscaling"
+    spec = AutoscalingSpec(
+        enabled=bool(raw.get("enabled", d["enabled"])),
+        min_replicas=_int(raw, "minReplicas", d["min_replicas"], 1, where=w),
+        max_replicas=_int(raw, "maxReplicas", d["max_replicas"], 1, where=w),
+        target_queue_depth=_num(raw, "targetQueueDepth", d["target_queue_depth"], 0.1, None, w),
+        target_kv_cache_usage=_num(raw, "targetKvCacheUsage", d["target_kv_cache_usage"], 0.05, 1.0, w),
+        tolerance=_num(raw, "tolerance", d["tolerance"], 0.0, 0.9, w),
+        interval_seconds=_int(raw, "intervalSeconds", d["interval_seconds"], 1, 3600, w),
+        scale_up_stabilization_seconds=_int(raw, "scaleUpStabilizationSeconds",
+                                            d["scale_up_stabilization_seconds"], 0, 3600, w),
+        scale_down_stabilization_seconds=_int(raw, "scaleDownStabilizationSeconds",
+                                              d["scale_down_stabilization_seconds"], 0, 3600, w),
+        max_scale_up_step=_int(raw, "maxScaleUpStep", d["max_scale_up_step"], 1, where=w),
+        max_scale_down_step=_int(raw, "maxScaleDownStep", d["max_scale_down_step"], 1, where=w),
+        metrics_source=raw.get("metricsSource", d["metrics_source"]),
+        prometheus_url=raw.get("prometheusUrl"),
+    )
+    if spec.min_replicas > spec.max_replicas:
+        raise SpecError("InvalidReplicaBounds",
+                        f"{w}.minReplicas ({spec.min_replicas}) must be <= maxReplicas ({spec.max_replicas})")
+    if spec.metrics_source not in ("pods", "prometheus"):
+        raise SpecError("InvalidField", f"{w}.metricsSource must be 'pods' or 'prometheus'")
+    if spec.metrics_source == "prometheus" and not spec.prometheus_url:
+        raise SpecError("InvalidField", f"{w}.prometheusUrl is required when metricsSource is 'prometheus'")
+    return spec
+
+
+def parse_server(raw: dict[str, Any]) -> ServerSpec:
+    d, w = _defaults(ServerSpec), "spec.server"
+    spec = ServerSpec(
+        max_concurrent_requests=_int(raw, "maxConcurrentRequests", d["max_concurrent_requests"], 1, where=w),
+        max_input_tokens=_int(raw, "maxInputTokens", None, 1, where=w),
+        max_total_tokens=_int(raw, "maxTotalTokens", None, 2, where=w),
+        quantize=raw.get("quantize"),
+        dtype=raw.get("dtype"),
+        graceful_termination_seconds=_int(raw, "gracefulTerminationSeconds", d["graceful_termination_seconds"],
+                                          0, 3600, w),
+        startup_timeout_seconds=_int(raw, "startupTimeoutSeconds", d["startup_timeout_seconds"], 30, 86400, w),
+        extra_args=[str(a) for a in raw.get("extraArgs", [])],
+        env=list(raw.get("env", [])),
+    )
+    if spec.quantize is not None and spec.quantize not in QUANTIZE:
+        raise SpecError("InvalidField", f"{w}.quantize must be one of {', '.join(QUANTIZE)}")
+    if spec.dtype is not None and spec.dtype not in DTYPES:
+        raise SpecError("InvalidField", f"{w}.dtype must be one of {', '.join(DTYPES)}")
+    if spec.max_input_tokens and spec.max_total_tokens and spec.max_input_tokens >= spec.max_total_tokens:
+        raise SpecError("InvalidTokenLimits", f"{w}.maxInputTokens must be < maxTotalTokens")
+    return spec
+
+
+def parse_spec(raw: dict[str, Any], default_image: str) -> ServiceSpec:
+    """Parse and validate `spec`; raises SpecError with a reason for the Degraded condition."""
+    model = raw.get("model") or {}
+    if not model.get("id"):
+        raise SpecError("MissingModel", "spec.model.id is required")
+    cache, ingress, d = raw.get("modelCache") or {}, raw.get("ingress") or {}, _defaults(ModelCacheSpec)
+    spec = ServiceSpec(
+        model=ModelSpec(id=model["id"], revision=model.get("revision") or "main",
+                        token_secret=_secret_ref(model.get("tokenSecretRef"), "token", "spec.model.tokenSecretRef")),
+        image=raw.get("image") or default_image,
+        image_pull_policy=raw.get("imagePullPolicy", "IfNotPresent"),
+        image_pull_secrets=[s["name"] for s in raw.get("imagePullSecrets", []) if s.get("name")],
+        shards=_int(raw, "shards", 1, 0, MAX_SHARDS),
+        replicas=_int(raw, "replicas", 1, 0),
+        autoscaling=parse_autoscaling(raw.get("autoscaling") or {}),
+        server=parse_server(raw.get("server") or {}),
+        resources=dict(raw.get("resources") or {}),
+        node_selector=dict(raw.get("nodeSelector") or {}),
+        tolerations=list(raw.get("tolerations") or []),
+        affinity=dict(raw.get("affinity") or {}),
+        model_cache=ModelCacheSpec(
+            enabled=bool(cache.get("enabled", d["enabled"])), size=cache.get("size", d["size"]),
+            storage_class_name=cache.get("storageClassName"), access_mode=cache.get("accessMode", d["access_mode"]),
+            existing_claim=cache.get("existingClaim")),
+        ingress=IngressSpec(
+            enabled=bool(ingress.get("enabled", False)), host=ingress.get("host"),
+            class_name=ingress.get("className"), path=ingress.get("path", "/"),
+            tls_secret_name=(ingress.get("tls") or {}).get("secretName"),
+            annotations=dict(ingress.get("annotations") or {})),
+        api_key_secret=_secret_ref(raw.get("apiKeySecretRef"), "api-key", "spec.apiKeySecretRef"),
+        service_account_name=raw.get("serviceAccountName"),
+        pod_annotations=dict(raw.get("podAnnotations") or {}),
+        pod_labels=dict(raw.get("podLabels") or {}),
+        monitoring=bool((raw.get("monitoring") or {}).get("enabled", True)),
+    )
+    if spec.quantize_needs_gpu:
+        raise SpecError("QuantizeNeedsGPU", f"spec.server.quantize={spec.server.quantize} needs shards >= 1")
+    if spec.ingress.enabled and not spec.ingress.host:
+        raise SpecError("InvalidIngress", "spec.ingress.host is required when the ingress is enabled")
+    if spec.model_cache.access_mode not in ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"):
+        raise SpecError("InvalidField", "spec.modelCache.accessMode must be ReadWriteOnce, ReadWriteMany or "
+                                        "ReadWriteOncePod")
+    return spec
+
