@@ -1,0 +1,179 @@
+"""Continuous batching: which requests run this step, and how many tokens each computes.
+
+One rule covers prefill and decode (vLLM v1): a request has `num_tokens` known and
+`num_computed_tokens` in the KV cache, and each step closes part of that gap. A long prompt is
+cut into chunks by the per-step token budget, so it never stalls the decodes running beside it.
+
+Order of work in a step:
+1. running requests, oldest first; when the pool is full the newest running request is preempted
+   (its blocks freed, recomputed later) until the older one fits;
+2. waiting requests, FIFO, while the token budget, batch size and free blocks allow, gated by TGI's
+   `waiting_served_ratio` / `max_waiting_tokens` so small arrivals don't interrupt a big batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from genserve.server.kv_cache import KVCacheManager
+from genserve.server.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_batch_prefill_tokens: int
+    max_batch_size: int
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def is_sampling(self) -> bool:
+        """The chunk reaches the last known token, so its logits give the next one."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.steps_since_admission = 0
+        self.num_preemptions = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work. Mutates block tables, never `num_computed_tokens`."""
+        out = SchedulerOutput()
+        budget = self.config.max_batch_prefill_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while self.kv_cache.allocate_slots(request, num_new) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+                index += 1
+        if not out.preempted and self._may_admit():
+            budget = self._admit_waiting(out, budget)
+        self.steps_since_admission += 1
+        return out
+
+    def _may_admit(self) -> bool:
+        if not self.waiting:
+            return False
+        if not self.running or self.steps_since_admission >= self.config.max_waiting_tokens:
+            return True
+        num_admissible = min(len(self.waiting), self.config.max_batch_size - len(self.running))
+        return num_admissible >= math.ceil(self.config.waiting_served_ratio * len(self.running))
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        admitted = False
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
+            request = self.waiting[0]
+            computed_blocks, num_hit = self.kv_cache.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit, budget)
+            if self.kv_cache.allocate_slots(request, num_new, computed_blocks) is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit
+            if request.status is RequestStatus.WAITING:
+                request.num_cached_prompt_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+            admitted = True
+        if admitted:
+            self.steps_since_admission = 0
+        return budget
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance each scheduled request; append its sampled token; finish on EOS or length."""
+        finished = []
+        for item in out.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            self.kv_cache.cache_full_blocks(request)
+            token_id = sampled.get(request.request_id)
+            if token_id is None:
+                continue
+            request.append_output_token(token_id)
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            if token_id in request.eos_token_ids and not request.sampling_params.ignore_eos:
+                self.finish_request(request, RequestStatus.FINISHED_STOPPED, "eos_token")
+            elif token_id in request.sampling_params.stop_token_ids:
+                self.finish_request(request, RequestStatus.FINISHED_STOPPED, "eos_token")
+            elif request.num_output_tokens >= request.max_new_tokens:
+                self.finish_request(request, RequestStatus.FINISHED_LENGTH, "length")
+            if request.is_finished:
+                finished.append(request)
+        return finished
+
+    def finish_request(self, request: Request, status: RequestStatus, reason: str) -> None:
+        """Finish or abort: blocks go back to the pool at once."""
+        if request.is_finished:
+            return
+        request.status = status
+        request.finish_reason = reason
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv_cache.free(request)
+        self.kv_cache.forget(request)
+        self.requests.pop(request.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.finish_request(request, RequestStatus.FINISHED_ABORTED, "aborted")
+        return request

@@ -1,0 +1,98 @@
+from genserve.server.kv_cache import KVCacheManager
+from genserve.server.request import Request
+from genserve.server.sampling_params import SamplingParams
+
+
+def make_request(rid: str, tokens: list[int]) -> Request:
+    return Request(rid, list(tokens), SamplingParams(), max_new_tokens=8)
+
+
+def compute(kv: KVCacheManager, req: Request, num_tokens: int) -> None:
+    assert kv.allocate_slots(req, num_tokens) is not None
+    req.num_computed_tokens += num_tokens
+    kv.cache_full_blocks(req)
+
+
+def test_allocate_rounds_up_to_blocks_and_free_returns_them():
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    req = make_request("a", range(9))
+    new = kv.allocate_slots(req, 9)
+    assert new == req.block_ids and len(new) == 3
+    assert kv.num_free_blocks == 7
+    assert kv.allocate_slots(req, 0) == []
+    req.num_computed_tokens = 9
+    assert len(kv.allocate_slots(req, 3)) == 0  # 12 tokens still fit in 3 blocks
+    assert len(kv.allocate_slots(req, 4)) == 1
+    kv.free(req)
+    assert kv.num_free_blocks == 10 and req.block_ids == []
+
+
+def test_allocation_failure_changes_nothing():
+    kv = KVCacheManager(num_blocks=2, block_size=4)
+    req = make_request("a", range(12))
+    assert kv.allocate_slots(req, 12) is None
+    assert kv.num_free_blocks == 2 and req.block_ids == []
+
+
+def test_prefix_hit_shares_blocks_and_counts_references():
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    first = make_request("a", range(10))
+    compute(kv, first, 10)
+    second = make_request("b", list(range(8)) + [99, 98, 97])
+    hits, num_hit = kv.get_computed_blocks(second)
+    assert num_hit == 8 and hits == first.block_ids[:2]
+    assert kv.allocate_slots(second, second.num_tokens - num_hit, hits) is not None
+    assert kv.blocks[hits[0]].ref_count == 2
+    kv.free(first)
+    assert kv.blocks[hits[0]].ref_count == 1
+    assert kv.num_free_blocks == 10 - 3  # second: 2 shared + 1 new; first's tail block is free
+    assert kv.prefix_cache_hits == 8 and kv.prefix_cache_queries == 11
+
+
+def test_last_token_is_never_a_cache_hit():
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    first = make_request("a", range(8))
+    compute(kv, first, 8)
+    same = make_request("b", range(8))
+    _, num_hit = kv.get_computed_blocks(same)
+    assert num_hit == 4  # block 2 would hold the last token, whose logits must be computed
+
+
+def test_freed_cached_blocks_are_reused_then_evicted_lru():
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    old = make_request("old", [1, 2, 3, 4, 5])
+    compute(kv, old, 5)
+    kv.free(old)
+    kv.forget(old)
+    assert kv.num_free_blocks == 4 and len(kv.cached) == 2
+    again = make_request("again", [1, 2, 3, 4, 6])
+    hits, num_hit = kv.get_computed_blocks(again)
+    assert num_hit == 4
+    kv.allocate_slots(again, 1, hits)
+    kv.free(again)
+    kv.forget(again)
+    # fill the whole pool with unrelated tokens: every cached block must be evicted, oldest first
+    other = make_request("other", [7] * 8)
+    assert kv.allocate_slots(other, 8) is not None
+    assert kv.cached == {}
+    hits, num_hit = kv.get_computed_blocks(make_request("x", [1, 2, 3, 4, 5]))
+    assert num_hit == 0
+
+
+def test_hash_collision_is_checked_against_tokens():
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    first = make_request("a", [1, 2, 3])
+    compute(kv, first, 3)
+    # forge a collision: map the other prompt's first hash to the first request's block
+    other = make_request("b", [5, 6, 7])
+    state_hash = hash((None, (5, 6)))
+    kv.cached[state_hash] = first.block_ids[0]
+    _, num_hit = kv.get_computed_blocks(other)
+    assert num_hit == 0
+
+
+def test_prefix_caching_off_never_hits():
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_prefix_caching=False)
+    first = make_request("a", range(10))
+    compute(kv, first, 10)
+    assert kv.get_computed_blocks(make_request("b", range(10))) == ([], 0)
