@@ -1,0 +1,88 @@
+"""Runs the emulated API server on its own thread and event loop, so sync callers (the official client,
+the operator's executor threads) and kopf's own loop never share a loop with it."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import kmock
+from emulator import Cluster, str_resource
+from kmock import ResourceInfo
+
+TGS = "genserve.dev/v1alpha1/textgenerationservices"
+VERBS = {"list", "watch", "get", "patch", "create", "delete", "update"}
+
+
+def register_resources(cluster: Cluster) -> None:
+    cluster.resources.load_bundled()
+    cluster.resources[TGS] = ResourceInfo(kind="TextGenerationService", singular="textgenerationservice",
+                                          namespaced=True, shortnames={"tgs"}, verbs=VERBS,
+                                          subresources={"status", "scale"})
+
+
+class ClusterThread:
+    def __init__(self, setup: Callable[[Cluster], None] = register_resources):
+        self._setup = setup
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kmock", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.cluster: Cluster | None = None
+        self.url = ""
+
+    def __enter__(self) -> ClusterThread:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the emulator did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with Cluster() as cluster, kmock.Server(cluster) as server:
+            self._setup(cluster)
+            self.cluster = cluster
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def call(self, fn: Callable[[Cluster], Any]) -> Any:
+        """Run fn(cluster) on the emulator's loop (its store is not thread-safe)."""
+        async def run() -> Any:
+            async with self.cluster._lock:
+                return fn(self.cluster)
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    def get(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        def find(cluster: Cluster) -> dict[str, Any] | None:
+            for (res, ns, n), obj in cluster.store.items():
+                if str_resource(res) == resource and ns == namespace and n == name:
+                    return copy.deepcopy(obj)
+            return None
+        return self.call(find)
+
+    def list(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        return self.call(lambda c: [copy.deepcopy(o) for (r, ns, _), o in c.store.items()
+                                    if str_resource(r) == resource and (namespace is None or ns == namespace)])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
