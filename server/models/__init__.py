@@ -1,0 +1,19 @@
+"""Architectures with a native implementation; anything else falls back to transformers."""
+
+from __future__ import annotations
+
+from genserve.server.models.llama import LlamaForCausalLM
+
+MODEL_REGISTRY: dict[str, type] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def get_model_class(architectures: list[str] | None) -> type | None:
+    """The native class for the first known architecture, or None (the caller falls back to transformers)."""
+    for arch in architectures or []:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    return None
