@@ -1,0 +1,32 @@
+"""Any causal LM transformers can load, one request at a time with its own DynamicCache (no paged cache)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+
+class TransformersCausalLM:
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto").to(device).eval()
+        self.config = self.model.config
+        self.device = torch.device(device)
+        # transformers renamed `past_key_values` to `cache` during 5.x
+        is_new_name = "cache" in inspect.signature(self.model.forward).parameters
+        self.cache_kwarg = "cache" if is_new_name else "past_key_values"
+
+    @torch.inference_mode()
+    def forward_request(self, token_ids_new: list[int],
+                        past: DynamicCache | None) -> tuple[torch.Tensor, DynamicCache]:
+        """Feed a request's not-yet-seen tokens on top of its cache -> (float32 logits of the last token [V], cache).
+
+        Pass past=None for a new (or preempted and recomputed) request.
+        """
+        if past is None:
+            past = DynamicCache(config=self.config)
+        input_ids = torch.tensor([token_ids_new], device=self.device)
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: past})
+        return out.logits[0, -1].float(), past  # the cache grew in place
