@@ -51,11 +51,12 @@ def validate_builtin(obj: dict, version: str) -> None:
 
 
 def object_meta_schema(version: str) -> dict:
-    """The strict ObjectMeta JSON schema kubernetes-validate ships for `version`."""
-    base = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
-    wanted = [d for d in base.iterdir() if d.name.endswith("-local-strict") and d.name[1:].startswith(version + ".")]
-    definitions = json.loads((wanted[0] / "_definitions.json").read_text())["definitions"]
-    return {"definitions": definitions, "$ref": "#/definitions/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
+    """The strict ObjectMeta JSON schema (draft 2020-12) kubernetes-validate ships for `version`."""
+    major_minor = ".".join(version.split(".")[:2])
+    base = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{major_minor}.0-local-strict"
+    definitions = json.loads((base / "_definitions.json").read_text())
+    definitions.pop("$id", None)
+    return {**definitions, "$ref": "#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
 
 
 def crd_files() -> list[Path]:
