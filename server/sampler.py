@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from genserve.server.sampling_params import SamplingParams
 
 

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from genserve.server.sampler import Sampler, SamplingRow, apply_penalties, make_generator
 from genserve.server.sampling_params import SamplingParams
 
