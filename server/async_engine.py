@@ -1,0 +1,149 @@
+"""The engine behind asyncio: a background thread steps the batch, each request reads its own queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from genserve.server.config import EngineConfig
+from genserve.server.engine import EngineStats, LLMEngine, StepStats
+from genserve.server.outputs import RequestOutput
+from genserve.server.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self.tokenizer = engine.tokenizer
+        self.model_id = engine.model_id
+        self.model_dir = engine.model_dir
+        self.dtype = engine.dtype
+        self.device = engine.device.type
+        self.is_ready = False
+        self.step_observers: list[Callable[[StepStats], None]] = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine(config))
+
+    async def start(self) -> None:
+        """Start the step thread and warm up with a short generation; `is_ready` turns True after."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="genserve-engine", daemon=True)
+        self._thread.start()
+        warmup = self.tokenizer.encode("Hello")[:8] or [0]
+        async for _ in self.generate(warmup, SamplingParams(max_new_tokens=2)):
+            pass
+        self.is_ready = True
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        return self.engine.validate(prompt_token_ids, params)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wakeup.set()
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the loop early aborts it and frees its KV blocks."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine stopped: {self.error}")
+        self.validate(prompt_token_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = outputs
+        self._inbox.put(("add", request_id, list(prompt_token_ids), params))
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._queues.get(request_id)
+        if target is not None:
+            target.put_nowait(item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "abort":
+                self.engine.abort(message[1])
+                continue
+            _, request_id, prompt, params = message
+            try:
+                self.engine.add_request(prompt, params, request_id)
+            except ValueError as exc:
+                self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            self._drain_inbox()
+            if not engine.has_unfinished:
+                self._wakeup.wait(0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs, stats = engine.step()
+            except Exception as exc:  # a bug or device failure: fail what is in flight, keep serving
+                logger.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            if outputs:
+                self._loop.call_soon_threadsafe(self._deliver_many, outputs)
+            if stats is not None:
+                for observer in self.step_observers:
+                    observer(stats)
+
+    def _deliver_many(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            self._deliver(output.request_id, output)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id in list(self.engine.states):
+            self.engine.abort(request_id)
+            self._loop.call_soon_threadsafe(self._deliver, request_id, RuntimeError(f"generation failed: {exc}"))

@@ -1,0 +1,247 @@
+"""The synchronous engine: add requests, abort them, and `step()` the batch forward."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from genserve.server.config import EngineConfig
+from genserve.server.detokenizer import IncrementalDetokenizer
+from genserve.server.kv_cache import KVCacheManager
+from genserve.server.outputs import RequestOutput, TokenInfo, TopToken
+from genserve.server.request import Request, RequestStatus
+from genserve.server.sampler import SamplingRow, make_generator
+from genserve.server.sampling_params import SamplingParams
+from genserve.server.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_kv_blocks_total: int
+    num_kv_blocks_used: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+    prefix_cache_queries_total: int
+    prefix_cache_hits_total: int
+    num_prompt_tokens_total: int
+    num_generation_tokens_total: int
+    num_computed_prompt_tokens_total: int
+
+
+@dataclass(slots=True)
+class StepStats:
+    method: str  # "prefill" when any prompt chunk ran, else "decode"
+    duration_s: float
+    batch_size: int
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class _RequestState:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    row: SamplingRow
+    seed: int | None
+    outputs_text: list[str] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        import torch
+        from transformers import AutoConfig, AutoTokenizer
+
+        from genserve.server.model_files import resolve_model
+        from genserve.server.model_runner import configure_threads, resolve_device, resolve_dtype
+
+        self.config = config
+        configure_threads(config.num_threads)
+        self.model_dir = resolve_model(config.model_id, config.revision)
+        self.model_id = config.model_id or "HuggingFaceTB/SmolLM2-135M-Instruct"
+        hf_config = AutoConfig.from_pretrained(self.model_dir)
+        self.hf_config = hf_config
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        config.resolve_limits(getattr(hf_config, "max_position_embeddings", 4096))
+        self.device = resolve_device(config.device)
+        self.torch_dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        self.dtype = str(self.torch_dtype).removeprefix("torch.")
+        self.eos_token_ids = self._eos_token_ids()
+        self.special_ids = frozenset(self.tokenizer.all_special_ids)
+        self.runner = self._make_runner(hf_config)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_batch_prefill_tokens=config.max_batch_prefill_tokens,
+                max_batch_size=config.max_batch_size,
+                waiting_served_ratio=config.waiting_served_ratio,
+                max_waiting_tokens=config.max_waiting_tokens,
+            ),
+            self.kv_cache,
+        )
+        self.states: dict[str, _RequestState] = {}
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+        self.num_computed_prompt_tokens_total = 0
+        self.torch = torch
+
+    def _make_runner(self, hf_config):
+        from genserve.server.models import get_model_class
+
+        if self.config.use_transformers_fallback or get_model_class(getattr(hf_config, "architectures", None)) is None:
+            from genserve.server.fallback_runner import FallbackRunner
+
+            logger.warning("no native implementation for %s: using the transformers fallback (no paged cache)",
+                           getattr(hf_config, "architectures", None))
+            return FallbackRunner(self.config, hf_config, self.model_dir, self.device, self.torch_dtype)
+        from genserve.server.model_runner import ModelRunner
+
+        return ModelRunner(self.config, hf_config, self.model_dir, self.device, self.torch_dtype)
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids = set()
+        gen_config = Path(self.model_dir) / "generation_config.json"
+        if gen_config.is_file():
+            eos = json.loads(gen_config.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the limits; returns its max_new_tokens. Raises ValueError (TGI wording)."""
+        cfg = self.config
+        params.validate(cfg.max_stop_sequences, cfg.max_top_n_tokens)
+        num_input = len(prompt_token_ids)
+        if num_input == 0:
+            raise ValueError("`inputs` cannot be empty")
+        if num_input > cfg.max_input_tokens:
+            raise ValueError(f"`inputs` must have less than {cfg.max_input_tokens} tokens. Given: {num_input}")
+        max_new = params.max_new_tokens if params.max_new_tokens is not None else cfg.max_total_tokens - num_input
+        if num_input + max_new > cfg.max_total_tokens:
+            raise ValueError(
+                f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_total_tokens}. "
+                f"Given: {num_input} `inputs` tokens and {max_new} `max_new_tokens`"
+            )
+        vocab = self.hf_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        return max_new
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        max_new = self.validate(prompt_token_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.states:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, list(prompt_token_ids), params, max_new_tokens=max_new,
+                          eos_token_ids=self.eos_token_ids)
+        generator = None
+        if not params.is_greedy:
+            seed = params.seed if params.seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "little")
+            generator = make_generator(seed, self.device)
+        else:
+            seed = params.seed
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                       skip_special_tokens=params.skip_special_tokens, stop=params.stop)
+        row = SamplingRow(params=params, generator=generator, token_ids=request.token_ids,
+                          num_prompt_tokens=request.num_prompt_tokens)
+        self.states[request_id] = _RequestState(request, detok, row, seed)
+        self.scheduler.add_request(request)
+        self.num_prompt_tokens_total += len(prompt_token_ids)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+        if self.states.pop(request_id, None) is not None:
+            self.runner.release(request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> tuple[list[RequestOutput], StepStats | None]:
+        """Schedule, run one forward over the whole batch, sample, and report each request's progress."""
+        out = self.scheduler.schedule()
+        for request in out.preempted:
+            self.runner.release(request.request_id)
+        if out.is_empty:
+            return [], None
+        started = time.perf_counter()
+        has_prefill = any(s.num_new_tokens > 1 or s.request.num_computed_tokens < s.request.num_prompt_tokens
+                          for s in out.scheduled)
+        self.num_computed_prompt_tokens_total += sum(
+            min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.request.num_computed_tokens, 0))
+            for s in out.scheduled)
+        rows = {s.request.request_id: self.states[s.request.request_id].row for s in out.scheduled}
+        order, result = self.runner.execute(out, rows)
+        sampled = {s.request.request_id: tok for s, tok in zip(order, result.token_ids, strict=True)} if result else {}
+        self.scheduler.update_from_output(out, sampled)
+        stats = StepStats("prefill" if has_prefill else "decode", time.perf_counter() - started,
+                          len(out.scheduled), out.num_batched_tokens)
+        outputs = [self._process_token(s.request, i, result) for i, s in enumerate(order)]
+        self.num_generation_tokens_total += len(outputs)
+        return outputs, stats
+
+    def _process_token(self, request: Request, index: int, result) -> RequestOutput:
+        state = self.states[request.request_id]
+        token_id = result.token_ids[index]
+        step = state.detokenizer.add_token(token_id)
+        tops = [TopToken(t, self.tokenizer.decode([t]), lp, t in self.special_ids) for t, lp in result.top_tokens[index]]
+        info = TokenInfo(token_id, step.token_text, result.logprobs[index], token_id in self.special_ids, tops)
+        if step.matched_stop is not None:
+            self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, "stop_sequence")
+            request.finish_reason = "stop_sequence"
+        output = RequestOutput(
+            request_id=request.request_id,
+            new_tokens=[info],
+            text_delta=step.text_delta,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_generated_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_prompt_tokens,
+            seed=state.seed,
+            arrival_time=request.arrival_time,
+            first_scheduled_time=request.first_scheduled_time,
+            first_token_time=request.first_token_time,
+        )
+        if request.is_finished:
+            output.finished = True
+            output.finish_reason = request.finish_reason
+            output.generated_text = state.detokenizer.output_text
+            output.matched_stop = step.matched_stop
+            output.finished_time = time.monotonic()
+            del self.states[request.request_id]
+            self.runner.release(request.request_id)
+        return output
+
+    def stats(self) -> EngineStats:
+        kv = self.kv_cache
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_kv_blocks_total=kv.num_blocks,
+            num_kv_blocks_used=kv.num_used_blocks,
+            kv_cache_usage=kv.usage,
+            num_preemptions_total=self.scheduler.num_preemptions,
+            prefix_cache_queries_total=kv.prefix_cache_queries,
+            prefix_cache_hits_total=kv.prefix_cache_hits,
+            num_prompt_tokens_total=self.num_prompt_tokens_total,
+            num_generation_tokens_total=self.num_generation_tokens_total,
+            num_computed_prompt_tokens_total=self.num_computed_prompt_tokens_total,
+        )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Offline helper: run prompts to completion, return each one's generated token ids."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_unfinished:
+            outputs, _ = self.step()
+            for o in outputs:
+                tokens[o.request_id].extend(t.id for t in o.new_tokens)
+        return [tokens[i] for i in ids]
