@@ -1,0 +1,144 @@
+"""The FastAPI application: `create_app(engine, settings)`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from genserve.server.api import openai_routes, tgi_routes
+from genserve.server.api.errors import APIError, install_error_handlers
+from genserve.server.api.generation import GenerationService
+from genserve.server.api.settings import ServerSettings, server_version
+from genserve.server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+async def _send_error(send: Send, status: int, message: str, error_type: str) -> None:
+    body = json.dumps({"error": message, "error_type": error_type}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestGuard:
+    """API key (401) and `--payload-limit` (413) on POST routes, before any body is parsed.
+
+    A body without Content-Length is read here up to the limit and replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, payload_limit: int, api_key: str | None):
+        self.app = app
+        self.payload_limit = payload_limit
+        self.expected_auth = f"bearer {api_key}".lower() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        if self.expected_auth is not None:
+            auth = headers.get(b"authorization", b"").decode("latin-1").strip().lower()
+            if auth != self.expected_auth:
+                return await _send_error(send, 401, "Unauthorized: missing or wrong API key", "unauthorized")
+        too_large = f"Payload too large: the request body is over the limit of {self.payload_limit} bytes"
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.payload_limit:
+                return await _send_error(send, 413, too_large, "payload_too_large")
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.payload_limit:
+                return await _send_error(send, 413, too_large, "payload_too_large")
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
+    """Build the HTTP server around an engine (see `genserve.server.async_engine.AsyncEngine`).
+
+    Startup begins the engine's warm-up in the background, so `/health` answers 503 until
+    `engine.is_ready`; generation requests that arrive earlier wait for it.
+    """
+    settings = settings or ServerSettings()
+    cfg = engine.config
+    metrics = Metrics(cfg.max_input_tokens or 4096, cfg.max_total_tokens or 4096)
+    metrics.bind_engine(engine)
+    service = GenerationService(engine, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        started = asyncio.ensure_future(engine.start())
+        service.started = started
+        started.add_done_callback(_on_started)
+        try:
+            yield
+        finally:
+            if not started.done():
+                started.cancel()
+            await engine.shutdown()
+
+    def _on_started(fut: asyncio.Future) -> None:
+        if fut.cancelled() or fut.exception() is None:
+            return
+        logger.critical("engine failed to start: %r", fut.exception())
+        if settings.exit_on_engine_failure:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    app = FastAPI(
+        title="genserve",
+        description="TGI- and OpenAI-compatible text generation server",
+        version=server_version(),
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+        redoc_url=None,
+    )
+    app.state.service = service
+    app.state.metrics = metrics
+    app.state.settings = settings
+    app.state.created = int(time.time())
+    install_error_handlers(app)
+    app.include_router(tgi_routes.router)
+    app.include_router(openai_routes.router)
+
+    @app.get("/api-doc/openapi.json", include_in_schema=False)
+    async def tgi_openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    app.add_middleware(RequestGuard, payload_limit=settings.payload_limit, api_key=settings.api_key)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_allow_origin or ["*"],
+        allow_methods=["GET", "POST"],
+        allow_headers=["content-type", "authorization"],
+    )
+    return app
+
+
+__all__ = ["APIError", "create_app"]

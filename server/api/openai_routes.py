@@ -1,0 +1,370 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from genserve.server.api.errors import APIError, not_supported, validation_error
+from genserve.server.api.generation import GenerationService, Job, RequestRecord, SequenceResult, derive_seeds
+from genserve.server.api.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessage,
+    Completion,
+    CompletionRequest,
+    ModelList,
+    _SamplingFields,
+)
+from genserve.server.api.settings import server_version
+from genserve.server.api.stream import DONE, SSEResponse, sse_event
+from genserve.server.api.tgi_routes import ERRORS, service
+from genserve.server.outputs import TokenInfo
+from genserve.server.sampling_params import SamplingParams
+
+router = APIRouter(tags=["OpenAI"])
+
+FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+
+
+def finish_reason(reason: str | None) -> str | None:
+    return FINISH_REASONS.get(reason or "", reason)
+
+
+def sampling_params(
+    body: _SamplingFields, svc: GenerationService, max_tokens: int | None, top_n_tokens: int
+) -> list[SamplingParams]:
+    """OpenAI semantics: sampling unless temperature is 0; one SamplingParams per choice (`n`)."""
+    cfg = svc.config
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= cfg.max_best_of:
+        raise validation_error(f"`n` must be >= 1 and <= {cfg.max_best_of} (--max-best-of). Given: {n}")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if not 0.0 <= temperature <= 2.0:
+        raise validation_error("`temperature` must be >= 0.0 and <= 2.0")
+    if body.top_p is not None and not 0.0 < body.top_p <= 1.0:
+        raise validation_error("`top_p` must be > 0.0 and <= 1.0")
+    if body.top_k is not None and body.top_k < 0:
+        raise validation_error("`top_k` must be strictly positive")
+    if max_tokens is not None and max_tokens <= 0:
+        raise validation_error("`max_tokens` must be strictly positive")
+    if body.logit_bias:
+        raise not_supported("`logit_bias` is not supported by genserve")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    base = SamplingParams(
+        max_new_tokens=max_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature,
+        top_k=body.top_k or 0,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        seed=body.seed,
+        stop=stop,
+        top_n_tokens=top_n_tokens,
+    )
+    svc.check_params(base)
+    return [replace(base, seed=seed, stop=list(stop)) for seed in derive_seeds(body.seed, n)]
+
+
+def _message_text(m: ChatMessage) -> str | None:
+    if m.content is None or isinstance(m.content, str):
+        return m.content
+    parts = []
+    for part in m.content:
+        if part.type != "text":
+            raise not_supported(f"message content of type `{part.type}` is not supported: genserve serves text models")
+        parts.append(part.text or "")
+    return "\n".join(parts)
+
+
+def chat_prompt(svc: GenerationService, body: ChatCompletionRequest) -> str:
+    messages = []
+    for m in body.messages:
+        if m.tool_calls or m.role == "tool":
+            raise not_supported("tool calls are not supported by genserve")
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": _message_text(m) or ""})
+    try:
+        return svc.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja2 errors, raise_exception() in templates, missing template
+        raise APIError(422, f"Template error: {e}", "template_error") from None
+
+
+def chat_unsupported(body: ChatCompletionRequest, svc: GenerationService) -> None:
+    if body.tools:
+        raise not_supported("`tools` are not supported by genserve (no constrained decoding yet)")
+    if body.tool_choice not in (None, "none", "auto"):
+        raise not_supported("`tool_choice` is not supported by genserve")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise not_supported(
+            f"`response_format` of type `{body.response_format.type}` is not supported: "
+            "genserve has no constrained decoding yet"
+        )
+    if body.top_logprobs is not None:
+        if not body.logprobs:
+            raise validation_error("`top_logprobs` requires `logprobs` to be true")
+        if not 0 <= body.top_logprobs <= svc.config.max_top_n_tokens:
+            raise validation_error(
+                f"`top_logprobs` must be >= 0 and <= {svc.config.max_top_n_tokens}. Given: {body.top_logprobs}"
+            )
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs(tokens: list[TokenInfo], top_n: int) -> dict:
+    return {"content": [
+        {"token": t.text, "logprob": t.logprob, "bytes": _bytes(t.text),
+         "top_logprobs": [{"token": x.text, "logprob": x.logprob, "bytes": _bytes(x.text)} for x in t.top_tokens[:top_n]]}
+        for t in tokens
+    ]}
+
+
+def completion_logprobs(tokens: list[TokenInfo], top_n: int, offset: int, prefix: list[str] | None = None) -> dict:
+    texts, logprobs, tops, offsets = [], [], [], []
+    for text in prefix or []:
+        texts.append(text)
+        logprobs.append(None)
+        tops.append(None)
+        offsets.append(offset)
+        offset += len(text)
+    for t in tokens:
+        texts.append(t.text)
+        logprobs.append(t.logprob)
+        tops.append({x.text: x.logprob for x in t.top_tokens[:top_n]} if top_n else None)
+        offsets.append(offset)
+        offset += len(t.text)
+    return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _envelope(svc: GenerationService, kind: str, rid: str, created: int) -> dict:
+    return {"id": rid, "object": kind, "created": created, "model": str(svc.engine.model_id),
+            "system_fingerprint": f"{server_version()}-native"}
+
+
+async def _prepared(request: Request, route: str, prepare) -> tuple[GenerationService, RequestRecord, list[Job], list]:
+    svc = service(request)
+    record = svc.begin(route, request.headers.get("x-request-id"))
+    try:
+        await svc.wait_ready()
+        jobs, extra = prepare(svc, record)
+    except APIError as e:
+        svc.fail(record, e)
+        raise
+    return svc, record, jobs, extra
+
+
+async def _finish(svc: GenerationService, record: RequestRecord, jobs: list[Job]) -> list[SequenceResult]:
+    try:
+        results = await svc.run_many(record, jobs)
+    except APIError as e:
+        svc.fail(record, e)
+        raise
+    except asyncio.CancelledError:
+        svc.fail(record, None)
+        raise
+    record.num_generated_tokens = sum(r.num_generated_tokens for r in results)
+    record.finish_reason = results[0].finish_reason
+    svc.succeed(record)
+    return results
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    """OpenAI chat completions: the tokenizer's chat template, `n`, logprobs, streaming with usage."""
+    def prepare(svc: GenerationService, record: RequestRecord):
+        chat_unsupported(body, svc)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        top_n = (body.top_logprobs or 0) if body.logprobs else 0
+        params = sampling_params(body, svc, max_tokens, top_n)
+        ids = svc.encode(chat_prompt(svc, body), add_special_tokens=False)
+        svc.validate(record, ids, params[0])
+        return [Job(ids, p) for p in params], [len(ids)]
+
+    svc, record, jobs, (num_prompt,) = await _prepared(request, "/v1/chat/completions", prepare)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    top_n = (body.top_logprobs or 0) if body.logprobs else 0
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _chat_events(svc, record, jobs, _envelope(svc, "chat.completion.chunk", rid, created),
+                              bool(body.logprobs), top_n, include_usage, num_prompt)
+        return SSEResponse(events, headers={"x-compute-type": svc.compute_type, "x-request-id": record.request_id},
+                           on_close=lambda: svc.fail(record, None))
+    results = await _finish(svc, record, jobs)
+    completion_tokens = sum(r.num_generated_tokens for r in results)
+    return JSONResponse({
+        **_envelope(svc, "chat.completion", rid, created),
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": r.text},
+             "logprobs": chat_logprobs(r.tokens, top_n) if body.logprobs else None,
+             "finish_reason": finish_reason(r.finish_reason)}
+            for i, r in enumerate(results)
+        ],
+        "usage": {"prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
+                  "total_tokens": num_prompt + completion_tokens},
+    }, headers=record.headers(svc.compute_type))
+
+
+async def _chat_events(
+    svc: GenerationService, record: RequestRecord, jobs: list[Job], envelope: dict,
+    logprobs: bool, top_n: int, include_usage: bool, num_prompt: int,
+) -> AsyncIterator[bytes]:
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(i: int, delta: dict, lp=None, reason=None) -> bytes:
+        return sse_event({**envelope, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}],
+                          **extra})
+
+    completion_tokens = 0
+    try:
+        for i in range(len(jobs)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, out in svc.stream_many(record, jobs):
+            if out.text_delta or (logprobs and out.new_tokens):
+                yield chunk(i, {"content": out.text_delta}, chat_logprobs(out.new_tokens, top_n) if logprobs else None)
+            if out.finished:
+                completion_tokens += out.num_generated_tokens
+                record.finish_reason = out.finish_reason
+                yield chunk(i, {}, None, finish_reason(out.finish_reason))
+        record.num_generated_tokens = completion_tokens
+        svc.succeed(record)
+        if include_usage:
+            yield sse_event({**envelope, "choices": [], "usage": {
+                "prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
+                "total_tokens": num_prompt + completion_tokens}})
+        yield DONE
+    except APIError as e:
+        svc.fail(record, e)
+        yield sse_event(e.body())
+        yield DONE
+
+
+def completion_prompts(svc: GenerationService, body: CompletionRequest) -> list[tuple[str, list[int]]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise validation_error("`prompt` cannot be empty")
+    if len(items) > svc.settings.max_client_batch_size:
+        raise APIError(422, "Number of prompts exceeds the maximum allowed batch size of "
+                            f"{svc.settings.max_client_batch_size}", "batch size exceeded")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append((item, svc.encode(item)))
+        else:
+            vocab = len(svc.tokenizer)
+            if any(not 0 <= t < vocab for t in item):
+                raise validation_error(f"token ids in `prompt` must be >= 0 and < {vocab}")
+            out.append((svc.tokenizer.decode(item), list(item)))
+    return out
+
+
+@router.post("/v1/completions", response_model=Completion, responses=ERRORS)
+async def completions(body: CompletionRequest, request: Request):
+    """OpenAI (legacy) completions: `echo`, `logprobs` (int), prompt lists; `suffix` is rejected."""
+    def prepare(svc: GenerationService, record: RequestRecord):
+        if body.suffix is not None:
+            raise APIError(422, "Suffix is not supported and can be achieved by preprocessing the prompt.",
+                           "suffix not supported")
+        if body.best_of not in (None, 1):
+            raise not_supported("`best_of` is not supported on /v1/completions; use `n`")
+        if body.logprobs is not None and not 0 <= body.logprobs <= svc.config.max_top_n_tokens:
+            raise validation_error(f"`logprobs` must be >= 0 and <= {svc.config.max_top_n_tokens}. Given: {body.logprobs}")
+        params = sampling_params(body, svc, body.max_tokens, body.logprobs or 0)
+        prompts = completion_prompts(svc, body)
+        for _, ids in prompts:
+            svc.validate(record, ids, params[0])
+        record.num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+        return [Job(ids, p) for _, ids in prompts for p in params], [prompts, len(params)]
+
+    svc, record, jobs, (prompts, n) = await _prepared(request, "/v1/completions", prepare)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    num_prompt = record.num_prompt_tokens
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _completion_events(svc, record, jobs, _envelope(svc, "text_completion", rid, created),
+                                    body, prompts, n, include_usage, num_prompt)
+        return SSEResponse(events, headers={"x-compute-type": svc.compute_type, "x-request-id": record.request_id},
+                           on_close=lambda: svc.fail(record, None))
+    results = await _finish(svc, record, jobs)
+    choices = []
+    for i, r in enumerate(results):
+        prompt_text, prompt_ids = prompts[i // n]
+        text = (prompt_text if body.echo else "") + r.text
+        lp = None
+        if body.logprobs is not None:
+            prefix = [svc.tokenizer.decode([t]) for t in prompt_ids] if body.echo else None
+            lp = completion_logprobs(r.tokens, body.logprobs, 0, prefix)
+        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(r.finish_reason)})
+    completion_tokens = sum(r.num_generated_tokens for r in results)
+    return JSONResponse({
+        **_envelope(svc, "text_completion", rid, created), "choices": choices,
+        "usage": {"prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
+                  "total_tokens": num_prompt + completion_tokens},
+    }, headers=record.headers(svc.compute_type))
+
+
+async def _completion_events(
+    svc: GenerationService, record: RequestRecord, jobs: list[Job], envelope: dict, body: CompletionRequest,
+    prompts: list[tuple[str, list[int]]], n: int, include_usage: bool, num_prompt: int,
+) -> AsyncIterator[bytes]:
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(i: int, text: str, lp=None, reason=None) -> bytes:
+        return sse_event({**envelope, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}],
+                          **extra})
+
+    offsets = [0] * len(jobs)
+    completion_tokens = 0
+    try:
+        if body.echo:
+            for i in range(len(jobs)):
+                prompt_text = prompts[i // n][0]
+                offsets[i] = len(prompt_text)
+                yield chunk(i, prompt_text)
+        async for i, out in svc.stream_many(record, jobs):
+            if out.text_delta or (body.logprobs is not None and out.new_tokens):
+                lp = None
+                if body.logprobs is not None:
+                    lp = completion_logprobs(out.new_tokens, body.logprobs, offsets[i])
+                    offsets[i] += sum(len(t.text) for t in out.new_tokens)
+                yield chunk(i, out.text_delta, lp)
+            if out.finished:
+                completion_tokens += out.num_generated_tokens
+                record.finish_reason = out.finish_reason
+                yield chunk(i, "", None, finish_reason(out.finish_reason))
+        record.num_generated_tokens = completion_tokens
+        svc.succeed(record)
+        if include_usage:
+            yield sse_event({**envelope, "choices": [], "usage": {
+                "prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
+                "total_tokens": num_prompt + completion_tokens}})
+        yield DONE
+    except APIError as e:
+        svc.fail(record, e)
+        yield sse_event(e.body())
+        yield DONE
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(request: Request) -> JSONResponse:
+    """The one served model."""
+    svc = service(request)
+    return JSONResponse({"object": "list", "data": [
+        {"id": str(svc.engine.model_id), "object": "model", "created": request.app.state.created, "owned_by": "genserve"}
+    ]})
+
+

@@ -1,0 +1,308 @@
+"""TGI's native routes: /generate, /generate_stream, /, /tokenize, /info, /health, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from genserve.server.api.errors import APIError, incomplete_generation, validation_error
+from genserve.server.api.generation import GenerationService, Job, RequestRecord, SequenceResult
+from genserve.server.api.protocol import (
+    ErrorResponse,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    Info,
+    SimpleToken,
+    StreamResponse,
+)
+from genserve.server.api.settings import server_version
+from genserve.server.api.stream import SSEResponse, sse_event
+from genserve.server.outputs import TokenInfo
+from genserve.server.sampling_params import SamplingParams
+
+router = APIRouter(tags=["Text Generation Inference"])
+
+ERRORS = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
+    413: {"model": ErrorResponse, "description": "Payload over --payload-limit"},
+    422: {"model": ErrorResponse, "description": "Input validation error"},
+    424: {"model": ErrorResponse, "description": "Generation error"},
+    429: {"model": ErrorResponse, "description": "Model is overloaded"},
+}
+STREAM_200 = {200: {"content": {"text/event-stream": {"schema": StreamResponse.model_json_schema()}},
+                    "description": "One `data:` event per token; the last carries generated_text and details"}}
+
+
+def service(request: Request) -> GenerationService:
+    return request.app.state.service
+
+
+def to_sampling_params(p: GenerateParameters, max_best_of: int, max_input_tokens: int, stream: bool) -> tuple[SamplingParams, int]:
+    """TGI's validation order and messages; returns the params and `best_of`."""
+    best_of = 1 if p.best_of is None else p.best_of
+    sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p, p.typical_p))
+    if best_of > 1 and not sampling:
+        raise validation_error("you must use sampling when `best_of` is > 1")
+    if p.temperature is not None and p.temperature <= 0:
+        raise validation_error("`temperature` must be strictly positive")
+    if p.top_p is not None and not 0.0 < p.top_p < 1.0:
+        raise validation_error("`top_p` must be > 0.0 and < 1.0")
+    if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
+        raise validation_error("`typical_p` must be > 0.0 and < 1.0")
+    if p.top_k is not None and p.top_k <= 0:
+        raise validation_error("`top_k` must be strictly positive")
+    if p.seed is not None and best_of > 1:
+        raise validation_error("`seed` must not be set when `best_of` > 1")
+    if max_best_of == 1 and best_of != 1:
+        raise validation_error("`best_of` != 1 is not allowed for this endpoint")
+    if not 0 < best_of <= max_best_of:
+        raise validation_error(f"`best_of` must be > 0 and <= {max_best_of}. Given: {best_of}")
+    if stream and best_of != 1:
+        raise validation_error("`best_of` != 1 is not supported when streaming tokens")
+    if stream and p.decoder_input_details:
+        raise validation_error("`decoder_input_details` == true is not supported when streaming tokens")
+    if p.truncate is not None and not 0 < p.truncate <= max_input_tokens:
+        raise validation_error(
+            f"`truncate` must be strictly positive and less than {max_input_tokens}. Given: {p.truncate}"
+        )
+    if p.watermark:
+        raise validation_error("`watermark` is not supported by genserve")
+    if p.grammar is not None:
+        raise validation_error("grammar is not supported")
+    if p.adapter_id:
+        raise validation_error("`adapter_id` is not supported: genserve serves one model without LoRA adapters")
+    params = SamplingParams(
+        max_new_tokens=p.max_new_tokens,
+        do_sample=sampling,
+        temperature=1.0 if p.temperature is None else p.temperature,
+        top_k=p.top_k or 0,
+        top_p=1.0 if p.top_p is None else p.top_p,
+        typical_p=1.0 if p.typical_p is None else p.typical_p,
+        repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        seed=p.seed,
+        stop=list(p.stop),
+        top_n_tokens=p.top_n_tokens or 0,
+    )
+    return params, best_of
+
+
+def token_json(t: TokenInfo) -> dict:
+    return {"id": t.id, "text": t.text, "logprob": t.logprob, "special": t.special}
+
+
+def top_tokens_json(t: TokenInfo) -> list[dict]:
+    return [{"id": x.id, "text": x.text, "logprob": x.logprob, "special": x.special} for x in t.top_tokens]
+
+
+def tgi_text(seq: SequenceResult) -> str:
+    # TGI keeps the matched stop sequence at the end of generated_text
+    return seq.text + (seq.matched_stop or "")
+
+
+def sequence_json(svc: GenerationService, seq: SequenceResult, req: GenerateRequest, ids: list[int], sampled: bool) -> dict:
+    p = req.parameters
+    out = {
+        "generated_text": (req.inputs if p.return_full_text else "") + tgi_text(seq),
+        "finish_reason": seq.finish_reason,
+        "generated_tokens": seq.num_generated_tokens,
+        "seed": seq.seed if sampled else None,
+        "prefill": [],
+        "tokens": [token_json(t) for t in seq.tokens],
+    }
+    if p.decoder_input_details:
+        # prompt log-probabilities are not computed by the engine: ids and texts only
+        out["prefill"] = [{"id": i, "text": svc.tokenizer.decode([i]), "logprob": None} for i in ids]
+    if p.top_n_tokens:
+        out["top_tokens"] = [top_tokens_json(t) for t in seq.tokens]
+    return out
+
+
+def prepare(svc: GenerationService, record: RequestRecord, req: GenerateRequest, stream: bool) -> tuple[list[int], SamplingParams, int]:
+    cfg = svc.config
+    params, best_of = to_sampling_params(req.parameters, cfg.max_best_of, cfg.max_input_tokens, stream)
+    svc.check_params(params)
+    ids = svc.encode(req.inputs, add_special_tokens=req.add_special_tokens)
+    if req.parameters.truncate is not None:
+        ids = ids[-req.parameters.truncate:]
+    svc.validate(record, ids, params)
+    return ids, params, best_of
+
+
+async def _generate(request: Request, req: GenerateRequest, route: str) -> tuple[dict, dict[str, str]]:
+    svc = service(request)
+    record = svc.begin(route, request.headers.get("x-request-id"))
+    try:
+        await svc.wait_ready()
+        ids, params, best_of = prepare(svc, record, req, stream=False)
+        jobs = [Job(ids, params if best_of == 1 else replace(params, seed=None)) for _ in range(best_of)]
+        results = await svc.run_many(record, jobs)
+    except APIError as e:
+        svc.fail(record, e)
+        raise
+    except asyncio.CancelledError:
+        svc.fail(record, None)
+        raise
+    best = max(results, key=lambda s: s.mean_logprob) if best_of > 1 else results[0]
+    record.num_generated_tokens = best.num_generated_tokens
+    record.finish_reason = best.finish_reason
+    body: dict = {"generated_text": (req.inputs if req.parameters.return_full_text else "") + tgi_text(best)}
+    if req.parameters.details or req.parameters.decoder_input_details:
+        sampled = not params.is_greedy
+        details = sequence_json(svc, best, req, ids, sampled)
+        details.pop("generated_text")
+        if best_of > 1:
+            details["best_of_sequences"] = [sequence_json(svc, s, req, ids, sampled) for s in results if s is not best]
+        body["details"] = details
+    svc.succeed(record)
+    return body, record.headers(svc.compute_type)
+
+
+async def _generate_stream(request: Request, req: GenerateRequest, route: str) -> SSEResponse:
+    svc = service(request)
+    record = svc.begin(route, request.headers.get("x-request-id"))
+    try:
+        await svc.wait_ready()
+        ids, params, _ = prepare(svc, record, req, stream=True)
+    except APIError as e:
+        svc.fail(record, e)
+        raise
+    headers = {"x-compute-type": svc.compute_type, "x-request-id": record.request_id}
+    return SSEResponse(_tgi_events(svc, record, req, ids, params), headers=headers,
+                       on_close=lambda: svc.fail(record, None))
+
+
+async def _tgi_events(
+    svc: GenerationService, record: RequestRecord, req: GenerateRequest, ids: list[int], params: SamplingParams
+) -> AsyncIterator[bytes]:
+    index = 0
+    top_n = params.top_n_tokens
+    try:
+        async for out in svc.stream(record, ids, params):
+            tokens = out.new_tokens
+            if out.finished and not tokens:
+                # nothing new in the last step: close with an empty special token carrying the end
+                tokens = [TokenInfo(id=svc.eos_token_id, text="", logprob=0.0, special=True)]
+            for k, tok in enumerate(tokens):
+                index += 1
+                event: dict = {"index": index, "token": token_json(tok), "generated_text": None, "details": None}
+                if top_n:
+                    event["top_tokens"] = top_tokens_json(tok)
+                if out.finished and k == len(tokens) - 1:
+                    text = (out.generated_text or "") + (out.matched_stop or "")
+                    event["generated_text"] = (req.inputs if req.parameters.return_full_text else "") + text
+                    record.num_generated_tokens = out.num_generated_tokens
+                    record.finish_reason = out.finish_reason
+                    if req.parameters.details:
+                        event["details"] = {
+                            "finish_reason": out.finish_reason,
+                            "generated_tokens": out.num_generated_tokens,
+                            "seed": out.seed if not params.is_greedy else None,
+                            "input_length": len(ids),
+                        }
+                    svc.succeed(record)
+                yield sse_event(event)
+            if out.finished:
+                return
+        err = incomplete_generation()
+        svc.fail(record, err)
+        yield sse_event(err.body())
+    except APIError as e:
+        svc.fail(record, e)
+        yield sse_event(e.body())
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=ERRORS, response_model_exclude_none=True)
+async def generate(req: GenerateRequest, request: Request) -> JSONResponse:
+    """Generate text for `inputs`; `details` adds tokens, log-probabilities and the finish reason."""
+    body, headers = await _generate(request, req, "/generate")
+    return JSONResponse(body, headers=headers)
+
+
+@router.post("/generate_stream", responses={**STREAM_200, **ERRORS})
+async def generate_stream(req: GenerateRequest, request: Request) -> SSEResponse:
+    """Stream one Server-Sent Event per generated token."""
+    return await _generate_stream(request, req, "/generate_stream")
+
+
+@router.post("/", responses={200: {"model": list[GenerateResponse]}, **ERRORS})
+async def compat_generate(req: GenerateRequest, request: Request) -> Response:
+    """`/generate` (answer wrapped in a list) or `/generate_stream` when `stream` is true."""
+    if req.stream:
+        return await _generate_stream(request, req, "/")
+    body, headers = await _generate(request, req, "/")
+    return JSONResponse([body], headers=headers)
+
+
+@router.post("/tokenize", response_model=list[SimpleToken], responses=ERRORS)
+async def tokenize(req: GenerateRequest, request: Request) -> JSONResponse:
+    """Tokenize `inputs`: ids with their character offsets."""
+    svc = service(request)
+    try:
+        req.inputs.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise validation_error(f"`inputs` is not valid UTF-8: {e.reason}") from None
+    enc = svc.tokenizer(req.inputs, add_special_tokens=req.add_special_tokens, return_offsets_mapping=True)
+    return JSONResponse([
+        {"id": i, "text": req.inputs[a:b], "start": a, "stop": b}
+        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ])
+
+
+def info_json(request: Request) -> dict:
+    svc = service(request)
+    cfg, s, engine = svc.config, svc.settings, svc.engine
+    return Info(
+        model_id=str(engine.model_id),
+        model_sha=s.model_sha,
+        model_dtype=str(getattr(engine, "dtype", "unknown")),
+        model_device_type=str(getattr(engine, "device", "cpu")).split(":")[0],
+        model_pipeline_tag="text-generation",
+        max_concurrent_requests=s.max_concurrent_requests,
+        max_best_of=cfg.max_best_of,
+        max_stop_sequences=cfg.max_stop_sequences,
+        max_input_tokens=cfg.max_input_tokens,
+        max_total_tokens=cfg.max_total_tokens,
+        max_top_n_tokens=cfg.max_top_n_tokens,
+        waiting_served_ratio=cfg.waiting_served_ratio,
+        max_batch_total_tokens=cfg.max_batch_total_tokens,
+        max_waiting_tokens=cfg.max_waiting_tokens,
+        max_batch_size=cfg.max_batch_size,
+        validation_workers=s.validation_workers,
+        max_client_batch_size=s.max_client_batch_size,
+        router="genserve",
+        version=server_version(),
+        sha=s.sha,
+        docker_label=s.docker_label,
+    ).model_dump()
+
+
+@router.get("/info", response_model=Info)
+async def info(request: Request) -> JSONResponse:
+    """The served model and the server's limits."""
+    return JSONResponse(info_json(request))
+
+
+@router.get("/health", responses={503: {"model": ErrorResponse}})
+async def health(request: Request) -> Response:
+    """200 once the model is loaded and warmed up, 503 before."""
+    if service(request).engine.is_ready:
+        return Response(status_code=200)
+    return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
+
+
+@router.get("/", include_in_schema=False)
+async def root_health(request: Request) -> Response:
+    return await health(request)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (TGI's names plus genserve_*)."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
