@@ -1,15 +1,111 @@
-"""The `genserve` command."""
+"""The `genserve` command: `serve` (TGI's launcher flags and env vars), `operator`, model preparation."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
+
+ENGINE_HELP = {
+    "model_id": "a local folder, a Hub id or a .gguf file; default: the built-in SmolLM2-135M-Instruct",
+    "revision": "Hub revision (branch, tag or commit) of --model-id",
+    "dtype": "float32, float16, bfloat16 or auto (float32 on CPU)",
+    "device": "cpu, cuda, cuda:N or auto",
+    "quantize": "quantization method (TGI's values); not supported yet",
+    "num_shard": "tensor-parallel shards (GPUs)",
+    "max_input_tokens": "longest prompt in tokens; default max_total_tokens - 1",
+    "max_total_tokens": "prompt + generated tokens per request; default min(model context, 4096)",
+    "max_stop_sequences": "most `stop` sequences per request",
+    "max_best_of": "largest `best_of` (TGI) and `n` (OpenAI)",
+    "max_top_n_tokens": "largest `top_n_tokens` / `top_logprobs`",
+    "max_batch_prefill_tokens": "prompt tokens per prefill step",
+    "max_batch_total_tokens": "tokens across the whole batch (KV-cache budget)",
+    "max_batch_size": "requests per batch",
+    "waiting_served_ratio": "waiting/running ratio that lets waiting requests join a running batch",
+    "max_waiting_tokens": "decode steps before waiting requests are forced into the batch",
+    "block_size": "tokens per paged KV-cache block",
+    "kv_cache_memory_fraction": "fraction of free device memory given to the KV cache",
+    "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
+    "num_threads": "CPU threads for torch",
+    "use_transformers_fallback": "run the model with transformers instead of genserve's own implementation",
+}
+ENGINE_ALIASES = {"max_input_tokens": ["--max-input-length"]}
+
+
+def _env(name: str, default):
+    return os.environ.get(name, default)
+
+
+def _bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per EngineConfig field (TGI's names), each also read from its UPPER_CASE env var."""
+    from genserve.server.config import EngineConfig
+
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        env = f.name.upper()
+        default = f.default
+        kind = str(f.type)
+        help_text = f"{ENGINE_HELP.get(f.name, f.name.replace('_', ' '))} [env: {env}]"
+        names = [flag, *ENGINE_ALIASES.get(f.name, [])]
+        if kind == "bool":
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=_bool(_env(env, default)), help=help_text)
+            continue
+        convert = int if kind.startswith("int") else float if kind.startswith("float") else str
+        if f.name == "max_input_tokens" and env not in os.environ and "MAX_INPUT_LENGTH" in os.environ:
+            env = "MAX_INPUT_LENGTH"
+        group.add_argument(*names, dest=f.name, type=convert, default=_env(env, default), metavar=f.name.upper(),
+                           help=help_text + (f" (default: {default})" if default is not None else ""))
+
+
+def _add_server_flags(group: argparse._ArgumentGroup) -> None:
+    def add(flag: str, default, kind=str, help_text: str = "", env: str | None = ""):
+        env = flag.lstrip("-").replace("-", "_").upper() if env == "" else env
+        group.add_argument(flag, type=kind, default=_env(env, default) if env else default,
+                           metavar=flag.lstrip("-").replace("-", "_").upper(),
+                           help=help_text + (f" [env: {env}]" if env else "")
+                           + (f" (default: {default})" if default is not None else ""))
+
+    add("--port", 8080, int, "port to listen on")
+    # HOSTNAME is not read: shells and Kubernetes export it as the machine's own name
+    add("--hostname", "0.0.0.0", str, "address to bind", env=None)
+    add("--max-concurrent-requests", 128, int, "requests in flight before new ones get 429 `overloaded`")
+    add("--max-client-batch-size", 4, int, "most prompts in one /v1/completions request")
+    add("--validation-workers", 2, int, "reported in /info (tokenisation runs on the event loop)")
+    add("--payload-limit", 2_000_000, int, "largest request body in bytes (413 above)")
+    add("--api-key", None, str, "require `Authorization: Bearer <key>` on POST routes (401 otherwise)")
+    add("--cors-allow-origin", None, str, "comma-separated allowed CORS origins; default any")
+    add("--graceful-termination-timeout", 90, int, "seconds to let in-flight requests finish after SIGTERM")
+    add("--huggingface-hub-cache", None, str, "where Hub downloads go (HF_HUB_CACHE)")
+    group.add_argument("--json-output", action=argparse.BooleanOptionalAction, default=_bool(_env("JSON_OUTPUT", False)),
+                       help="one JSON object per log line, one line per request with its timings [env: JSON_OUTPUT]")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genserve", description="Serve large language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="genserve",
+        description="Serve large language models with TGI's and OpenAI's HTTP APIs.",
+        epilog="Run `genserve serve --help` for the server's flags; each flag also reads its UPPER_CASE env var.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve", help="serve a model over HTTP (TGI + OpenAI APIs)",
+        description="Load a model and serve it: TGI's /generate, /generate_stream, /info, /health, /metrics "
+                    "and OpenAI's /v1/chat/completions, /v1/completions, /v1/models.",
+    )
+    _add_engine_flags(serve.add_argument_group("model and engine"))
+    _add_server_flags(serve.add_argument_group("HTTP server"))
+    operator = sub.add_parser("operator", help="run the Kubernetes operator (kopf run -m genserve.operator.main ...)",
+                              add_help=False)
+    operator.add_argument("kopf_args", nargs=argparse.REMAINDER, help="passed on to `kopf run`")
     sub.add_parser("prepare-default-model", help="convert the built-in SmolLM2 model once into the cache")
     download = sub.add_parser("download", help="download (or convert) a model into the cache and exit")
     download.add_argument("--model-id", default=None)
@@ -17,9 +113,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def server_settings(args: argparse.Namespace):
+    from genserve.server.api.settings import ServerSettings
+
+    origins = [o.strip() for o in (args.cors_allow_origin or "").split(",") if o.strip()]
+    return ServerSettings(
+        hostname=args.hostname,
+        port=args.port,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_client_batch_size=args.max_client_batch_size,
+        validation_workers=args.validation_workers,
+        payload_limit=args.payload_limit,
+        api_key=args.api_key or None,
+        cors_allow_origin=origins,
+        graceful_termination_timeout=args.graceful_termination_timeout,
+        json_output=args.json_output,
+        sha=os.environ.get("GENSERVE_GIT_SHA"),
+        docker_label=os.environ.get("DOCKER_LABEL"),
+        exit_on_engine_failure=True,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from genserve.server.api.app import create_app
+    from genserve.server.config import EngineConfig
+    from genserve.server.logging_setup import configure_logging
+
+    configure_logging(args.json_output)
+    if args.huggingface_hub_cache:
+        os.environ["HF_HUB_CACHE"] = args.huggingface_hub_cache
+    from genserve.server.async_engine import AsyncEngine
+
+    config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    settings = server_settings(args)
+    engine = AsyncEngine.from_config(config)
+    app = create_app(engine, settings)
+    logging.getLogger(__name__).info("serving %s on http://%s:%d", engine.model_id, settings.hostname, settings.port)
+    uvicorn.run(app, host=settings.hostname, port=settings.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=settings.graceful_termination_timeout)
+    return 0
+
+
+def run_operator(args: list[str]) -> int:
+    argv = [sys.executable, "-m", "kopf", "run", "-m", "genserve.operator.main", *args]
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["operator"]:
+        return run_operator(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from genserve.server.model_files import prepare_default_model, resolve_model
 
     if args.command == "prepare-default-model":
