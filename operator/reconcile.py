@@ -28,8 +28,8 @@ def labels(name: str) -> dict[str, str]:
     }
 
 
-def _meta(name: str, namespace: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "namespace": namespace, "labels": labels(name), **extra}
+def _meta(name: str, namespace: str, object_name: str | None = None) -> dict[str, Any]:
+    return {"name": object_name or name, "namespace": namespace, "labels": labels(name)}
 
 
 def cache_claim_name(name: str, spec: ServiceSpec) -> str | None:
@@ -75,8 +75,7 @@ def _resources(spec: ServiceSpec) -> dict[str, Any]:
     limits = dict(spec.resources.get("limits") or {})
     if spec.shards > 0:
         # extended resources need limits, and requests equal to limits
-        limits["nvidia.com/gpu"] = spec.shards
-        requests["nvidia.com/gpu"] = spec.shards
+        limits["nvidia.com/gpu"] = requests["nvidia.com/gpu"] = str(spec.shards)
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -208,7 +207,7 @@ def build_pvc(name: str, namespace: str, spec: ServiceSpec) -> dict[str, Any]:
     if cache.storage_class_name:
         pvc_spec["storageClassName"] = cache.storage_class_name
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": _meta(f"{name}-model-cache", namespace), "spec": pvc_spec}
+            "metadata": _meta(name, namespace, f"{name}-model-cache"), "spec": pvc_spec}
 
 
 def build_ingress(name: str, namespace: str, spec: ServiceSpec) -> dict[str, Any]:
@@ -236,11 +235,13 @@ def build_service_monitor(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def desired_replicas(spec: ServiceSpec, status: dict[str, Any]) -> int:
-    """Replicas the Deployment should run: the autoscaler's last decision, clamped to the current bounds."""
+def desired_replicas(spec: ServiceSpec, status: dict[str, Any], live_replicas: int | None = None) -> int:
+    """Replicas the Deployment should run. With autoscaling the autoscaler owns the live count (then its
+    last decision in status), clamped to the current bounds; otherwise spec.replicas."""
     if not spec.autoscaling.enabled:
         return spec.replicas
-    current = status.get("desiredReplicas") or spec.autoscaling.min_replicas
+    current = live_replicas if live_replicas is not None else status.get("desiredReplicas")
+    current = current or spec.autoscaling.min_replicas
     return max(spec.autoscaling.min_replicas, min(spec.autoscaling.max_replicas, int(current)))
 
 

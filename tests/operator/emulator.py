@@ -122,6 +122,8 @@ class Cluster(kmock.KubernetesEmulator):
     _log: list[tuple[int, Any, dict[str, Any]]] = attrs.field(factory=list, init=False)
     _watchers: list[tuple[Request, asyncio.Queue]] = attrs.field(factory=list, init=False)
 
+    # kmock 0.8 copies a returned Response's status onto the (shared) fallback reaction, so every
+    # served action returns an explicit Response, or a 201 would stick to later answers
     async def _handle(self, request: Request):
         # skip the parent's own state tracking: every action is served by the methods below
         return await kmock.KubernetesScaffold._handle(self, request)
@@ -218,7 +220,7 @@ class Cluster(kmock.KubernetesEmulator):
             obj = self.store.get(self._key(request))
             if obj is None:
                 raise KubernetesError(404, "NotFound", f"{request.name} not found")
-            return copy.deepcopy(obj)
+            return Response(status=200, payload=copy.deepcopy(obj))
 
     async def _serve_list(self, request: Request) -> Payload:
         if self._info(request.resource) is None:
@@ -227,9 +229,9 @@ class Cluster(kmock.KubernetesEmulator):
             items = [copy.deepcopy(o) for k, o in self.store.items() if self._matches(request, k, o)]
             info = self._info(request.resource)
             group, version = request.resource.group, request.resource.version
-            return {"apiVersion": f"{group}/{version}" if group else version,
-                    "kind": f"{info.kind or ''}List", "metadata": {"resourceVersion": str(self._last_rv())},
-                    "items": items}
+            return Response(status=200, payload={
+                "apiVersion": f"{group}/{version}" if group else version, "kind": f"{info.kind or ''}List",
+                "metadata": {"resourceVersion": str(self._last_rv())}, "items": items})
 
     def _last_rv(self) -> int:
         return self._log[-1][0] if self._log else 0
@@ -262,7 +264,7 @@ class Cluster(kmock.KubernetesEmulator):
             for field in ("uid", "creationTimestamp", "generation", "resourceVersion"):
                 new["metadata"][field] = old["metadata"][field]
             if new == old:
-                return copy.deepcopy(old)
+                return Response(status=200, payload=copy.deepcopy(old))
             spec_of = lambda o: {k: v for k, v in o.items() if k not in ("metadata", "status")}  # noqa: E731
             if spec_of(new) != spec_of(old):
                 new["metadata"]["generation"] = old["metadata"]["generation"] + 1
@@ -272,7 +274,7 @@ class Cluster(kmock.KubernetesEmulator):
                 self._remove(key)
             else:
                 self._emit(request.resource, "MODIFIED", new)
-            return copy.deepcopy(new)
+            return Response(status=200, payload=copy.deepcopy(new))
 
     async def _serve_delete(self, request: Request) -> Payload:
         if request.name is None:
@@ -281,7 +283,7 @@ class Cluster(kmock.KubernetesEmulator):
             key = self._key(request)
             if key not in self.store:
                 raise KubernetesError(404, "NotFound", f"{request.name} not found")
-            return copy.deepcopy(self._mark_deleted(key))
+            return Response(status=200, payload=copy.deepcopy(self._mark_deleted(key)))
 
     async def _serve_watch(self, request: Request) -> AsyncIterator[Payload]:
         yield b""

@@ -86,3 +86,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def tgs_body(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "genserve.dev/v1alpha1", "kind": "TextGenerationService",
+            "metadata": {"name": name}, "spec": spec}

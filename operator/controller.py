@@ -1,0 +1,195 @@
+"""Level-based reconciliation and the autoscaler tick: the impure glue between kopf, the API and the builders."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from genserve.operator import autoscaler, metrics_scrape, reconcile, status
+from genserve.operator.kube import Kube
+from genserve.operator.settings import SERVICE_LABEL, OperatorSettings
+from genserve.operator.spec import ServiceSpec, SpecError, parse_spec
+
+KIND = "TextGenerationService"
+
+
+@dataclass(slots=True)
+class Context:
+    kube: Kube
+    settings: OperatorSettings
+
+
+def parse_or_degrade(ctx: Context, body: dict[str, Any]) -> ServiceSpec:
+    """The parsed spec; an invalid one is recorded as Degraded and raised as a permanent error."""
+    meta = body["metadata"]
+    try:
+        spec = parse_spec(dict(body.get("spec") or {}), ctx.settings.default_image)
+    except SpecError as e:
+        status.write_status(ctx.kube, meta["namespace"], meta["name"],
+                            {"observedGeneration": meta.get("generation")},
+                            {"Degraded": (True, e.reason, str(e)),
+                             "Ready": (False, e.reason, "the spec is invalid"),
+                             "Progressing": (False, e.reason, "waiting for a valid spec")})
+        kopf.event(body, type="Warning", reason=e.reason, message=str(e))
+        raise kopf.PermanentError(f"{e.reason}: {e}") from e
+    return spec
+
+
+def _replicas_of(deployment: dict[str, Any] | None) -> int | None:
+    return None if deployment is None else deployment.get("spec", {}).get("replicas")
+
+
+def _is_owned_by(obj: dict[str, Any], uid: str) -> bool:
+    return any(r.get("uid") == uid for r in obj["metadata"].get("ownerReferences") or [])
+
+
+def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger) -> None:
+    """Create or patch every child to its desired state, remove unwanted ones, and refresh status."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    if meta.get("deletionTimestamp"):
+        return
+    spec = parse_or_degrade(ctx, body)
+    live = ctx.kube.get("Deployment", namespace, name)
+    replicas = reconcile.desired_replicas(spec, body.get("status") or {}, _replicas_of(live))
+    has_sm = ctx.kube.has_resource("monitoring.coreos.com/v1", "servicemonitors")
+    wanted, absent = reconcile.build_children(name, namespace, spec, ctx.settings, replicas, has_sm)
+    problems = []
+    for obj in wanted:
+        kopf.append_owner_reference(obj, owner=body)
+        kind, child = obj["kind"], obj["metadata"]["name"]
+        before = ctx.kube.get(kind, namespace, child)
+        try:
+            after = ctx.kube.apply(obj)
+        except ApiException as e:
+            # e.g. an immutable PVC field: report it, keep reconciling the rest
+            problems.append(f"{kind} {child}: {e.status} {e.reason}")
+            continue
+        if before is None:
+            kopf.event(body, type="Normal", reason="Created", message=f"created {kind} {child}")
+            logger.info(f"created {kind} {child}")
+        elif before["metadata"].get("resourceVersion") != after["metadata"].get("resourceVersion"):
+            kopf.event(body, type="Normal", reason="Updated", message=f"updated {kind} {child}")
+    for kind, child in absent:
+        existing = ctx.kube.get(kind, namespace, child)
+        if existing is not None and _is_owned_by(existing, meta["uid"]):
+            ctx.kube.delete(kind, namespace, child)
+            kopf.event(body, type="Normal", reason="Deleted", message=f"deleted {kind} {child}: no longer wanted")
+    deployment = ctx.kube.get("Deployment", namespace, name)
+    fields, conditions = status.deployment_status(deployment, replicas)
+    fields.update(observedGeneration=meta.get("generation"), selector=f"{SERVICE_LABEL}={name}",
+                  endpoint=reconcile.endpoint(name, namespace, ctx.settings.cluster_domain), desiredReplicas=replicas)
+    if problems:
+        conditions["Degraded"] = (True, "ApplyFailed", "; ".join(problems))
+        kopf.event(body, type="Warning", reason="ApplyFailed", message="; ".join(problems))
+    else:
+        conditions["Degraded"] = (False, "Reconciled", "all children match the spec")
+    if not spec.autoscaling.enabled:
+        conditions["ScalingActive"] = (False, "AutoscalingDisabled", f"fixed at spec.replicas={spec.replicas}")
+    status.write_status(ctx.kube, namespace, name, fields, conditions)
+
+
+def is_drifted(actual: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """Whether any field we set differs (fields added by the API server or others are ignored)."""
+    if isinstance(desired, dict):
+        return not isinstance(actual, dict) or any(is_drifted(actual.get(k), v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (not isinstance(actual, list) or len(actual) != len(desired)
+                or any(is_drifted(a, d) for a, d in zip(actual, desired, strict=True)))
+    return actual != desired and str(actual) != str(desired)
+
+
+def owner_of(ctx: Context, child: dict[str, Any]) -> dict[str, Any] | None:
+    meta = child["metadata"]
+    name = (meta.get("labels") or {}).get(SERVICE_LABEL)
+    owner = ctx.kube.get(KIND, meta["namespace"], name) if name else None
+    if owner is None or owner["metadata"].get("deletionTimestamp") or not _is_owned_by(child, owner["metadata"]["uid"]):
+        return None
+    return owner
+
+
+def on_child_event(ctx: Context, event_type: str, child: dict[str, Any], logger: logging.Logger) -> None:
+    """Restore a child deleted or edited by hand; mirror the Deployment's progress into the owner's status."""
+    owner = owner_of(ctx, child)
+    if owner is None:
+        return
+    kind, name = child["kind"], child["metadata"]["name"]
+    meta = owner["metadata"]
+    if event_type == "DELETED":
+        logger.info(f"{kind} {name} was deleted; restoring it")
+        kopf.event(owner, type="Warning", reason="Restoring", message=f"{kind} {name} was deleted; recreating it")
+        reconcile_service(ctx, owner, logger)
+        return
+    try:
+        spec = parse_spec(dict(owner.get("spec") or {}), ctx.settings.default_image)
+    except SpecError:
+        return
+    live = child if kind == "Deployment" else ctx.kube.get("Deployment", meta["namespace"], meta["name"])
+    replicas = reconcile.desired_replicas(spec, owner.get("status") or {}, _replicas_of(live))
+    has_sm = ctx.kube.has_resource("monitoring.coreos.com/v1", "servicemonitors")
+    wanted, _ = reconcile.build_children(meta["name"], meta["namespace"], spec, ctx.settings, replicas, has_sm)
+    desired = next((o for o in wanted if o["kind"] == kind and o["metadata"]["name"] == name), None)
+    if desired is not None and is_drifted(child, {"spec": desired.get("spec"), "metadata": {
+            "labels": desired["metadata"]["labels"]}}):
+        kopf.event(owner, type="Warning", reason="Restoring", message=f"{kind} {name} was changed by hand; restoring it")
+        reconcile_service(ctx, owner, logger)
+    elif kind == "Deployment":
+        fields, conditions = status.deployment_status(child, replicas)
+        status.write_status(ctx.kube, meta["namespace"], meta["name"], fields, conditions)
+
+
+def autoscale_tick(ctx: Context, body: dict[str, Any], state: autoscaler.ScalerState,
+                   logger: logging.Logger) -> autoscaler.Decision | None:
+    """Scrape, decide, scale the Deployment, and record the decision in status and as an Event."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    try:
+        spec = parse_spec(dict(body.get("spec") or {}), ctx.settings.default_image)
+    except SpecError:
+        return None
+    if not spec.autoscaling.enabled:
+        return None
+    deployment = ctx.kube.get("Deployment", namespace, name)
+    if deployment is None:
+        return None
+    current = deployment["spec"].get("replicas", 1)
+    policy = spec.autoscaling
+    errors: dict[str, str] = {}
+    if policy.metrics_source == "prometheus":
+        try:
+            samples = metrics_scrape.query_prometheus(policy.prometheus_url, namespace, name,
+                                                      ctx.settings.scrape_timeout_seconds)
+            missing = 0
+        except Exception as e:  # any failure is "no data"
+            samples, missing, errors = [], 1, {"prometheus": f"{type(e).__name__}: {e}"}
+    else:
+        pods = [p for p in ctx.kube.list("Pod", namespace, reconcile.selector(name)) if metrics_scrape.is_pod_ready(p)]
+        samples, errors = metrics_scrape.scrape_pods(pods, ctx.settings.scrape_timeout_seconds)
+        missing = len(errors)
+    decision = autoscaler.decide(samples, missing, current, policy, state, time.time())
+    fields: dict[str, Any] = {"desiredReplicas": decision.desired}
+    if decision.queue_depth is not None:
+        fields.update(queueDepth=decision.queue_depth, runningRequests=decision.running)
+    if decision.kv_cache_usage is not None:
+        fields["kvCacheUsage"] = round(decision.kv_cache_usage, 4)
+    message = decision.message
+    if errors:
+        message += "; unreachable: " + ", ".join(f"{k} ({v})" for k, v in sorted(errors.items()))
+    if decision.desired != current:
+        stamp = status.now_iso()
+        fields.update(lastScaleTime=stamp, lastScaleDecision={
+            "time": stamp, "fromReplicas": current, "toReplicas": decision.desired, "reason": decision.reason,
+            "message": message})
+    active = decision.reason != "MetricsUnavailable"
+    # status first: a reconcile triggered by the Deployment change must already see the new count
+    status.write_status(ctx.kube, namespace, name, fields, {"ScalingActive": (active, decision.reason, message)})
+    if decision.desired != current:
+        ctx.kube.merge_patch("Deployment", namespace, name, {"spec": {"replicas": decision.desired}})
+        kopf.event(body, type="Normal", reason="Scaled", message=f"{decision.reason}: {message}")
+        logger.info(f"scaled {current} -> {decision.desired}: {message}")
+    return decision

@@ -1,0 +1,77 @@
+"""kopf entry point: `kopf run -m genserve.operator.main`. Decorators only; the work is in controller.py."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from genserve.operator import controller
+from genserve.operator.autoscaler import ScalerState
+from genserve.operator.kube import Kube, load_api_client
+from genserve.operator.settings import GROUP, MANAGED_BY, PLURAL, VERSION, OperatorSettings
+
+TGS = (GROUP, VERSION, PLURAL)
+RESYNC_SECONDS = 60
+
+
+@kopf.on.startup()
+def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    config = OperatorSettings.from_env()
+    memo.ctx = controller.Context(kube=Kube(load_api_client()), settings=config)
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    # only our explicit kopf.event() calls become Events, not every log line
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 32
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 30
+    if config.peering:
+        settings.peering.name = config.peering
+        settings.peering.standalone = False
+    logger.info(f"genserve operator started: {config}")
+
+
+@kopf.on.login()
+def operator_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # kopf's own readers need no client library and read $KUBECONFIG when called
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.create(*TGS)
+@kopf.on.update(*TGS)
+@kopf.on.resume(*TGS)
+def tgs_reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    controller.reconcile_service(memo.ctx, dict(body), logger)
+
+
+@kopf.timer(*TGS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, idle=RESYNC_SECONDS)
+def tgs_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    try:
+        controller.reconcile_service(memo.ctx, dict(body), logger)
+    except kopf.PermanentError:
+        pass  # already Degraded; wait for a spec change
+
+
+@kopf.daemon(*TGS, cancellation_timeout=5)
+def tgs_autoscale(stopped: kopf.DaemonStopped, body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo,
+                  logger: logging.Logger, **_: Any) -> None:
+    state = ScalerState()
+    while not stopped:
+        try:
+            controller.autoscale_tick(memo.ctx, dict(body), state, logger)
+        except Exception as e:  # a failed tick must not end the loop; the next one retries
+            logger.warning(f"autoscaler tick failed: {type(e).__name__}: {e}")
+        interval = (spec.get("autoscaling") or {}).get("intervalSeconds", 15)
+        stopped.wait(max(1, int(interval)) if isinstance(interval, int) else 15)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)
+@kopf.on.event("", "v1", "services", labels=MANAGED_BY)
+def child_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    if type in ("MODIFIED", "DELETED"):
+        controller.on_child_event(memo.ctx, type, dict(body), logger)
+

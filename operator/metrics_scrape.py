@@ -1,0 +1,92 @@
+"""Reads load from each ready pod's /metrics (or from Prometheus) into autoscaler Samples."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from genserve.operator.autoscaler import Sample
+
+# genserve's own gauges first, TGI's names as the fallback
+WAITING = ("genserve_num_requests_waiting", "tgi_queue_size")
+RUNNING = ("genserve_num_requests_running", "tgi_batch_current_size")
+KV_USAGE = ("genserve_kv_cache_usage_ratio",)
+DEFAULT_PORT = 8080
+
+
+def parse_metrics(text: str) -> Sample:
+    """Sums each gauge over its label sets; raises ValueError when no queue metric is present."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in WAITING + RUNNING + KV_USAGE:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+
+    def first(names: tuple[str, ...]) -> float | None:
+        return next((values[n] for n in names if n in values), None)
+
+    waiting = first(WAITING)
+    if waiting is None:
+        raise ValueError(f"none of {', '.join(WAITING)} in the metrics")
+    return Sample(waiting=waiting, running=first(RUNNING) or 0.0, kv_cache_usage=first(KV_USAGE))
+
+
+def is_pod_ready(pod: dict[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    if pod.get("metadata", {}).get("deletionTimestamp") or not status.get("podIP"):
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def metrics_url(pod: dict[str, Any]) -> str:
+    port = DEFAULT_PORT
+    for container in pod.get("spec", {}).get("containers", []):
+        for p in container.get("ports") or []:
+            if p.get("name") == "http":
+                port = p["containerPort"]
+    host = pod["status"]["podIP"]
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}/metrics"
+
+
+def scrape(url: str, timeout: float) -> Sample:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return parse_metrics(response.read().decode())
+
+
+def scrape_pods(pods: list[dict[str, Any]], timeout: float) -> tuple[list[Sample], dict[str, str]]:
+    """Samples of the pods that answered, and {pod name: error} for those that did not."""
+    if not pods:
+        return [], {}
+    samples, errors = [], {}
+    with ThreadPoolExecutor(max_workers=min(16, len(pods))) as pool:
+        futures = {pod["metadata"]["name"]: pool.submit(scrape, metrics_url(pod), timeout) for pod in pods}
+        for name, future in futures.items():
+            try:
+                samples.append(future.result())
+            except Exception as e:  # any failure is "no data" for this pod
+                errors[name] = f"{type(e).__name__}: {e}"
+    return samples, errors
+
+
+def query_prometheus(base_url: str, namespace: str, service: str, timeout: float) -> list[Sample]:
+    """Per-pod samples from a Prometheus that scrapes our ServiceMonitor (labels namespace, service, pod)."""
+    selector = f'namespace="{namespace}",service="{service}"'
+
+    def per_pod(names: tuple[str, ...]) -> dict[str, float]:
+        expr = " or ".join(f"sum by (pod) ({n}{{{selector}}})" for n in names)
+        url = f"{base_url.rstrip('/')}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body = json.loads(response.read())
+        if body.get("status") != "success":
+            raise ValueError(f"prometheus: {body.get('error', 'query failed')}")
+        return {r["metric"].get("pod", ""): float(r["value"][1]) for r in body["data"]["result"]}
+
+    waiting, running, kv = per_pod(WAITING), per_pod(RUNNING), per_pod(KV_USAGE)
+    return [Sample(waiting=w, running=running.get(pod, 0.0), kv_cache_usage=kv.get(pod))
+            for pod, w in sorted(waiting.items())]

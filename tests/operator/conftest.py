@@ -1,0 +1,71 @@
+"""One emulated API server and one real operator (kopf via KopfRunner) for the whole session; each test
+works in its own namespace, so tests stay independent while the ~1 s start-up is paid once."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from harness import ClusterThread, wait_for
+from kopf.testing import KopfRunner
+from kubernetes import client
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[ClusterThread]:
+    with ClusterThread() as ct:
+        yield ct
+
+
+@pytest.fixture(scope="session")
+def api(cluster: ClusterThread) -> client.ApiClient:
+    return client.ApiClient(client.Configuration(host=cluster.url))
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(cluster: ClusterThread, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("kube") / "config"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": cluster.url}}],
+        "users": [{"name": "test", "user": {"token": "test"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}],
+    }))
+    return path
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: ClusterThread, kubeconfig: Path) -> Iterator[KopfRunner]:
+    """The real operator, configured the way the Helm chart runs it: kubeconfig login, all namespaces."""
+    saved = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    args = ["run", "--standalone", "--all-namespaces", "-m", "genserve.operator.main"]
+    try:
+        with KopfRunner(args, timeout=30) as runner:
+            # ready once it watches our resource
+            wait_for(lambda: any("textgenerationservices" in str(r.url) and r.params.get("watch") == "true"
+                                 for r in list(cluster.cluster._requests)), timeout=20, what="the operator's watch")
+            yield runner
+    finally:
+        if saved is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = saved
+    assert runner.exception is None or isinstance(runner.exception, SystemExit), runner.output
+
+
+@pytest.fixture()
+def namespace() -> str:
+    return f"t-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture()
+def crds() -> dict:
+    return yaml.safe_load((ROOT / "crds" / "textgenerationservices.yaml").read_text())
+

@@ -1,0 +1,171 @@
+"""The real operator against the emulated API server, driven with the official kubernetes client."""
+
+from __future__ import annotations
+
+import kubernetes_validate
+import pytest
+from harness import tgs_body, wait_for
+from kubernetes import client
+
+GROUP, VERSION, PLURAL = "genserve.dev", "v1alpha1", "textgenerationservices"
+DEPLOY, SVC, PDB, PVC = "apps/v1/deployments", "v1/services", "policy/v1/poddisruptionbudgets", \
+    "v1/persistentvolumeclaims"
+
+
+def create(api, namespace, name, spec):
+    return client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, tgs_body(name, spec))
+
+
+def get_tgs(api, namespace, name):
+    return client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def condition(obj, type_):
+    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), None)
+
+
+def server_container(deployment):
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "server")
+
+
+@pytest.fixture()
+def service(operator, api, cluster, namespace):
+    created = create(api, namespace, "llama", {"model": {"id": "meta-llama/Llama-3.1-8B-Instruct"}, "shards": 2,
+                                              "replicas": 2})
+    wait_for(lambda: cluster.get(DEPLOY, namespace, "llama"), what="the Deployment")
+    return created
+
+
+def test_create_builds_children_with_gpus_probes_volumes_owners_and_status(service, api, cluster, namespace):
+    deployment = cluster.get(DEPLOY, namespace, "llama")
+    server = server_container(deployment)
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert server["startupProbe"]["httpGet"]["path"] == "/health"
+    assert server["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert "livenessProbe" in server
+    assert "--model-id" in server["args"] and "meta-llama/Llama-3.1-8B-Instruct" in server["args"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "llama-model-cache"
+    assert deployment["spec"]["replicas"] == 2
+    uid = service["metadata"]["uid"]
+    for resource in (DEPLOY, SVC, PDB, PVC):
+        name = "llama-model-cache" if resource == PVC else "llama"
+        child = wait_for(lambda r=resource, n=name: cluster.get(r, namespace, n), what=resource)
+        assert [r["uid"] for r in child["metadata"]["ownerReferences"]] == [uid]
+        assert child["metadata"]["labels"]["genserve.dev/service"] == "llama"
+        stored = {k: v for k, v in child.items() if k != "status"}
+        stored["metadata"] = {k: child["metadata"][k] for k in ("name", "namespace", "labels")}
+        kubernetes_validate.validate(stored, "1.29.0", strict=True)
+    tgs = wait_for(lambda: (o := get_tgs(api, namespace, "llama")) and condition(o, "Ready") and o,
+                   what="status conditions")
+    assert condition(tgs, "Ready")["status"] == "False"  # no pod is ready in the emulator yet
+    assert condition(tgs, "Progressing")["status"] == "True"
+    assert condition(tgs, "Degraded")["status"] == "False"
+    assert tgs["status"]["endpoint"] == f"http://llama.{namespace}.svc.cluster.local/v1"
+    assert tgs["status"]["observedGeneration"] == 1
+    assert tgs["status"]["selector"] == "genserve.dev/service=llama"
+
+
+def test_ready_condition_follows_the_deployment(service, api, cluster, namespace):
+    client.AppsV1Api(api).patch_namespaced_deployment_status(
+        "llama", namespace, {"status": {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}})
+    tgs = wait_for(lambda: (o := get_tgs(api, namespace, "llama")) and condition(o, "Ready")
+                   and condition(o, "Ready")["status"] == "True" and o, what="Ready=True")
+    assert tgs["status"]["readyReplicas"] == 2
+    assert condition(tgs, "Progressing")["reason"] == "RolloutComplete"
+
+
+def test_update_model_and_shards_updates_the_deployment(service, api, cluster, namespace):
+    client.CustomObjectsApi(api).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "llama", {"spec": {"model": {"id": "Qwen/Qwen2.5-7B-Instruct"},
+                                                             "shards": 4}})
+    deployment = wait_for(lambda: (d := cluster.get(DEPLOY, namespace, "llama"))
+                          and "Qwen/Qwen2.5-7B-Instruct" in server_container(d)["args"] and d,
+                          what="the updated Deployment")
+    server = server_container(deployment)
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert server["args"][server["args"].index("--num-shard") + 1] == "4"
+    init = deployment["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["args"][:3] == ["download", "--model-id", "Qwen/Qwen2.5-7B-Instruct"]
+    wait_for(lambda: get_tgs(api, namespace, "llama")["status"].get("observedGeneration") == 2,
+             what="observedGeneration 2")
+
+
+def test_deleted_deployment_is_recreated(service, api, cluster, namespace):
+    old_uid = cluster.get(DEPLOY, namespace, "llama")["metadata"]["uid"]
+    client.AppsV1Api(api).delete_namespaced_deployment("llama", namespace)
+    recreated = wait_for(lambda: (d := cluster.get(DEPLOY, namespace, "llama")) and
+                         d["metadata"]["uid"] != old_uid and d, what="a recreated Deployment")
+    assert server_container(recreated)["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_hand_edited_deployment_is_restored(service, api, cluster, namespace):
+    client.AppsV1Api(api).patch_namespaced_deployment(
+        "llama", namespace, {"spec": {"template": {"spec": {"terminationGracePeriodSeconds": 1}}}})
+    restored = wait_for(lambda: (d := cluster.get(DEPLOY, namespace, "llama"))
+                        and d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 1 and d,
+                        what="the restored Deployment")
+    assert restored["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90 + 10 + 5
+
+
+def test_deleted_service_is_recreated(service, api, cluster, namespace):
+    client.CoreV1Api(api).delete_namespaced_service("llama", namespace)
+    wait_for(lambda: cluster.get(SVC, namespace, "llama"), what="a recreated Service")
+
+
+def test_delete_cr_removes_children(service, api, cluster, namespace):
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "llama")
+    wait_for(lambda: cluster.get(f"{GROUP}/{VERSION}/{PLURAL}", namespace, "llama") is None, what="CR gone")
+    for resource in (DEPLOY, SVC, PDB):
+        wait_for(lambda r=resource: cluster.get(r, namespace, "llama") is None, what=f"{resource} gone")
+    assert cluster.get(PVC, namespace, "llama-model-cache") is None
+
+
+def test_single_replica_has_no_pdb_and_scaling_down_removes_it(service, api, cluster, namespace):
+    wait_for(lambda: cluster.get(PDB, namespace, "llama"), what="the PDB")
+    client.CustomObjectsApi(api).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "llama", {"spec": {"replicas": 1}})
+    wait_for(lambda: cluster.get(PDB, namespace, "llama") is None, what="PDB removed")
+    assert cluster.get(DEPLOY, namespace, "llama")["spec"]["replicas"] == 1
+
+
+@pytest.mark.parametrize(("spec", "reason"), [
+    ({"model": {"id": "m"}, "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
+     "InvalidReplicaBounds"),
+    ({"model": {"id": "m"}, "shards": 0, "server": {"quantize": "awq"}}, "QuantizeNeedsGPU"),
+    ({"shards": 1}, "MissingModel"),
+])
+def test_invalid_spec_is_degraded_with_a_reason(operator, api, cluster, namespace, spec, reason):
+    create(api, namespace, "bad", spec)
+    tgs = wait_for(lambda: (o := get_tgs(api, namespace, "bad")) and condition(o, "Degraded") and o,
+                   what="Degraded")
+    degraded = condition(tgs, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == reason
+    assert condition(tgs, "Ready")["status"] == "False"
+    assert cluster.get(DEPLOY, namespace, "bad") is None
+    events = cluster.list("v1/events", namespace)
+    assert any(e.get("reason") == reason for e in events)
+
+
+def test_fixing_an_invalid_spec_clears_degraded(operator, api, cluster, namespace):
+    create(api, namespace, "fixme", {"model": {"id": "m"}, "shards": 0, "server": {"quantize": "awq"}})
+    wait_for(lambda: condition(get_tgs(api, namespace, "fixme"), "Degraded"), what="Degraded")
+    client.CustomObjectsApi(api).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "fixme", {"spec": {"server": {"quantize": None}}})
+    wait_for(lambda: condition(get_tgs(api, namespace, "fixme"), "Degraded")["status"] == "False",
+             what="Degraded=False")
+    assert cluster.get(DEPLOY, namespace, "fixme") is not None
+
+
+def test_events_are_posted_for_created_children(service, cluster, namespace):
+    def created() -> str:
+        return " ".join(e["message"] for e in cluster.list("v1/events", namespace) if e.get("reason") == "Created")
+
+    wait_for(lambda: "PodDisruptionBudget llama" in created(), what="the last Created event")
+    messages = created()
+    for child in ("Deployment llama", "Service llama", "PodDisruptionBudget llama", "llama-model-cache"):
+        assert child in messages
+    events = [e for e in cluster.list("v1/events", namespace) if e.get("reason") == "Created"]
+    assert all(e["involvedObject"]["kind"] == "TextGenerationService" for e in events)
