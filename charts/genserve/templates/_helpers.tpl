@@ -78,9 +78,10 @@ ClusterRole (all namespaces) and the per-namespace Roles. */}}
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+# read-only and by name: to report a missing token or API-key Secret (pods get them via secretKeyRef)
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get"]
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
