@@ -177,7 +177,7 @@ class GenerationService:
                 "route": record.route, "status": record.status, "error": record.error,
                 "finish_reason": record.finish_reason, "prompt_tokens": record.num_prompt_tokens,
                 "generated_tokens": record.num_generated_tokens, "max_new_tokens": record.max_new_tokens,
-                **{f"{k}_time_s": round(v, 6) for k, v in t.items()},
+                **{(k if k == "time_per_token" else f"{k}_time") + "_s": round(v, 6) for k, v in t.items()},
             }},
         )
 
