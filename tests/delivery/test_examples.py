@@ -58,3 +58,49 @@ def test_strict_schema_catches_a_misspelt_field():
            "spec": {"model": {"id": "a/b"}, "shard": 2}}
     with pytest.raises(jsonschema.ValidationError, match="shard"):
         jsonschema.validate(bad, schema)
+
+
+def with_defaults(schema: dict, value):
+    """Structural defaulting as the API server does it: fill missing properties that have a default."""
+    if isinstance(value, dict) and "properties" in schema:
+        value = dict(value)
+        for key, child in schema["properties"].items():
+            if key not in value and "default" in child:
+                value[key] = child["default"]
+            if key in value:
+                value[key] = with_defaults(child, value[key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        value = [with_defaults(schema["items"], v) for v in value]
+    return value
+
+
+def cel_failures(schema: dict, value, path: str = "") -> list[str]:
+    """Messages of the x-kubernetes-validations rules that `value` breaks (evaluated with cel-python)."""
+    celpy = pytest.importorskip("celpy", reason="cel-python is not installed: pip install cel-python")
+    env = celpy.Environment()
+    failures = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        program = env.program(env.compile(rule["rule"]))
+        if not program.evaluate({"self": celpy.json_to_cel(value)}):
+            failures.append(f"{path or '.'}: {rule.get('message', rule['rule'])}")
+    if isinstance(value, dict):
+        for key, child in schema.get("properties", {}).items():
+            if key in value:
+                failures += cel_failures(child, value[key], f"{path}.{key}")
+    return failures
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_example_passes_cel_rules(path):
+    schema = version_schema(load_crd())
+    obj = with_defaults(schema, _load(path))
+    assert not cel_failures(schema, obj)
+
+
+def test_cel_rules_reject_min_above_max():
+    schema = version_schema(load_crd())
+    obj = with_defaults(schema, {"apiVersion": "genserve.dev/v1alpha1", "kind": "TextGenerationService",
+                                 "metadata": {"name": "x"},
+                                 "spec": {"model": {"id": "a/b"},
+                                          "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 2}}})
+    assert any("minReplicas" in f for f in cel_failures(schema, obj))
