@@ -91,3 +91,45 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
 def tgs_body(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "genserve.dev/v1alpha1", "kind": "TextGenerationService",
             "metadata": {"name": name}, "spec": spec}
+
+
+class MetricsEndpoint:
+    """A real local HTTP server whose /metrics text the test controls; `stop()` makes it unreachable."""
+
+    def __init__(self, text: str = ""):
+        import http.server
+
+        endpoint = self
+        self.text = text
+        self.scrapes = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                endpoint.scrapes += 1
+                body = endpoint.text.encode()
+                self.send_response(200 if self.path == "/metrics" else 404)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def set(self, waiting: float, running: float, kv: float | None = None, tgi_names: bool = False) -> None:
+        names = (("tgi_queue_size", "tgi_batch_current_size") if tgi_names
+                 else ("genserve_num_requests_waiting", "genserve_num_requests_running"))
+        lines = [f"# TYPE {names[0]} gauge", f"{names[0]} {waiting}", f"# TYPE {names[1]} gauge",
+                 f"{names[1]} {running}"]
+        if kv is not None:
+            lines += ["# TYPE genserve_kv_cache_usage_ratio gauge", f"genserve_kv_cache_usage_ratio {kv}"]
+        self.text = "\n".join(lines) + "\n"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

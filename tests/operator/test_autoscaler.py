@@ -1,0 +1,109 @@
+"""The scaling policy as a pure function: samples, current size and time in; a decision out."""
+
+from __future__ import annotations
+
+import pytest
+
+from genserve.operator.autoscaler import Sample, ScalerState, decide, learn_capacity, recommend
+from genserve.operator.spec import AutoscalingSpec
+
+
+def policy(**overrides) -> AutoscalingSpec:
+    base = {"enabled": True, "min_replicas": 1, "max_replicas": 10, "target_queue_depth": 4.0,
+            "tolerance": 0.1, "scale_up_stabilization_seconds": 0, "scale_down_stabilization_seconds": 60,
+            "max_scale_up_step": 4, "max_scale_down_step": 1}
+    return AutoscalingSpec(**{**base, **overrides})
+
+
+def saturated(n: int, waiting: float, running: float = 8) -> list[Sample]:
+    return [Sample(waiting=waiting, running=running) for _ in range(n)]
+
+
+def test_capacity_is_learned_from_saturated_replicas():
+    state = ScalerState()
+    learn_capacity(state, [Sample(waiting=0, running=3)])
+    assert state.capacity == 3
+    learn_capacity(state, [Sample(waiting=5, running=8), Sample(waiting=0, running=2)])
+    assert state.capacity == 8
+
+
+def test_recommendation_is_demand_over_capacity_plus_target_queue():
+    # 2 replicas, each 8 running + 16 waiting: demand 48 over (8 + 4) per replica -> 4 replicas
+    raw, ratio = recommend(saturated(2, 16), policy(), capacity=8)
+    assert ratio == pytest.approx(48 / 24)
+    assert raw == 4
+
+
+def test_within_tolerance_keeps_the_current_size():
+    raw, ratio = recommend([Sample(waiting=4.2, running=8)], policy(), capacity=8)
+    assert raw is None and ratio == pytest.approx(12.2 / 12)
+
+
+def test_kv_cache_pressure_scales_up_without_a_queue():
+    samples = [Sample(waiting=0, running=8, kv_cache_usage=0.99), Sample(waiting=0, running=8, kv_cache_usage=0.99)]
+    raw, ratio = recommend(samples, policy(target_kv_cache_usage=0.66), capacity=8)
+    assert ratio == pytest.approx(1.5)
+    assert raw == 3
+
+
+def test_scale_up_is_immediate_and_limited_by_the_step():
+    state = ScalerState(capacity=8)
+    d = decide(saturated(1, 100), 0, current=1, policy=policy(max_scale_up_step=3), state=state, now=0)
+    assert d.reason == "ScaleUp" and d.desired == 4
+    assert d.queue_depth == 100 and d.running == 8
+
+
+def test_scale_up_respects_max_replicas():
+    d = decide(saturated(4, 1000), 0, current=4, policy=policy(max_replicas=6), state=ScalerState(capacity=8), now=0)
+    assert d.desired == 6
+
+
+def test_scale_down_waits_for_the_stabilization_window():
+    p, state = policy(scale_down_stabilization_seconds=60), ScalerState(capacity=8)
+    assert decide(saturated(4, 10), 0, 4, p, state, now=0).desired == 6  # 72 / (8 + 4)
+    idle = [Sample(waiting=0, running=1)] * 6
+    for t in (10, 30, 59):
+        d = decide(idle, 0, 6, p, state, now=t)
+        assert d.desired == 6 and d.reason == "ScaleDownStabilizing"
+    d = decide(idle, 0, 6, p, state, now=61)
+    assert d.desired == 5 and d.reason == "ScaleDown"  # one step per decision
+
+
+def test_busy_replicas_without_a_queue_are_kept():
+    # a `waiting > threshold` policy sees 0 and shrinks; two replicas would queue 4 each, over the target of 1
+    p, state = policy(scale_down_stabilization_seconds=0, target_queue_depth=1.0), ScalerState(capacity=8)
+    d = decide(saturated(3, 0, running=8), 0, 3, p, state, now=0)
+    assert d.desired == 3
+
+
+def test_idle_capacity_is_released_down_to_the_target_queue():
+    p, state = policy(scale_down_stabilization_seconds=0, max_scale_down_step=5), ScalerState(capacity=8)
+    d = decide(saturated(3, 0, running=8), 0, 3, p, state, now=0)
+    assert d.desired == 2 and d.reason == "ScaleDown"  # 24 requests fit 2 x (8 running + 4 waiting)
+
+
+def test_no_metrics_never_changes_the_size():
+    d = decide([], 3, current=5, policy=policy(), state=ScalerState(), now=0)
+    assert d.desired == 5 and d.reason == "MetricsUnavailable"
+    assert "no metrics from 3 ready pods" in d.message
+
+
+def test_partial_metrics_never_scale_down_but_may_scale_up():
+    p = policy(scale_down_stabilization_seconds=0)
+    down = decide([Sample(waiting=0, running=0)], 2, current=3, policy=p, state=ScalerState(capacity=8), now=0)
+    assert down.desired == 3 and down.reason == "PartialMetrics"
+    up = decide(saturated(1, 50), 2, current=3, policy=p, state=ScalerState(capacity=8), now=0)
+    assert up.desired == 5 and up.reason == "ScaleUp"
+
+
+def test_scale_up_stabilization_needs_a_sustained_signal():
+    p, state = policy(scale_up_stabilization_seconds=30), ScalerState(capacity=8)
+    assert decide(saturated(1, 0, running=4), 0, 1, p, state, now=0).desired == 1
+    d = decide(saturated(1, 40), 0, 1, p, state, now=10)
+    assert d.desired == 1 and d.reason == "ScaleUpStabilizing"
+    assert decide(saturated(1, 40), 0, 1, p, state, now=41).desired == 4
+
+
+def test_bounds_are_enforced_even_without_load_change():
+    d = decide(saturated(1, 4.0), 0, current=1, policy=policy(min_replicas=2), state=ScalerState(capacity=8), now=0)
+    assert d.desired == 2

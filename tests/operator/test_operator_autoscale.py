@@ -1,0 +1,117 @@
+"""The autoscaler daemon of the real operator: pods in the emulator whose IPs and ports point at real local
+HTTP endpoints serving Prometheus text that the test controls."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from harness import MetricsEndpoint, tgs_body, wait_for
+from kubernetes import client
+
+GROUP, VERSION, PLURAL = "genserve.dev", "v1alpha1", "textgenerationservices"
+INTERVAL, DOWN_WINDOW = 1, 3
+
+
+def add_ready_pod(api, namespace: str, service: str, name: str, port: int) -> None:
+    core = client.CoreV1Api(api)
+    core.create_namespaced_pod(namespace, {
+        "metadata": {"name": name, "labels": {"genserve.dev/service": service}},
+        "spec": {"containers": [{"name": "server", "image": "x", "ports": [{"name": "http", "containerPort": port}]}]},
+    })
+    core.patch_namespaced_pod_status(name, namespace, {"status": {
+        "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}})
+
+
+def replicas(cluster, namespace: str, name: str = "chat") -> int:
+    return cluster.get("apps/v1/deployments", namespace, name)["spec"]["replicas"]
+
+
+def tgs_status(api, namespace: str, name: str = "chat") -> dict:
+    obj = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    return obj.get("status") or {}
+
+
+def scaling_condition(api, namespace: str) -> dict | None:
+    return next((c for c in tgs_status(api, namespace).get("conditions", []) if c["type"] == "ScalingActive"), None)
+
+
+@pytest.fixture()
+def endpoints():
+    eps = [MetricsEndpoint() for _ in range(2)]
+    for ep in eps:
+        ep.set(waiting=0, running=2)
+    yield eps
+    for ep in eps:
+        if ep.server.socket.fileno() != -1:
+            ep.stop()
+
+
+@pytest.fixture()
+def autoscaled(operator, api, cluster, namespace, endpoints):
+    client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tgs_body(
+        "chat", {"model": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "shards": 1, "autoscaling": {
+            "enabled": True, "minReplicas": 2, "maxReplicas": 6, "targetQueueDepth": 4, "intervalSeconds": INTERVAL,
+            "scaleDownStabilizationSeconds": DOWN_WINDOW, "maxScaleUpStep": 4, "maxScaleDownStep": 1}}))
+    wait_for(lambda: cluster.get("apps/v1/deployments", namespace, "chat"), what="the Deployment")
+    assert replicas(cluster, namespace) == 2  # starts at minReplicas
+    for i, ep in enumerate(endpoints):
+        add_ready_pod(api, namespace, "chat", f"chat-{i}", ep.port)
+    wait_for(lambda: tgs_status(api, namespace).get("runningRequests") == 4, what="the first scrape")
+    return endpoints
+
+
+def test_queue_rise_scales_up_within_one_interval(autoscaled, api, cluster, namespace):
+    for ep in autoscaled:
+        ep.set(waiting=16, running=8)  # demand 48 over (8 running + 4 queued) per replica -> 4 replicas
+    start = time.monotonic()
+    wait_for(lambda: replicas(cluster, namespace) == 4, timeout=INTERVAL + 1.5, what="scale-up to 4")
+    assert time.monotonic() - start <= INTERVAL + 1.5
+    status = tgs_status(api, namespace)
+    assert status["desiredReplicas"] == 4 and status["queueDepth"] == 32
+    assert status["lastScaleDecision"]["reason"] == "ScaleUp"
+    assert status["lastScaleDecision"]["fromReplicas"] == 2 and status["lastScaleDecision"]["toReplicas"] == 4
+    assert status["lastScaleTime"]
+    events = [e for e in cluster.list("v1/events", namespace) if e.get("reason") == "Scaled"]
+    assert events and "2 -> 4 replicas" in events[-1]["message"]
+
+
+def test_queue_fall_scales_down_only_after_the_window(autoscaled, api, cluster, namespace):
+    for ep in autoscaled:
+        ep.set(waiting=16, running=8)
+    wait_for(lambda: replicas(cluster, namespace) == 4, timeout=INTERVAL + 1.5, what="scale-up to 4")
+    for ep in autoscaled:
+        ep.set(waiting=0, running=1)
+    dropped = time.monotonic()
+    wait_for(lambda: (c := scaling_condition(api, namespace)) and c["reason"] == "ScaleDownStabilizing",
+             timeout=INTERVAL + 1.5, what="ScaleDownStabilizing")
+    assert replicas(cluster, namespace) == 4
+    wait_for(lambda: replicas(cluster, namespace) == 3, timeout=DOWN_WINDOW + 2 * INTERVAL + 1, what="scale-down")
+    # the last high recommendation came at most one interval before the drop
+    assert time.monotonic() - dropped >= DOWN_WINDOW - INTERVAL
+    wait_for(lambda: replicas(cluster, namespace) == 2, timeout=2 * INTERVAL + 1, what="down to minReplicas")
+    time.sleep(INTERVAL * 1.5)
+    assert replicas(cluster, namespace) == 2  # never below minReplicas
+
+
+def test_unreachable_endpoints_change_nothing_and_say_why(autoscaled, api, cluster, namespace):
+    for ep in autoscaled:
+        ep.set(waiting=16, running=8)
+    wait_for(lambda: replicas(cluster, namespace) == 4, timeout=INTERVAL + 1.5, what="scale-up to 4")
+    for ep in autoscaled:
+        ep.stop()
+    condition = wait_for(lambda: (c := scaling_condition(api, namespace)) and c["reason"] == "MetricsUnavailable"
+                         and c, timeout=INTERVAL + 1.5, what="MetricsUnavailable")
+    assert condition["status"] == "False"
+    assert "keeping 4 replicas" in condition["message"] and "unreachable: chat-0" in condition["message"]
+    time.sleep(DOWN_WINDOW + INTERVAL)  # longer than the down window: still no change
+    assert replicas(cluster, namespace) == 4
+    assert scaling_condition(api, namespace)["reason"] == "MetricsUnavailable"
+
+
+def test_autoscaling_off_reports_inactive_and_uses_spec_replicas(operator, api, cluster, namespace):
+    client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, tgs_body(
+        "chat", {"model": {"id": "m"}, "shards": 0, "replicas": 3}))
+    wait_for(lambda: (c := scaling_condition(api, namespace)) and c["reason"] == "AutoscalingDisabled",
+             what="ScalingActive=False")
+    assert replicas(cluster, namespace) == 3
