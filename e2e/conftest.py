@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from .support import CHART, OPERATOR_NAMESPACE, RELEASE
+from .support import CHART, OPERATOR_NAMESPACE, RELEASE, wait_for
 
 
 def pytest_configure(config):
@@ -78,3 +78,6 @@ def namespace(kube, operator_release):
     core.create_namespace({"metadata": {"name": name}})
     yield name
     core.delete_namespace(name)
+    # wait while the operator still runs: it removes its finalizers, or the namespace hangs in Terminating
+    wait_for(lambda: not [n for n in core.list_namespace().items if n.metadata.name == name], 300, 3,
+             f"namespace {name} to be deleted")
