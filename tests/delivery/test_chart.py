@@ -314,3 +314,16 @@ def test_schema_forbids_unknown_keys_everywhere():
     assert not walk(schema, "")
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(defaults) == set(schema["properties"])
+
+
+@pytest.mark.parametrize("option", ["defaults", "watch-namespaces", "operator-tuning", "verbose"])
+def test_operator_command_line_parses_with_kopf(option):
+    """The Deployment's command and args are accepted by the installed kopf's own CLI parser."""
+    cli = pytest.importorskip("kopf.cli")
+    (container,) = _deployment(OPTIONS[option])["spec"]["template"]["spec"]["containers"]
+    command, args = container["command"], container["args"]
+    assert command[:2] == ["kopf", "run"]
+    params = cli.run.make_context("run", command[2:] + args).params
+    assert params["modules"] == ("genserve.operator.main",)
+    assert params["liveness_endpoint"].endswith("/healthz")
+    assert params["clusterwide"] != bool(params["namespaces"])
