@@ -51,5 +51,5 @@ class EngineConfig:
             )
         if self.max_batch_prefill_tokens < self.block_size:
             raise ValueError("`max_batch_prefill_tokens` must be at least the KV block size")
-        if not 0 < self.waiting_served_ratio:
-            raise ValueError("`waiting_served_ratio` must be positive")
+        if self.waiting_served_ratio < 0:
+            raise ValueError("`waiting_served_ratio` must be >= 0")

@@ -75,7 +75,9 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids()
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self.runner = self._make_runner(hf_config)
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        # the fallback keeps K/V per request, so cached blocks elsewhere cannot stand in for them
+        prefix_caching = config.enable_prefix_caching and self.runner.supports_prefix_caching
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_batch_prefill_tokens=config.max_batch_prefill_tokens,
@@ -210,6 +212,8 @@ class LLMEngine:
             first_token_time=request.first_token_time,
         )
         if request.is_finished:
+            if step.matched_stop is None:
+                output.text_delta += state.detokenizer.flush()
             output.finished = True
             output.finish_reason = request.finish_reason
             output.generated_text = state.detokenizer.output_text

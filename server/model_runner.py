@@ -60,6 +60,8 @@ def available_memory(device: torch.device) -> int:
 
 
 class ModelRunner:
+    supports_prefix_caching = True
+
     def __init__(self, config: EngineConfig, hf_config, model_dir, device: torch.device, dtype: torch.dtype) -> None:
         from genserve.server.loader import load_weights
 

@@ -1,0 +1,46 @@
+"""Runner for architectures without a native model: transformers forward, one request at a time.
+
+The scheduler and block accounting stay the same (so limits, preemption and metrics behave alike);
+the K/V themselves live in each request's own transformers cache instead of the paged pool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genserve.server.config import EngineConfig
+from genserve.server.models.hf_fallback import TransformersCausalLM
+from genserve.server.sampler import Sampler, SampleResult, SamplingRow
+from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
+
+
+class FallbackRunner:
+    supports_prefix_caching = False
+
+    def __init__(self, config: EngineConfig, hf_config, model_dir, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = TransformersCausalLM(model_dir, dtype=dtype, device=device)
+        self.block_size = config.block_size
+        tokens = config.max_batch_total_tokens or config.max_batch_size * config.max_total_tokens
+        self.num_blocks = max(tokens // config.block_size, -(-config.max_total_tokens // config.block_size))
+        self.caches: dict[str, object] = {}
+        self.sampler = Sampler()
+
+    def execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> tuple[list[ScheduledRequest], SampleResult | None]:
+        order: list[ScheduledRequest] = []
+        logits = []
+        for s in out.scheduled:
+            req = s.request
+            begin = req.num_computed_tokens
+            past = self.caches.get(req.request_id) if begin > 0 else None
+            last, self.caches[req.request_id] = self.model.forward_request(
+                req.token_ids[begin:begin + s.num_new_tokens], past)
+            if s.is_sampling:
+                order.append(s)
+                logits.append(last)
+        if not order:
+            return [], None
+        result = self.sampler(torch.stack(logits), [rows[s.request.request_id] for s in order])
+        return order, result
+
+    def release(self, request_id: str) -> None:
+        self.caches.pop(request_id, None)
