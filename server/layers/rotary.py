@@ -90,17 +90,13 @@ class RotaryEmbedding(nn.Module):
         # HF casts cos/sin to the activation dtype before rotating; so do we, once
         self.register_buffer("cos_sin_cache", cos_sin.to(dtype or torch.get_default_dtype()), persistent=False)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        # x: [T, heads, head_dim] (a view into the fused qkv output); cos, sin: [T, 1, rotary_dim / 2]
+    def forward(self, positions: torch.Tensor, qk: torch.Tensor) -> None:
+        # positions: [T]; qk: [T, (H + KVH) * D], the q|k part of the fused qkv output, rotated in place
+        num_tokens = positions.shape[0]
+        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rotary_dim / 2]
+        x = qk.view(num_tokens, -1, self.head_dim)
         half = self.rotary_dim // 2
         x1, x2 = x[..., :half], x[..., half:self.rotary_dim]
         rotated1 = x1 * cos - x2 * sin
         x2.mul_(cos).add_(x1 * sin)
         x1.copy_(rotated1)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
-        # positions: [T]; q: [T, H*D], k: [T, KVH*D], rotated in place
-        num_tokens = positions.shape[0]
-        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
-        self._rotate(q.view(num_tokens, -1, self.head_dim), cos, sin)
-        self._rotate(k.view(num_tokens, -1, self.head_dim), cos, sin)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import torch
@@ -14,6 +15,8 @@ from genserve.server.layers.embedding import ParallelLMHead, VocabParallelEmbedd
 from genserve.server.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from genserve.server.layers.norm import RMSNorm
 from genserve.server.layers.rotary import RotaryEmbedding
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -53,8 +56,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
+        self.rotary_emb(positions, qkv[:, :self.q_size + self.kv_size])
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -123,6 +126,9 @@ class LlamaForCausalLM(nn.Module):
         self.dtype = dtype or config_dtype(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.tp_size = get_tp_size()
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+            logger.warning("sliding_window=%d is not implemented: attention is full beyond %d tokens", window, window)
         with default_dtype(self.dtype):
             self.model = LlamaModel(config)
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
