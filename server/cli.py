@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 
 ENGINE_HELP = {
@@ -151,6 +152,8 @@ def serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine.from_config(config)
     app = create_app(engine, settings)
     logging.getLogger(__name__).info("serving %s on http://%s:%d", engine.model_id, settings.hostname, settings.port)
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal: exit 0 after a clean drain
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(app, host=settings.hostname, port=settings.port, log_config=None, access_log=False,
                 timeout_graceful_shutdown=settings.graceful_termination_timeout)
     return 0

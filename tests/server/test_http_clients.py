@@ -1,0 +1,151 @@
+"""Real HTTP: `genserve serve` (uvicorn, SmolLM2) driven by the official clients; greedy text equals transformers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from http_server import chat_ids, greedy_reference, start_server, text_ids
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT = "The three primary colors are"
+N = 16
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("serve"))
+    yield srv
+    assert srv.stop() == 0, srv.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def chat_reference():
+    return greedy_reference(chat_ids(MESSAGES), N)
+
+
+@pytest.fixture(scope="module")
+def prompt_reference():
+    return greedy_reference(text_ids(PROMPT), N)
+
+
+def test_openai_chat(server, chat_reference):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    r = client.chat.completions.create(model="tgi", messages=MESSAGES, temperature=0, max_tokens=N)
+    assert r.choices[0].message.content == chat_reference[0]
+    assert r.usage.prompt_tokens == len(chat_ids(MESSAGES))
+    assert r.usage.completion_tokens == len(chat_reference[1])
+    assert r.choices[0].finish_reason == ("length" if len(chat_reference[1]) == N else "stop")
+
+    stream = client.chat.completions.create(model="tgi", messages=MESSAGES, temperature=0, max_tokens=N, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat_reference[0]
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+
+
+def test_openai_completions(server, prompt_reference):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    r = client.completions.create(model="tgi", prompt=PROMPT, temperature=0, max_tokens=N, logprobs=2)
+    assert r.choices[0].text == prompt_reference[0]
+    assert len(r.choices[0].logprobs.tokens) == len(prompt_reference[1])
+    assert r.usage.completion_tokens == len(prompt_reference[1])
+    stream = client.completions.create(model="tgi", prompt=PROMPT, temperature=0, max_tokens=N, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == prompt_reference[0]
+    assert client.models.list().data[0].id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_huggingface_hub_inference_client(server, chat_reference, prompt_reference):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=server.base_url)
+    out = client.chat_completion(MESSAGES, max_tokens=N, temperature=0)
+    assert out.choices[0].message.content == chat_reference[0]
+    deltas = [c.choices[0].delta.content or "" for c in client.chat_completion(
+        MESSAGES, max_tokens=N, temperature=0, stream=True) if c.choices]
+    assert "".join(deltas) == chat_reference[0]
+
+    assert client.text_generation(PROMPT, max_new_tokens=N) == prompt_reference[0]
+    events = list(client.text_generation(PROMPT, max_new_tokens=N, stream=True, details=True))
+    assert [e.token.id for e in events] == prompt_reference[1]
+    assert events[-1].generated_text == prompt_reference[0]
+    assert events[-1].details.generated_tokens == len(prompt_reference[1])
+    full = client.text_generation(PROMPT, max_new_tokens=N, details=True, decoder_input_details=True)
+    assert [t.id for t in full.details.tokens] == prompt_reference[1]
+    assert [t.id for t in full.details.prefill] == text_ids(PROMPT)
+
+
+def test_text_generation_client(server, prompt_reference):
+    from text_generation import AsyncClient, Client
+
+    client = Client(server.base_url, timeout=60)
+    r = client.generate(PROMPT, max_new_tokens=N)
+    assert r.generated_text == prompt_reference[0]
+    assert [t.id for t in r.details.tokens] == prompt_reference[1]
+    assert r.details.finish_reason.value in ("length", "eos_token")
+    events = list(client.generate_stream(PROMPT, max_new_tokens=N))
+    assert "".join(e.token.text for e in events if not e.token.special) == prompt_reference[0]
+    assert events[-1].generated_text == prompt_reference[0]
+
+    async def use_async():
+        aclient = AsyncClient(server.base_url, timeout=60)
+        r = await aclient.generate(PROMPT, max_new_tokens=N)
+        events = [e async for e in aclient.generate_stream(PROMPT, max_new_tokens=N)]
+        return r, events
+
+    r, events = asyncio.run(use_async())
+    assert r.generated_text == prompt_reference[0]
+    assert events[-1].generated_text == prompt_reference[0]
+    assert events[-1].details.generated_tokens == len(prompt_reference[1])
+
+
+def test_32_concurrent_streams(server):
+    prompts = [f"List {k} animals that live in the" for k in range(2, 10)]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            answers = await asyncio.gather(*[
+                client.post("/generate", json={"inputs": p, "parameters": {"max_new_tokens": 12}}) for p in prompts])
+            answers = [a.json()["generated_text"] for a in answers]
+            before = server.metrics()["tgi_request_success"]
+
+            async def tgi_stream(p):
+                text = ""
+                async with client.stream("POST", "/generate_stream",
+                                         json={"inputs": p, "parameters": {"max_new_tokens": 12}}) as resp:
+                    assert resp.status_code == 200
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data:"):
+                            event = json.loads(line[5:])
+                            text += event["token"]["text"] if not event["token"]["special"] else ""
+                            final = event["generated_text"]
+                assert final == text
+                return text
+
+            async def openai_stream(p):
+                text = ""
+                async with client.stream("POST", "/v1/completions", json={
+                        "prompt": p, "max_tokens": 12, "temperature": 0, "stream": True}) as resp:
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data:") and line.strip() != "data: [DONE]":
+                            text += json.loads(line[5:])["choices"][0]["text"]
+                return text
+
+            jobs = [(tgi_stream if i % 2 else openai_stream)(prompts[i % len(prompts)]) for i in range(32)]
+            streamed = await asyncio.gather(*jobs)
+            return answers, streamed, before
+
+    answers, streamed, before = asyncio.run(run())
+    for i, text in enumerate(streamed):
+        assert text == answers[i % len(prompts)], i
+    assert server.metrics()["tgi_request_success"] - before == 32
