@@ -181,6 +181,23 @@ class GenerationService:
             }},
         )
 
+    @contextlib.contextmanager
+    def guard(self, record: RequestRecord):
+        """Close the record however the block ends; unexpected errors become a JSON 500."""
+        try:
+            yield
+        except APIError as e:
+            self.fail(record, e)
+            raise
+        except asyncio.CancelledError:
+            self.fail(record, None)
+            raise
+        except Exception as e:
+            logger.exception("request failed", extra={"request_id": record.request_id})
+            error = APIError(500, f"Internal error: {type(e).__name__}: {e}", "internal")
+            self.fail(record, error)
+            raise error from e
+
     # ---- validation ------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -220,14 +237,14 @@ class GenerationService:
     # ---- running ---------------------------------------------------------------------------
 
     async def stream(
-        self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         """Engine outputs of one sequence; closing this iterator aborts the request in the engine."""
         record.mark_validated()
-        arrival = time.perf_counter()
         last: float | None = None
         got_output = False
-        gen = self.engine.generate(prompt_ids, params, request_id or record.request_id)
+        # the engine's id is always fresh: clients may reuse an x-request-id
+        gen = self.engine.generate(prompt_ids, params, new_request_id())
         async with contextlib.aclosing(gen):
             try:
                 async for out in gen:
@@ -236,7 +253,7 @@ class GenerationService:
                     if n:
                         now = time.perf_counter()
                         if last is None:
-                            self.metrics.time_to_first_token.observe(now - arrival)
+                            self.metrics.time_to_first_token.observe(now - record.start)
                             record.first_token = record.first_token or now
                         else:
                             for _ in range(n):
@@ -255,11 +272,9 @@ class GenerationService:
                 logger.exception("generation failed", extra={"request_id": record.request_id})
                 raise generation_error(str(e) or type(e).__name__) from e
 
-    async def run(
-        self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> SequenceResult:
+    async def run(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> SequenceResult:
         tokens: list[TokenInfo] = []
-        async for out in self.stream(record, prompt_ids, params, request_id):
+        async for out in self.stream(record, prompt_ids, params):
             tokens.extend(out.new_tokens)
             if out.finished:
                 return SequenceResult(
@@ -278,8 +293,7 @@ class GenerationService:
         if len(jobs) == 1:
             return [await self.run(record, jobs[0].prompt_ids, jobs[0].params)]
         tasks = [
-            asyncio.ensure_future(self.run(record, job.prompt_ids, job.params, f"{record.request_id}-{i}"))
-            for i, job in enumerate(jobs)
+            asyncio.ensure_future(self.run(record, job.prompt_ids, job.params)) for job in jobs
         ]
         try:
             return list(await asyncio.gather(*tasks))
@@ -299,7 +313,7 @@ class GenerationService:
 
         async def pump(i: int, job: Job) -> None:
             try:
-                async for out in self.stream(record, job.prompt_ids, job.params, f"{record.request_id}-{i}"):
+                async for out in self.stream(record, job.prompt_ids, job.params):
                     queue.put_nowait((i, out))
             except BaseException as e:  # noqa: B036 - handed to the consumer, which re-raises
                 queue.put_nowait((i, e))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -153,24 +152,15 @@ def _envelope(svc: GenerationService, kind: str, rid: str, created: int) -> dict
 async def _prepared(request: Request, route: str, prepare) -> tuple[GenerationService, RequestRecord, list[Job], list]:
     svc = service(request)
     record = svc.begin(route, request.headers.get("x-request-id"))
-    try:
+    with svc.guard(record):
         await svc.wait_ready()
         jobs, extra = prepare(svc, record)
-    except APIError as e:
-        svc.fail(record, e)
-        raise
     return svc, record, jobs, extra
 
 
 async def _finish(svc: GenerationService, record: RequestRecord, jobs: list[Job]) -> list[SequenceResult]:
-    try:
+    with svc.guard(record):
         results = await svc.run_many(record, jobs)
-    except APIError as e:
-        svc.fail(record, e)
-        raise
-    except asyncio.CancelledError:
-        svc.fail(record, None)
-        raise
     record.num_generated_tokens = sum(r.num_generated_tokens for r in results)
     record.finish_reason = results[0].finish_reason
     svc.succeed(record)
@@ -241,9 +231,10 @@ async def _chat_events(
                 "prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
                 "total_tokens": num_prompt + completion_tokens}})
         yield DONE
-    except APIError as e:
-        svc.fail(record, e)
-        yield sse_event(e.body())
+    except Exception as e:
+        error = e if isinstance(e, APIError) else APIError(500, f"Internal error: {type(e).__name__}: {e}", "internal")
+        svc.fail(record, error)
+        yield sse_event(error.body())
         yield DONE
 
 
@@ -353,9 +344,10 @@ async def _completion_events(
                 "prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
                 "total_tokens": num_prompt + completion_tokens}})
         yield DONE
-    except APIError as e:
-        svc.fail(record, e)
-        yield sse_event(e.body())
+    except Exception as e:
+        error = e if isinstance(e, APIError) else APIError(500, f"Internal error: {type(e).__name__}: {e}", "internal")
+        svc.fail(record, error)
+        yield sse_event(error.body())
         yield DONE
 
 

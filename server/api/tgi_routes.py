@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -138,17 +137,11 @@ def prepare(svc: GenerationService, record: RequestRecord, req: GenerateRequest,
 async def _generate(request: Request, req: GenerateRequest, route: str) -> tuple[dict, dict[str, str]]:
     svc = service(request)
     record = svc.begin(route, request.headers.get("x-request-id"))
-    try:
+    with svc.guard(record):
         await svc.wait_ready()
         ids, params, best_of = prepare(svc, record, req, stream=False)
         jobs = [Job(ids, params if best_of == 1 else replace(params, seed=None)) for _ in range(best_of)]
         results = await svc.run_many(record, jobs)
-    except APIError as e:
-        svc.fail(record, e)
-        raise
-    except asyncio.CancelledError:
-        svc.fail(record, None)
-        raise
     best = max(results, key=lambda s: s.mean_logprob) if best_of > 1 else results[0]
     record.num_generated_tokens = best.num_generated_tokens
     record.finish_reason = best.finish_reason
@@ -167,12 +160,9 @@ async def _generate(request: Request, req: GenerateRequest, route: str) -> tuple
 async def _generate_stream(request: Request, req: GenerateRequest, route: str) -> SSEResponse:
     svc = service(request)
     record = svc.begin(route, request.headers.get("x-request-id"))
-    try:
+    with svc.guard(record):
         await svc.wait_ready()
         ids, params, _ = prepare(svc, record, req, stream=True)
-    except APIError as e:
-        svc.fail(record, e)
-        raise
     headers = {"x-compute-type": svc.compute_type, "x-request-id": record.request_id}
     return SSEResponse(_tgi_events(svc, record, req, ids, params), headers=headers,
                        on_close=lambda: svc.fail(record, None))
@@ -216,6 +206,10 @@ async def _tgi_events(
     except APIError as e:
         svc.fail(record, e)
         yield sse_event(e.body())
+    except Exception as e:
+        error = APIError(500, f"Internal error: {type(e).__name__}: {e}", "internal")
+        svc.fail(record, error)
+        yield sse_event(error.body())
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS, response_model_exclude_none=True)
@@ -255,12 +249,27 @@ async def tokenize(req: GenerateRequest, request: Request) -> JSONResponse:
     ])
 
 
+def _kv_capacity(engine) -> int | None:
+    try:
+        return engine.stats().num_kv_blocks_total * engine.config.block_size
+    except Exception:
+        return None
+
+
+def _model_sha(engine) -> str | None:
+    # a Hub snapshot folder is named after its commit
+    folder = getattr(engine, "model_dir", None)
+    if folder is not None and getattr(folder, "parent", None) is not None and folder.parent.name == "snapshots":
+        return folder.name
+    return None
+
+
 def info_json(request: Request) -> dict:
     svc = service(request)
     cfg, s, engine = svc.config, svc.settings, svc.engine
     return Info(
         model_id=str(engine.model_id),
-        model_sha=s.model_sha,
+        model_sha=s.model_sha or _model_sha(engine),
         model_dtype=str(getattr(engine, "dtype", "unknown")),
         model_device_type=str(getattr(engine, "device", "cpu")).split(":")[0],
         model_pipeline_tag="text-generation",
@@ -271,7 +280,7 @@ def info_json(request: Request) -> dict:
         max_total_tokens=cfg.max_total_tokens,
         max_top_n_tokens=cfg.max_top_n_tokens,
         waiting_served_ratio=cfg.waiting_served_ratio,
-        max_batch_total_tokens=cfg.max_batch_total_tokens,
+        max_batch_total_tokens=cfg.max_batch_total_tokens or _kv_capacity(engine),
         max_waiting_tokens=cfg.max_waiting_tokens,
         max_batch_size=cfg.max_batch_size,
         validation_workers=s.validation_workers,
@@ -292,7 +301,8 @@ async def info(request: Request) -> JSONResponse:
 @router.get("/health", responses={503: {"model": ErrorResponse}})
 async def health(request: Request) -> Response:
     """200 once the model is loaded and warmed up, 503 before."""
-    if service(request).engine.is_ready:
+    engine = service(request).engine
+    if engine.is_ready and getattr(engine, "error", None) is None:
         return Response(status_code=200)
     return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
 

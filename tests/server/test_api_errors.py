@@ -187,3 +187,26 @@ async def test_unknown_route_is_json_404(served):
     client, _ = served
     r = await client.get("/nope")
     assert r.status_code == 404 and r.json()["error_type"] == "not_found"
+
+
+async def test_unexpected_error_is_json_500_and_frees_the_slot(tokenizer):
+    engine = FakeEngine(tokenizer)
+    app = create_app(engine, ServerSettings(max_concurrent_requests=1))
+    async with app.router.lifespan_context(app), await _client(app) as client:
+        await app.state.service.started
+
+        def broken_validate(*_):
+            raise KeyError("bug")
+
+        engine.validate, real = broken_validate, engine.validate
+        r = await client.post("/generate", json=gen({"max_new_tokens": 2}))
+        assert r.status_code == 500 and r.json()["error_type"] == "internal"
+        engine.validate = real
+        assert app.state.service.num_in_flight == 0
+        assert (await client.post("/generate", json=gen({"max_new_tokens": 2}))).status_code == 200
+
+
+async def test_health_is_503_when_the_engine_died(served):
+    client, engine = served
+    engine.error = RuntimeError("device lost")
+    assert (await client.get("/health")).status_code == 503
