@@ -99,12 +99,27 @@ class LLMEngine:
         if self.config.use_transformers_fallback or get_model_class(getattr(hf_config, "architectures", None)) is None:
             from genserve.server.fallback_runner import FallbackRunner
 
+            if self.config.num_shard > 1:
+                raise ValueError("--num-shard > 1 needs a native model implementation; the transformers "
+                                 f"fallback ({getattr(hf_config, 'architectures', None)}) runs on one device")
             logger.warning("no native implementation for %s: using the transformers fallback (no paged cache)",
                            getattr(hf_config, "architectures", None))
             return FallbackRunner(self.config, hf_config, self.model_dir, self.device, self.torch_dtype)
         from genserve.server.model_runner import ModelRunner
 
+        if self.config.num_shard > 1:
+            from genserve.server.worker import start_tensor_parallel
+
+            # rank 0 is this process; under an external launcher a rank > 0 never returns from here
+            self.device = start_tensor_parallel(self.config, hf_config, self.model_dir, self.device,
+                                                self.torch_dtype)
         return ModelRunner(self.config, hf_config, self.model_dir, self.device, self.torch_dtype)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any; the engine is unusable after."""
+        shutdown = getattr(self.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = set()

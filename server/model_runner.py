@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from genserve.server import distributed
 from genserve.server.config import EngineConfig
 from genserve.server.layers.attention import Attention, AttentionMetadata, forward_context
 from genserve.server.models import get_model_class
@@ -17,6 +18,9 @@ from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
+# step header: [is_step, num_tokens, num_decodes, max_blocks, num_prefills, num_samples, max_len, payload_len]
+HEADER_SIZE = 8
+
 
 @dataclass(slots=True)
 class StepInputs:
@@ -24,7 +28,7 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [N] row of each sampling request's last token
-    sampling_order: list[ScheduledRequest]
+    sampling_order: list[ScheduledRequest]  # rank 0 only
 
 
 def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
@@ -68,6 +72,7 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.dtype = dtype
+        self.tp_size = distributed.get_tp_size()
         model_cls = get_model_class(getattr(hf_config, "architectures", None))
         assert model_cls is not None, "the engine picks the transformers fallback for unknown architectures"
         with torch.device(device):
@@ -76,6 +81,7 @@ class ModelRunner:
         self.model.eval()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.block_size = config.block_size
+        self.block_offsets = torch.arange(self.block_size, device=device)
         self.num_blocks = self._num_kv_blocks(hf_config)
         self._allocate_kv_cache()
         self.sampler = Sampler()
@@ -89,11 +95,14 @@ class ModelRunner:
             fraction = self.config.kv_cache_memory_fraction
             if self.device.type == "cpu":
                 # the host runs everything else too: never take more than a quarter of free RAM
-                fraction = min(fraction, 0.25)
+                fraction = min(fraction, 0.25) / self.tp_size
             tokens = int(available_memory(self.device) * fraction) // per_token
             # more than every slot of a full batch at max length is wasted memory
             tokens = min(tokens, self.config.max_batch_size * self.config.max_total_tokens)
         num_blocks = tokens // self.block_size
+        if self.tp_size > 1:
+            # every rank must hold the same blocks: the smallest cache wins
+            num_blocks = distributed.all_reduce_min_cpu(num_blocks)
         if num_blocks * self.block_size < self.config.max_total_tokens:
             raise ValueError(
                 f"the KV cache holds {num_blocks * self.block_size} tokens, less than one request of "
@@ -111,77 +120,140 @@ class ModelRunner:
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
+        """Rank 0: flatten the step into one int64 tensor, broadcast it at tp > 1, and unpack it."""
         # decodes (one new token) first: they share one batched attention call
         decodes = [s for s in out.scheduled if s.num_new_tokens == 1]
         prefills = [s for s in out.scheduled if s.num_new_tokens > 1]
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
         sample_rows: list[int] = []
         sampling_order: list[ScheduledRequest] = []
-        for s in decodes:
+        context_lens: list[int] = []
+        for i, s in enumerate(decodes):
             req = s.request
             pos = req.num_computed_tokens
             input_ids.append(req.token_ids[pos])
             positions.append(pos)
-            slots.append(req.block_ids[pos // bs] * bs + pos % bs)
-        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes))
-        if decodes:
-            context_lens = [s.request.num_computed_tokens + 1 for s in decodes]
-            max_len = max(context_lens)
-            max_blocks = -(-max_len // bs)
-            table = torch.tensor([s.request.block_ids[:max_blocks] + [0] * (max_blocks - len(s.request.block_ids[:max_blocks]))
-                                  for s in decodes], dtype=torch.long)
-            gather = (table[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[:, :max_len]
-            lens = torch.tensor(context_lens)
-            mask = torch.zeros(len(decodes), max_len, dtype=torch.float32)
-            mask.masked_fill_(torch.arange(max_len)[None, :] >= lens[:, None], -math.inf)
-            meta.decode_gather_index = gather.to(self.device)
-            meta.decode_mask = mask.view(len(decodes), 1, 1, max_len).to(self.device)
-        for i, s in enumerate(decodes):
+            context_lens.append(pos + 1)
             if s.is_sampling:
                 sample_rows.append(i)
                 sampling_order.append(s)
-        starts = [0]
+        max_len = max(context_lens, default=0)
+        max_blocks = -(-max_len // bs)
+        tables: list[int] = []
+        for s in decodes:
+            blocks = s.request.block_ids[:max_blocks]
+            tables += blocks
+            tables += [0] * (max_blocks - len(blocks))
+        begins: list[int] = []
+        ends: list[int] = []
         for s in prefills:
             req = s.request
             begin, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
-            row_offset = len(input_ids)
             input_ids.extend(req.token_ids[begin:end])
             positions.extend(range(begin, end))
-            table = torch.tensor(req.block_ids, dtype=torch.long)
-            pos = torch.arange(0, end)
-            context_slots = table[pos // bs] * bs + pos % bs
-            slots.extend(context_slots[begin:].tolist())
-            starts.append(starts[-1] + s.num_new_tokens)
-            meta.prefill_context_lens.append(end)
-            meta.prefill_gather_index.append(context_slots.to(self.device) if begin > 0 else None)
+            begins.append(begin)
+            ends.append(end)
+            tables += req.block_ids[:-(-end // bs)]
             if s.is_sampling:
-                sample_rows.append(row_offset + s.num_new_tokens - 1)
+                sample_rows.append(len(input_ids) - 1)
                 sampling_order.append(s)
+        payload = input_ids + positions + sample_rows + context_lens + begins + ends + tables
+        header = [1, len(input_ids), len(decodes), max_blocks, len(prefills), len(sample_rows), max_len,
+                  len(payload)]
+        payload_t = torch.tensor(payload, dtype=torch.long)
+        if self.tp_size > 1:
+            distributed.broadcast_cpu(torch.tensor(header, dtype=torch.long))
+            distributed.broadcast_cpu(payload_t)
+        inputs = self._unpack(header, payload_t)
+        inputs.sampling_order = sampling_order
+        return inputs
+
+    def receive(self) -> StepInputs | None:
+        """Rank > 0: the next step from rank 0, or None when rank 0 shuts down."""
+        header = distributed.broadcast_cpu(torch.empty(HEADER_SIZE, dtype=torch.long)).tolist()
+        if header[0] == 0:
+            return None
+        return self._unpack(header, distributed.broadcast_cpu(torch.empty(header[7], dtype=torch.long)))
+
+    def _unpack(self, header: list[int], payload: torch.Tensor) -> StepInputs:
+        # payload: [input_ids T | positions T | sample rows S | decode context lens B | prefill begins P |
+        #           prefill ends P | decode block tables B*max_blocks | each prefill's blocks]
+        _, num_tokens, num_decodes, max_blocks, num_prefills, num_samples, max_len, _ = header
+        bs = self.block_size
+        t = payload.to(self.device, non_blocking=True)
+        o = 2 * num_tokens + num_samples
+        lens = t[o:o + num_decodes]
+        o += num_decodes
+        begins = payload[o:o + num_prefills].tolist()
+        ends = payload[o + num_prefills:o + 2 * num_prefills].tolist()
+        o += 2 * num_prefills
+        meta = AttentionMetadata(slot_mapping=t[:0], num_decode_tokens=num_decodes)
+        slots = []
+        if num_decodes:
+            table = t[o:o + num_decodes * max_blocks].view(num_decodes, max_blocks)
+            o += num_decodes * max_blocks
+            gather = (table[:, :, None] * bs + self.block_offsets).view(num_decodes, -1)[:, :max_len]
+            mask = torch.zeros(num_decodes, max_len, dtype=torch.float32, device=self.device)
+            mask.masked_fill_(torch.arange(max_len, device=self.device)[None, :] >= lens[:, None], -math.inf)
+            meta.decode_gather_index = gather
+            meta.decode_mask = mask.view(num_decodes, 1, 1, max_len)
+            slots.append(gather[torch.arange(num_decodes, device=self.device), lens - 1])
+        starts = [0]
+        for begin, end in zip(begins, ends, strict=True):
+            num_blocks = -(-end // bs)
+            context_slots = (t[o:o + num_blocks, None] * bs + self.block_offsets).view(-1)[:end]
+            o += num_blocks
+            slots.append(context_slots[begin:])
+            starts.append(starts[-1] + end - begin)
+            meta.prefill_context_lens.append(end)
+            meta.prefill_gather_index.append(context_slots if begin > 0 else None)
         meta.prefill_starts = starts
-        meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
+        meta.slot_mapping = torch.cat(slots) if len(slots) > 1 else slots[0] if slots else t[:0]
         return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            input_ids=t[:num_tokens],
+            positions=t[num_tokens:2 * num_tokens],
             meta=meta,
-            sample_indices=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
-            sampling_order=sampling_order,
+            sample_indices=t[2 * num_tokens:2 * num_tokens + num_samples],
+            sampling_order=[],
         )
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Every rank: the model over this rank's shard; logits [N, vocab] for the sampling rows."""
+        with forward_context(inputs.meta):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        if inputs.sample_indices.shape[0] == 0:
+            return None
+        return self.model.compute_logits(hidden[inputs.sample_indices])
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> tuple[list[ScheduledRequest], SampleResult | None]:
         """Run one step; returns the sampling requests in order and their sampled tokens."""
+        if self.tp_size == 1:
+            return self._execute(out, rows)
+        try:
+            return self._execute(out, rows)
+        except Exception:
+            # a failed step leaves the ranks out of step with each other: only a restart recovers
+            logger.critical("tensor-parallel step failed on rank 0: exiting", exc_info=True)
+            os._exit(1)
+
+    def _execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> tuple[list[ScheduledRequest], SampleResult | None]:
         inputs = self.prepare(out)
-        with forward_context(inputs.meta):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        if not inputs.sampling_order:
+        logits = self.forward(inputs)
+        if logits is None:
             return [], None
-        logits = self.model.compute_logits(hidden[inputs.sample_indices]).float()
         order = inputs.sampling_order
-        result = self.sampler(logits, [rows[s.request.request_id] for s in order])
-        return order, result
+        return order, self.sampler(logits.float(), [rows[s.request.request_id] for s in order])
+
+    def shutdown(self) -> None:
+        """Rank 0: tell the workers to stop, join them and leave the process group."""
+        if self.tp_size > 1:
+            header = torch.zeros(HEADER_SIZE, dtype=torch.long)
+            distributed.broadcast_cpu(header)
+            distributed.shutdown()
+            self.tp_size = 1
 
     def release(self, request_id: str) -> None:
         """Paged runners keep nothing per request; the fallback runner drops its cache here."""
