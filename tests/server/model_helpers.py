@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -9,6 +11,17 @@ import transformers
 from torch import nn
 
 from genserve.server.layers.attention import Attention, AttentionMetadata, forward_context
+
+
+@contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """On a shared 2-core box a busy second OpenMP thread makes every op wait on it (10x slower steps)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def attach_kv_cache(model: nn.Module, num_slots: int, dtype: torch.dtype | None = None) -> None:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
+from model_helpers import torch_threads
 
 from genserve.server.models import get_model_class
 from genserve.server.models.hf_fallback import TransformersCausalLM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield
 
 
 def test_incremental_greedy_equals_generate(tmp_path):

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from model_helpers import CONFIGS, build_metadata, load_native, make_tiny_checkpoint, run_model
+from model_helpers import CONFIGS, build_metadata, load_native, make_tiny_checkpoint, run_model, torch_threads
 
 from genserve.server.models import get_model_class
 from genserve.server.models.llama import LlamaForCausalLM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -102,7 +108,7 @@ def test_smollm2_prefill_logits_match_transformers(smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_batched_greedy_decode_matches_generate(smollm2):
+def test_smollm2_batched_greedy_decode_matches_transformers(smollm2):
     tokenizer, hf, model = smollm2
     num_new, stride = 8, 128  # sequence i owns slots [i * stride, (i + 1) * stride)
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
@@ -121,5 +127,6 @@ def test_smollm2_batched_greedy_decode_matches_generate(smollm2):
         for g, token in zip(generated, logits.argmax(-1).tolist(), strict=True):
             g.append(token)
     for p, g in zip(prompts, generated, strict=True):
-        expected = hf.generate(torch.tensor([p]), max_new_tokens=num_new, do_sample=False)[0, len(p):]
-        assert g == expected.tolist()
+        # greedy is argmax at every step, so one teacher-forced transformers pass checks all of it
+        reference = hf_logits(hf, p + g[:-1])[len(p) - 1:]
+        assert reference.argmax(-1).tolist() == g

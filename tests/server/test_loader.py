@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from model_helpers import CONFIGS, build_metadata, load_native, make_tiny_checkpoint, run_model
+from model_helpers import CONFIGS, build_metadata, load_native, make_tiny_checkpoint, run_model, torch_threads
 from safetensors.torch import load_file, save_file
 
 from genserve.server.loader import load_weights
 from genserve.server.models.llama import LlamaForCausalLM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
