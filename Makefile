@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH ?= torch==2.13.0
 export GENSERVE_CACHE ?= $(HOME)/.cache/genserve
 
-.PHONY: venv install model serve test lint clean
+.PHONY: venv install model serve test lint e2e sync-crds bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -28,6 +28,15 @@ serve: model
 test: model
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+e2e: install
+	$(PY) -m pytest -v e2e
+
+sync-crds: install
+	$(PY) scripts/sync_crds.py
+
+bench: model
+	$(PY) benchmarks/engine_throughput.py
 
 lint: install
 	$(VENV)/bin/ruff check .
