@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import transformers
 from model_helpers import CONFIGS, build_metadata, load_native, make_tiny_checkpoint, run_model, torch_threads
 
+from genserve.server.layers.rotary import compute_inv_freq
 from genserve.server.models import get_model_class
 from genserve.server.models.llama import LlamaForCausalLM
 
@@ -33,6 +36,18 @@ def test_registry_maps_architectures():
     assert get_model_class(["MistralForCausalLM"]) is LlamaForCausalLM
     assert get_model_class(["Qwen2ForCausalLM"]) is LlamaForCausalLM
     assert get_model_class(["GPT2LMHeadModel"]) is None
+
+
+def test_rope_reads_legacy_rope_theta_and_rope_scaling():
+    legacy = SimpleNamespace(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 4.0},
+                             max_position_embeddings=64)
+    current = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                              max_position_embeddings=64)
+    scaled, _ = compute_inv_freq(legacy, 16)
+    default, _ = compute_inv_freq(current, 16)
+    torch.testing.assert_close(scaled, default / 4.0)
+    with pytest.raises(ValueError, match="longrope"):
+        compute_inv_freq(SimpleNamespace(rope_parameters={"rope_type": "longrope"}, max_position_embeddings=64), 16)
 
 
 def test_prefill_two_sequences_matches_transformers(tiny):
