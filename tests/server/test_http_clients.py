@@ -149,3 +149,22 @@ def test_32_concurrent_streams(server):
     for i, text in enumerate(streamed):
         assert text == answers[i % len(prompts)], i
     assert server.metrics()["tgi_request_success"] - before == 32
+
+
+def test_clients_raise_their_own_validation_errors(server):
+    import huggingface_hub.errors
+    import openai
+    import text_generation.errors
+    from huggingface_hub import InferenceClient
+    from text_generation import Client
+
+    with pytest.raises(text_generation.errors.ValidationError, match="must be <= 1024"):
+        Client(server.base_url).generate(PROMPT, max_new_tokens=10**8)
+    with pytest.raises(text_generation.errors.ValidationError, match="`stop` supports up to 4"):
+        list(Client(server.base_url).generate_stream(PROMPT, stop_sequences=list("abcde")))
+    with pytest.raises(huggingface_hub.errors.ValidationError, match="must be <= 1024"):
+        InferenceClient(base_url=server.base_url).text_generation(PROMPT, max_new_tokens=10**8)
+    with pytest.raises(openai.UnprocessableEntityError):
+        openai.OpenAI(base_url=server.base_url + "/v1", api_key="x").chat.completions.create(
+            model="tgi", messages=MESSAGES, response_format={"type": "json_object"})
+    assert Client(server.base_url).generate(PROMPT, max_new_tokens=2).generated_text
