@@ -159,8 +159,9 @@ class GenerationService:
         if error is None:
             kind, record.status, record.error = "cancelled", 499, "client disconnected"
         else:
-            kind = {"validation": "validation", "overloaded": "overloaded", "generation": "generation",
-                    "incomplete_generation": "incomplete"}.get(error.error_type, "validation")
+            kind = {"overloaded": "overloaded", "generation": "generation",
+                    "incomplete_generation": "incomplete"}.get(error.error_type)
+            kind = kind or ("validation" if error.status_code == 422 else error.error_type)
             record.status, record.error = error.status_code, error.message
         self.metrics.inc("tgi_request_failure", kind)
         self._log(record)
