@@ -7,7 +7,6 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from genserve.server.api.errors import APIError, incomplete_generation, validation_error
 from genserve.server.api.generation import GenerationService, Job, RequestRecord, SequenceResult
@@ -26,6 +25,7 @@ from genserve.server.outputs import TokenInfo
 from genserve.server.sampling_params import SamplingParams
 
 router = APIRouter(tags=["Text Generation Inference"])
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
@@ -315,4 +315,4 @@ async def root_health(request: Request) -> Response:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Prometheus metrics (TGI's names plus genserve_*)."""
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(request.app.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
