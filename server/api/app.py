@@ -102,6 +102,7 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
             if not started.done():
                 started.cancel()
             await engine.shutdown()
+            service.close()
 
     def _on_started(fut: asyncio.Future) -> None:
         if fut.cancelled() or fut.exception() is None:

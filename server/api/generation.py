@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from genserve.server.api.errors import APIError, generation_error, overloaded, validation_error
@@ -22,6 +23,7 @@ from genserve.server.sampling_params import SamplingParams
 logger = logging.getLogger("genserve.request")
 
 SEED_MODULUS = 2**64
+INLINE_TOKENIZE_CHARS = 4096
 
 
 def new_request_id() -> str:
@@ -105,6 +107,10 @@ class GenerationService:
         self.tokenizer = engine.tokenizer
         self.num_in_flight = 0
         self.started: asyncio.Future | None = None
+        self._pool = ThreadPoolExecutor(max(settings.validation_workers, 1), thread_name_prefix="genserve-tokenize")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
 
     @property
     def config(self):
@@ -201,12 +207,19 @@ class GenerationService:
 
     # ---- validation ------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; long texts go to the `--validation-workers` threads so streams keep flowing."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise validation_error(f"`inputs` is not valid UTF-8: {e.reason}") from None
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+        def run() -> list[int]:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return run()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
 
     def check_params(self, params: SamplingParams) -> None:
         try:

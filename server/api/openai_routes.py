@@ -154,7 +154,7 @@ async def _prepared(request: Request, route: str, prepare) -> tuple[GenerationSe
     record = svc.begin(route, request.headers.get("x-request-id"))
     with svc.guard(record):
         await svc.wait_ready()
-        jobs, extra = prepare(svc, record)
+        jobs, extra = await prepare(svc, record)
     return svc, record, jobs, extra
 
 
@@ -170,12 +170,12 @@ async def _finish(svc: GenerationService, record: RequestRecord, jobs: list[Job]
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """OpenAI chat completions: the tokenizer's chat template, `n`, logprobs, streaming with usage."""
-    def prepare(svc: GenerationService, record: RequestRecord):
+    async def prepare(svc: GenerationService, record: RequestRecord):
         chat_unsupported(body, svc)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top_n = (body.top_logprobs or 0) if body.logprobs else 0
         params = sampling_params(body, svc, max_tokens, top_n)
-        ids = svc.encode(chat_prompt(svc, body), add_special_tokens=False)
+        ids = await svc.encode(chat_prompt(svc, body), add_special_tokens=False)
         svc.validate(record, ids, params[0])
         return [Job(ids, p) for p in params], [len(ids)]
 
@@ -238,7 +238,7 @@ async def _chat_events(
         yield DONE
 
 
-def completion_prompts(svc: GenerationService, body: CompletionRequest) -> list[tuple[str, list[int]]]:
+async def completion_prompts(svc: GenerationService, body: CompletionRequest) -> list[tuple[str, list[int]]]:
     prompt = body.prompt
     if isinstance(prompt, str):
         items: list = [prompt]
@@ -254,7 +254,7 @@ def completion_prompts(svc: GenerationService, body: CompletionRequest) -> list[
     out = []
     for item in items:
         if isinstance(item, str):
-            out.append((item, svc.encode(item)))
+            out.append((item, await svc.encode(item)))
         else:
             vocab = len(svc.tokenizer)
             if any(not 0 <= t < vocab for t in item):
@@ -266,7 +266,7 @@ def completion_prompts(svc: GenerationService, body: CompletionRequest) -> list[
 @router.post("/v1/completions", response_model=Completion, responses=ERRORS)
 async def completions(body: CompletionRequest, request: Request):
     """OpenAI (legacy) completions: `echo`, `logprobs` (int), prompt lists; `suffix` is rejected."""
-    def prepare(svc: GenerationService, record: RequestRecord):
+    async def prepare(svc: GenerationService, record: RequestRecord):
         if body.suffix is not None:
             raise APIError(422, "Suffix is not supported and can be achieved by preprocessing the prompt.",
                            "suffix not supported")
@@ -275,7 +275,7 @@ async def completions(body: CompletionRequest, request: Request):
         if body.logprobs is not None and not 0 <= body.logprobs <= svc.config.max_top_n_tokens:
             raise validation_error(f"`logprobs` must be >= 0 and <= {svc.config.max_top_n_tokens}. Given: {body.logprobs}")
         params = sampling_params(body, svc, body.max_tokens, body.logprobs or 0)
-        prompts = completion_prompts(svc, body)
+        prompts = await completion_prompts(svc, body)
         for _, ids in prompts:
             svc.validate(record, ids, params[0])
         record.num_prompt_tokens = sum(len(ids) for _, ids in prompts)

@@ -123,11 +123,11 @@ def sequence_json(svc: GenerationService, seq: SequenceResult, req: GenerateRequ
     return out
 
 
-def prepare(svc: GenerationService, record: RequestRecord, req: GenerateRequest, stream: bool) -> tuple[list[int], SamplingParams, int]:
+async def prepare(svc: GenerationService, record: RequestRecord, req: GenerateRequest, stream: bool) -> tuple[list[int], SamplingParams, int]:
     cfg = svc.config
     params, best_of = to_sampling_params(req.parameters, cfg.max_best_of, cfg.max_input_tokens, stream)
     svc.check_params(params)
-    ids = svc.encode(req.inputs, add_special_tokens=req.add_special_tokens)
+    ids = await svc.encode(req.inputs, add_special_tokens=req.add_special_tokens)
     if req.parameters.truncate is not None:
         ids = ids[-req.parameters.truncate:]
     svc.validate(record, ids, params)
@@ -139,7 +139,7 @@ async def _generate(request: Request, req: GenerateRequest, route: str) -> tuple
     record = svc.begin(route, request.headers.get("x-request-id"))
     with svc.guard(record):
         await svc.wait_ready()
-        ids, params, best_of = prepare(svc, record, req, stream=False)
+        ids, params, best_of = await prepare(svc, record, req, stream=False)
         jobs = [Job(ids, params if best_of == 1 else replace(params, seed=None)) for _ in range(best_of)]
         results = await svc.run_many(record, jobs)
     best = max(results, key=lambda s: s.mean_logprob) if best_of > 1 else results[0]
@@ -162,7 +162,7 @@ async def _generate_stream(request: Request, req: GenerateRequest, route: str) -
     record = svc.begin(route, request.headers.get("x-request-id"))
     with svc.guard(record):
         await svc.wait_ready()
-        ids, params, _ = prepare(svc, record, req, stream=True)
+        ids, params, _ = await prepare(svc, record, req, stream=True)
     headers = {"x-compute-type": svc.compute_type, "x-request-id": record.request_id}
     return SSEResponse(_tgi_events(svc, record, req, ids, params), headers=headers,
                        on_close=lambda: svc.fail(record, None))

@@ -92,6 +92,8 @@ async def test_prompt_limits_and_stream_only_rules(served):
     client, _ = served
     r = await client.post("/generate", json=gen({"max_new_tokens": 1}, "hello " * 600))
     assert r.status_code == 422 and r.json()["error"].startswith("`inputs`")
+    r = await client.post("/generate", json=gen({"max_new_tokens": 1}, "hello " * 700))  # tokenised off-loop
+    assert r.status_code == 422 and r.json()["error"].startswith("`inputs`")
     r = await client.post("/generate", json=gen({"max_new_tokens": 1, "truncate": 5}, "hello " * 600))
     assert r.status_code == 200 and r.headers["x-prompt-tokens"] == "5"
     r = await client.post("/generate", json=gen({}, ""))
