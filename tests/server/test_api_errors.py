@@ -25,7 +25,7 @@ async def _client(app):
 @pytest.fixture
 async def served(tokenizer):
     engine = FakeEngine(tokenizer)
-    app = create_app(engine, ServerSettings(payload_limit=4096))
+    app = create_app(engine, ServerSettings(payload_limit=8000))
     async with app.router.lifespan_context(app):
         await app.state.service.started
         async with await _client(app) as client:
@@ -106,7 +106,7 @@ async def test_prompt_limits_and_stream_only_rules(served):
 
 async def test_payload_limit(served):
     client, _ = served
-    r = await client.post("/generate", json=gen({}, "x" * 5000))
+    r = await client.post("/generate", json=gen({}, "x" * 9000))
     assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
 
     async def chunked():
