@@ -150,7 +150,7 @@ def build_deployment(name: str, namespace: str, spec: ServiceSpec, settings: Ope
         "containers": [server],
         "volumes": volumes,
         "terminationGracePeriodSeconds": spec.server.graceful_termination_seconds + settings.prestop_sleep_seconds + 5,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "enableServiceLinks": False,
     }

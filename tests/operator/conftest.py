@@ -15,6 +15,7 @@ from kopf.testing import KopfRunner
 from kubernetes import client
 
 ROOT = Path(__file__).resolve().parents[2]
+TGS = ("genserve.dev", "v1alpha1", "textgenerationservices")
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +62,16 @@ def operator(cluster: ClusterThread, kubeconfig: Path) -> Iterator[KopfRunner]:
 
 
 @pytest.fixture()
-def namespace() -> str:
-    return f"t-{uuid.uuid4().hex[:8]}"
+def namespace(request: pytest.FixtureRequest) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    yield name
+    if "operator" in request.fixturenames:
+        # stop this test's daemons so they do not load the tests that follow
+        api = request.getfixturevalue("api")
+        objects = client.CustomObjectsApi(api)
+        group, version, plural = TGS
+        for item in objects.list_namespaced_custom_object(group, version, name, plural)["items"]:
+            objects.delete_namespaced_custom_object(group, version, name, plural, item["metadata"]["name"])
 
 
 @pytest.fixture()
