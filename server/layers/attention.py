@@ -106,9 +106,10 @@ class Attention(nn.Module):
             query_pos = torch.arange(ctx_len - num_new, ctx_len, device=q.device)
             mask = torch.arange(ctx_len, device=q.device)[None, :] <= query_pos[:, None]
             causal = False
+        # 4-D inputs: with 3-D ones CPU SDPA falls back to the math kernel (S x S scores, 3-4x slower)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
             attn_mask=mask, is_causal=causal, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
-        return out.transpose(0, 1)
+        return out[0].transpose(0, 1)
