@@ -5,6 +5,8 @@ PIP := $(VENV)/bin/pip
 # CPU build of torch; on a GPU host install the CUDA wheel instead (see README).
 TORCH ?= torch==2.13.0
 export GENSERVE_CACHE ?= $(HOME)/.cache/genserve
+# spinning OpenMP threads make shared or CPU-limited hosts many times slower
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv install model serve test lint e2e sync-crds bench clean
 

@@ -166,6 +166,9 @@ def run_operator(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while waiting make a shared or CPU-limited host 10x slower;
+    # it must be set before torch loads its OpenMP runtime
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["operator"]:
         return run_operator(argv[1:])

@@ -29,6 +29,15 @@ class AttentionMetadata:
     prefill_starts: list[int] = field(default_factory=list)
     prefill_context_lens: list[int] = field(default_factory=list)
     prefill_gather_index: list[torch.Tensor | None] = field(default_factory=list)  # None: no cached prefix
+    # [B * KVH * L] rows of the cache viewed as [slots * KVH, D], head-major; built once per step
+    decode_head_rows: torch.Tensor | None = None
+
+    def head_major_rows(self, num_kv_heads: int) -> torch.Tensor:
+        if self.decode_head_rows is None:
+            heads = torch.arange(num_kv_heads, device=self.decode_gather_index.device)
+            rows = self.decode_gather_index[:, None, :] * num_kv_heads + heads[None, :, None]
+            self.decode_head_rows = rows.reshape(-1)
+        return self.decode_head_rows
 
 
 _context: AttentionMetadata | None = None
@@ -83,16 +92,18 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         batch = q.shape[0]
         group = self.num_heads // self.num_kv_heads
-        # index_select on a flat index is ~1.5x faster on CPU than advanced indexing with [B, L]
-        flat = meta.decode_gather_index.reshape(-1)
         context_len = meta.decode_gather_index.shape[1]
-        keys = self.k_cache.index_select(0, flat).view(batch, context_len, self.num_kv_heads, self.head_dim)
-        values = self.v_cache.index_select(0, flat).view(batch, context_len, self.num_kv_heads, self.head_dim)
+        # one index_select straight into head-major [B, KVH, L, D]: the matmuls then need no copy
+        # (faster on CPU than advanced indexing, and than SDPA with enable_gqa for one query)
+        rows = meta.head_major_rows(self.num_kv_heads)
+        shape = (batch, self.num_kv_heads, context_len, self.head_dim)
+        keys = self.k_cache.view(-1, self.head_dim).index_select(0, rows).view(shape)
+        values = self.v_cache.view(-1, self.head_dim).index_select(0, rows).view(shape)
         qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
-        scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float() * self.scale  # [B, KVH, G, L]
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale  # [B, KVH, G, L]
         scores = scores + meta.decode_mask
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        out = torch.matmul(probs, values.transpose(1, 2))  # [B, KVH, G, D]
+        out = torch.matmul(probs, values)  # [B, KVH, G, D]
         return out.reshape(batch, self.num_heads, self.head_dim)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int,
