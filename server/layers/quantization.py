@@ -1,0 +1,111 @@
+"""Weight-only quantization behind `--quantize`: `eetq` (int8) and `fp8` (float8 e4m3fn).
+
+Both keep one symmetric absmax scale per output channel (weight row), as TGI's eetq and fp8 do:
+
+    weight [out, in] (model dtype) -> q [out, in] (int8 | float8_e4m3fn) + scale [out] (model dtype)
+    y = (x @ q^T) * scale + bias
+
+`quantize_model` runs after `load_weights`, so each tensor-parallel rank quantizes only the shard it
+holds, and the Column/RowParallel all_reduce/all_gather around the matmul stay as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genserve.server.layers.linear import LinearBase
+
+# TGI's other values need pre-quantized checkpoints and GPU kernels (awq, gptq, marlin, exl2,
+# compressed-tensors) or bitsandbytes; none is implemented here.
+TGI_METHODS = ("awq", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8", "eetq",
+               "exl2", "compressed-tensors")
+# up to this many rows torch's int8 x bf16 CPU kernel beats dequantize-then-matmul (decode batches);
+# above it (prefill) the dense bf16 GEMM wins (measured on SmolLM2 shapes, benchmarks/quantization.py)
+INT8PACK_MAX_ROWS = 16
+
+
+def _absmax_scale(weight: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Per-row scale in the model dtype, so quantizing against it is exact w.r.t. what forward uses."""
+    tiny = torch.finfo(weight.dtype).tiny
+    return (weight.float().abs().amax(dim=1) / qmax).clamp(min=tiny).to(weight.dtype)
+
+
+class Int8WeightOnly:
+    """`--quantize eetq`: int8 weights, activations stay in the model dtype."""
+
+    name = "eetq"
+
+    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = _absmax_scale(weight, 127.0)
+        q = torch.round(weight.float() / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        return q, scale
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows <= INT8PACK_MAX_ROWS:
+            y = torch._weight_int8pack_mm(x.reshape(rows, -1).contiguous(), weight, scale)
+            y = y.view(*x.shape[:-1], -1)
+        else:
+            # float32 has no fast int8 kernel on CPU: a dense GEMM over the upcast weight wins
+            y = F.linear(x, weight.to(x.dtype)).mul_(scale)
+        return y if bias is None else y.add_(bias)
+
+
+class Fp8WeightOnly:
+    """`--quantize fp8`: float8 e4m3fn weights, dequantized to the model dtype in forward."""
+
+    name = "fp8"
+
+    def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fp8_max = torch.finfo(torch.float8_e4m3fn).max
+        scale = _absmax_scale(weight, fp8_max)
+        q = (weight.float() / scale.float()[:, None]).clamp_(-fp8_max, fp8_max).to(torch.float8_e4m3fn)
+        return q, scale
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        y = F.linear(x, fp8_to(weight, x.dtype)).mul_(scale)
+        return y if bias is None else y.add_(bias)
+
+
+def fp8_to(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Exact float8_e4m3fn -> dtype. On CPU `.to()` is ~6x slower than this bit move through bf16."""
+    if q.device.type != "cpu":
+        return q.to(dtype)
+    # s eeee mmm -> bf16 s 0000eeee mmm0000: the same value scaled by 2**-120 (bias 7 vs 127),
+    # subnormals included; NaN (0x7f) never occurs since quantize_weight clamps to +-448
+    bits = (q.view(torch.int8).to(torch.int16) << 4) & -0x7810  # -0x7810 == int16 0x87F0
+    return (bits.view(torch.bfloat16) * 2.0**120).to(dtype)
+
+
+METHODS = {m.name: m for m in (Int8WeightOnly(), Fp8WeightOnly())}
+
+
+def get_quant_method(method: str):
+    if method not in METHODS:
+        kind = "TGI's" if method in TGI_METHODS else "an unknown"
+        raise ValueError(f"`--quantize {method}` ({kind} method) is not supported by genserve; "
+                         f"supported: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, method: str | None) -> None:
+    """Quantize every parallel Linear of a loaded model in place; raise ValueError for unsupported methods.
+
+    Embeddings, norms and the LM head stay in the model dtype: the LM head is often tied to the
+    embedding, and both (like the norms) are small next to the MLP/attention weights while their
+    rounding error lands directly on the logits.
+    """
+    if not method:
+        return
+    quant = get_quant_method(method)
+    layers = [m for m in model.modules() if isinstance(m, LinearBase)]
+    if not layers:
+        raise ValueError(f"`--quantize {method}` needs genserve's native model implementation; "
+                         f"{type(model).__name__} (the transformers fallback) cannot be quantized")
+    for layer in layers:
+        layer.quantize(quant)
