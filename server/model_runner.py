@@ -79,6 +79,9 @@ class ModelRunner:
             self.model = model_cls(hf_config, dtype=dtype)
         load_weights(self.model, model_dir)
         self.model.eval()
+        self.weight_bytes = sum({p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}.values())
+        logger.info("rank %d/%d holds %.1f MiB of weights", distributed.get_tp_rank(), self.tp_size,
+                    self.weight_bytes / 2**20)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.block_size = config.block_size
         self.block_offsets = torch.arange(self.block_size, device=device)

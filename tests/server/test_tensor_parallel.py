@@ -207,6 +207,7 @@ def is_running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_smollm2_three_shards_over_http_match_one_shard_and_transformers_then_worker_death_exits(
         tmp_path, smollm2_dir):
     proc, url, log_path = start_server(tmp_path, smollm2_dir, num_shard=3)
