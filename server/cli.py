@@ -14,7 +14,7 @@ ENGINE_HELP = {
     "revision": "Hub revision (branch, tag or commit) of --model-id",
     "dtype": "float32, float16, bfloat16 or auto (float32 on CPU)",
     "device": "cpu, cuda, cuda:N or auto",
-    "quantize": "quantization method (TGI's values); not supported yet",
+    "quantize": "weight-only quantization after loading: eetq (int8) or fp8; TGI's other values are rejected",
     "num_shard": "tensor-parallel shards (GPUs)",
     "max_input_tokens": "longest prompt in tokens; default max_total_tokens - 1",
     "max_total_tokens": "prompt + generated tokens per request; default min(model context, 4096)",
