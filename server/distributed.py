@@ -7,6 +7,7 @@ torchrun, which sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -162,6 +163,8 @@ def spawn_workers(launch: Launch, target, args: tuple) -> None:
     """Start ranks 1..world_size-1 as `target(rank, *args)` in spawned processes, and watch them."""
     ctx = mp.get_context("spawn")
     _watchdog_stop.clear()
+    # at interpreter exit multiprocessing terminates daemon workers: that is no crash
+    atexit.register(_watchdog_stop.set)
     for rank in range(1, launch.world_size):
         proc = ctx.Process(target=target, args=(rank, *args), name=f"genserve-tp-rank{rank}", daemon=True)
         proc.start()
