@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from genserve.server.config import EngineConfig
+from genserve.server.layers.quantization import quantize_model
 from genserve.server.models.hf_fallback import TransformersCausalLM
 from genserve.server.sampler import Sampler, SampleResult, SamplingRow
 from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
@@ -19,6 +20,7 @@ class FallbackRunner:
 
     def __init__(self, config: EngineConfig, hf_config, model_dir, device: torch.device, dtype: torch.dtype) -> None:
         self.model = TransformersCausalLM(model_dir, dtype=dtype, device=device)
+        quantize_model(self.model, config.quantize)  # raises: only native models can be quantized
         self.block_size = config.block_size
         tokens = config.max_batch_total_tokens or config.max_batch_size * config.max_total_tokens
         self.num_blocks = max(tokens // config.block_size, -(-config.max_total_tokens // config.block_size))

@@ -93,7 +93,7 @@ def get_quant_method(method: str):
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, method: str | None) -> None:
+def quantize_model(model, method: str | None) -> None:
     """Quantize every parallel Linear of a loaded model in place; raise ValueError for unsupported methods.
 
     Embeddings, norms and the LM head stay in the model dtype: the LM head is often tied to the
@@ -103,7 +103,7 @@ def quantize_model(model: nn.Module, method: str | None) -> None:
     if not method:
         return
     quant = get_quant_method(method)
-    layers = [m for m in model.modules() if isinstance(m, LinearBase)]
+    layers = [m for m in model.modules() if isinstance(m, LinearBase)] if isinstance(model, nn.Module) else []
     if not layers:
         raise ValueError(f"`--quantize {method}` needs genserve's native model implementation; "
                          f"{type(model).__name__} (the transformers fallback) cannot be quantized")
