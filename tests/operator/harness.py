@@ -13,8 +13,10 @@ from typing import Any
 import kmock
 from emulator import Cluster, str_resource
 from kmock import ResourceInfo
+from kubernetes import client
 
 TGS = "genserve.dev/v1alpha1/textgenerationservices"
+GROUP, VERSION, PLURAL = "genserve.dev", "v1alpha1", "textgenerationservices"
 VERBS = {"list", "watch", "get", "patch", "create", "delete", "update"}
 
 
@@ -133,3 +135,22 @@ class MetricsEndpoint:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def add_ready_pod(api, namespace: str, service: str, name: str, port: int) -> None:
+    core = client.CoreV1Api(api)
+    core.create_namespaced_pod(namespace, {
+        "metadata": {"name": name, "labels": {"genserve.dev/service": service}},
+        "spec": {"containers": [{"name": "server", "image": "x", "ports": [{"name": "http", "containerPort": port}]}]},
+    })
+    core.patch_namespaced_pod_status(name, namespace, {"status": {
+        "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}})
+
+
+def replicas(cluster, namespace: str, name: str = "chat") -> int:
+    return cluster.get("apps/v1/deployments", namespace, name)["spec"]["replicas"]
+
+
+def tgs_status(api, namespace: str, name: str = "chat") -> dict:
+    obj = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    return obj.get("status") or {}

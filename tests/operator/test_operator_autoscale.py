@@ -6,30 +6,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from harness import MetricsEndpoint, tgs_body, wait_for
+from harness import MetricsEndpoint, add_ready_pod, replicas, tgs_body, tgs_status, wait_for
 from kubernetes import client
 
 GROUP, VERSION, PLURAL = "genserve.dev", "v1alpha1", "textgenerationservices"
 INTERVAL, DOWN_WINDOW = 1, 3
-
-
-def add_ready_pod(api, namespace: str, service: str, name: str, port: int) -> None:
-    core = client.CoreV1Api(api)
-    core.create_namespaced_pod(namespace, {
-        "metadata": {"name": name, "labels": {"genserve.dev/service": service}},
-        "spec": {"containers": [{"name": "server", "image": "x", "ports": [{"name": "http", "containerPort": port}]}]},
-    })
-    core.patch_namespaced_pod_status(name, namespace, {"status": {
-        "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}})
-
-
-def replicas(cluster, namespace: str, name: str = "chat") -> int:
-    return cluster.get("apps/v1/deployments", namespace, name)["spec"]["replicas"]
-
-
-def tgs_status(api, namespace: str, name: str = "chat") -> dict:
-    obj = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    return obj.get("status") or {}
 
 
 def scaling_condition(api, namespace: str) -> dict | None:
@@ -72,8 +53,9 @@ def test_queue_rise_scales_up_within_one_interval(autoscaled, api, cluster, name
     assert status["lastScaleDecision"]["reason"] == "ScaleUp"
     assert status["lastScaleDecision"]["fromReplicas"] == 2 and status["lastScaleDecision"]["toReplicas"] == 4
     assert status["lastScaleTime"]
-    events = [e for e in cluster.list("v1/events", namespace) if e.get("reason") == "Scaled"]
-    assert events and "2 -> 4 replicas" in events[-1]["message"]
+    events = wait_for(lambda: [e for e in cluster.list("v1/events", namespace) if e.get("reason") == "Scaled"],
+                      what="the Scaled event")  # kopf posts events in the background
+    assert "2 -> 4 replicas" in events[-1]["message"]
 
 
 def test_queue_fall_scales_down_only_after_the_window(autoscaled, api, cluster, namespace):

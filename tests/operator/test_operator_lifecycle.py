@@ -33,7 +33,8 @@ def server_container(deployment):
 def service(operator, api, cluster, namespace):
     created = create(api, namespace, "llama", {"model": {"id": "meta-llama/Llama-3.1-8B-Instruct"}, "shards": 2,
                                               "replicas": 2})
-    wait_for(lambda: cluster.get(DEPLOY, namespace, "llama"), what="the Deployment")
+    for resource, name in ((PVC, "llama-model-cache"), (DEPLOY, "llama"), (SVC, "llama"), (PDB, "llama")):
+        wait_for(lambda r=resource, n=name: cluster.get(r, namespace, n), what=resource)
     return created
 
 
@@ -111,8 +112,10 @@ def test_hand_edited_deployment_is_restored(service, api, cluster, namespace):
 
 
 def test_deleted_service_is_recreated(service, api, cluster, namespace):
+    old_uid = cluster.get(SVC, namespace, "llama")["metadata"]["uid"]
     client.CoreV1Api(api).delete_namespaced_service("llama", namespace)
-    wait_for(lambda: cluster.get(SVC, namespace, "llama"), what="a recreated Service")
+    wait_for(lambda: (s := cluster.get(SVC, namespace, "llama")) and s["metadata"]["uid"] != old_uid,
+             what="a recreated Service")
 
 
 def test_delete_cr_removes_children(service, api, cluster, namespace):
@@ -145,8 +148,8 @@ def test_invalid_spec_is_degraded_with_a_reason(operator, api, cluster, namespac
     assert degraded["status"] == "True" and degraded["reason"] == reason
     assert condition(tgs, "Ready")["status"] == "False"
     assert cluster.get(DEPLOY, namespace, "bad") is None
-    events = cluster.list("v1/events", namespace)
-    assert any(e.get("reason") == reason for e in events)
+    wait_for(lambda: any(e.get("reason") == reason for e in cluster.list("v1/events", namespace)),
+             what=f"a Warning event {reason}")
 
 
 def test_fixing_an_invalid_spec_clears_degraded(operator, api, cluster, namespace):
