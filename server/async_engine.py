@@ -59,6 +59,9 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+        # stopping workers is a collective: never while the step thread may still be mid-step
+        if self._thread is None or not self._thread.is_alive():
+            await asyncio.to_thread(self.engine.shutdown)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         return self.engine.validate(prompt_token_ids, params)
