@@ -1,8 +1,8 @@
 """Decode speed and weight memory of `--quantize` none / eetq / fp8 on SmolLM2 (run by hand; not a test).
 
 For each dtype and method: Linear weight bytes, whole-model parameter bytes, and decode tokens/s at
-batch 1 and batch 8 (64 new tokens each, ignore_eos; prefill steps excluded), plus how many of the
-unquantized greedy tokens each method reproduces. All configurations run in one process and are
+batch 1 and batch 8 (--max-new tokens each, ignore_eos; prefill steps excluded), plus how many of
+the unquantized greedy tokens each method reproduces. All configurations run in one process and are
 interleaved over rounds, so the ratios hold even on a noisy shared machine.
 
     .venv/bin/python benchmarks/quantization.py --dtypes float32 bfloat16 --threads 2
@@ -73,8 +73,7 @@ def main() -> None:
     for dtype in args.dtypes:
         engines = {m: make_engine(model_dir, dtype, m) for m in METHODS}
         prompts = [engines[None].tokenizer.encode(p) for p in PROMPTS]
-        greedy = {m: e.generate(prompts, SamplingParams(max_new_tokens=32, ignore_eos=True))
-                  for m, e in engines.items()}
+        greedy = {m: e.generate(prompts, SamplingParams(max_new_tokens=32)) for m, e in engines.items()}
         speeds = {(m, b): [] for m in METHODS for b in (1, 8)}
         for _ in range(args.rounds):
             for m, engine in engines.items():
@@ -83,14 +82,15 @@ def main() -> None:
         for m, engine in engines.items():
             model = engine.runner.model
             linears = [x for x in model.modules() if isinstance(x, LinearBase)]
-            matched = [agreement(r, g) for r, g in zip(greedy[None], greedy[m], strict=True)]
+            reference = greedy[None]
+            matched = [agreement(r, g) for r, g in zip(reference, greedy[m], strict=True)]
             rows.append({
                 "dtype": dtype, "method": m or "none",
                 "linear_mib": param_bytes(linears) / 2**20,
                 "model_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
                 "decode_b1_tok_s": statistics.median(speeds[m, 1]),
                 "decode_b8_tok_s": statistics.median(speeds[m, 8]),
-                "greedy_prefix_match": sum(matched) / (32 * len(matched)),
+                "greedy_prefix_match": sum(matched) / sum(len(r) for r in reference),
             })
             print(rows[-1], flush=True)
         del engines
@@ -104,12 +104,13 @@ def write_results(rows: list[dict], args) -> None:
     lines = [
         "# `--quantize` on SmolLM2-135M-Instruct (CPU)",
         "",
-        f"`benchmarks/quantization.py --dtypes {' '.join(args.dtypes)} --threads {args.threads}`, "
+        f"`benchmarks/quantization.py --dtypes {' '.join(args.dtypes)} --threads {args.threads} "
+        f"--max-new {args.max_new} --rounds {args.rounds}`, "
         f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads on a shared 2-core VM. "
         f"Decode tokens/s: median of {args.rounds} interleaved rounds, {args.max_new} new tokens per request, "
         "prefill excluded. Ratios are against `none` of the same dtype in the same run. "
-        "Greedy match: share of the first 32 greedy tokens (8 prompts) equal to the unquantized run's "
-        "before the first divergence.",
+        "Greedy match: share of the unquantized run's greedy tokens (8 prompts, up to 32 tokens or EOS) "
+        "that the quantized run reproduces before its first divergence.",
         "",
         "| dtype | method | Linear weights MiB | ratio | all params MiB | decode b=1 tok/s | ratio "
         "| decode b=8 tok/s | ratio | greedy match |",
