@@ -44,7 +44,7 @@ class AutoscalingSpec:
     min_replicas: int = 1
     max_replicas: int = 4
     target_queue_depth: float = 4.0
-    target_kv_cache_usage: float = 0.9
+    target_kv_cache_usage: float = 0.5
     tolerance: float = 0.1
     interval_seconds: int = 15
     scale_up_stabilization_seconds: int = 0

@@ -1,0 +1,443 @@
+"""Discrete-time simulation of one TextGenerationService under a bursty day, comparing three autoscalers:
+
+- ours:  genserve.operator.autoscaler.decide (the operator's own code), scraping pods every intervalSeconds;
+- keda:  KEDA's `num_requests_waiting > 5` trigger: an HPA on the external metric (AverageValue 5) fed by a
+         Prometheus scrape every 15 s, HPA sync every 15 s, default HPA behaviour (scale-down window 300 s);
+- hpa-cpu: an HPA on CPU utilization (target 80 %), metrics-server resolution 15 s, same behaviour.
+
+Replicas decode with continuous batching: up to `max_batch` running requests, every running request gets one
+token per step, and the step time grows with the batch as measured on the real server
+(benchmarks/results/autoscale_server_figures.json, written by autoscale_measure.py). Requests are routed at
+random to ready replicas (kube-proxy) and wait in that replica's queue. A new replica serves after the start-up
+delay; a removed one stops receiving requests and drains. Queue wait is arrival to first batch slot.
+
+    python benchmarks/autoscale_sim.py --measure  # first re-measure the server figures (starts genserve serve)
+    python benchmarks/autoscale_sim.py            # both scenarios, table + plot into benchmarks/results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from genserve.operator.autoscaler import Sample, ScalerState, decide
+from genserve.operator.spec import AutoscalingSpec
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIGURES = RESULTS / "autoscale_server_figures.json"
+POD_START_SECONDS = 10.0  # scheduling + container start with the image cached (assumed, not measured here)
+
+
+@dataclass(slots=True)
+class ServerModel:
+    step_points: list[tuple[int, float]]  # (batch, seconds per decode step), measured
+    ready_seconds: float
+    max_batch: int = 32
+
+    def step_seconds(self, batch: int) -> float:
+        pts = self.step_points
+        if batch <= pts[0][0]:
+            return pts[0][1]
+        for (b0, s0), (b1, s1) in zip(pts, pts[1:], strict=False):
+            if batch <= b1:
+                return s0 + (s1 - s0) * (batch - b0) / (b1 - b0)
+        (b0, s0), (b1, s1) = pts[-2], pts[-1]
+        return s1 + (s1 - s0) * (batch - b1) / (b1 - b0)
+
+    @classmethod
+    def load(cls, path: Path = FIGURES) -> ServerModel:
+        figures = json.loads(path.read_text())
+        points = sorted((b["batch"], b["step_seconds"]) for b in figures["batches"])
+        return cls(step_points=points, ready_seconds=figures["server_ready_seconds"])
+
+
+def _chat(url: str, max_tokens: int) -> int:
+    # a prompt that makes the instruct model write until the token limit
+    body = json.dumps({"model": "default", "max_tokens": max_tokens, "temperature": 0, "messages": [
+        {"role": "user", "content": "Write a long, detailed story about a lighthouse keeper and the sea."}]})
+    request = urllib.request.Request(url + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=600).read())["usage"]["completion_tokens"]
+
+
+def measure_server(genserve: str, max_tokens: int = 64, out: Path = FIGURES) -> dict:
+    """Start-up time to a healthy /health and the decode step time at batch 1, 8 and 32 of a real server."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url, start = f"http://127.0.0.1:{port}", time.perf_counter()
+    proc = subprocess.Popen([genserve, "serve", "--port", str(port), "--hostname", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+            if proc.poll() is not None or time.perf_counter() - start > 600:
+                raise SystemExit("genserve serve did not become healthy")
+        ready_seconds = time.perf_counter() - start
+        _chat(url, 8)
+        batches = []
+        for batch in (1, 8, 32):
+            counts: list[int] = []
+            threads = [threading.Thread(target=lambda c=counts: c.append(_chat(url, max_tokens))) for _ in range(batch)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - t0
+            # the whole batch decodes together: wall time over tokens per request is the step time
+            batches.append({"batch": batch, "seconds": round(elapsed, 4), "tokens": sum(counts),
+                            "step_seconds": round(elapsed / (sum(counts) / batch), 4)})
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    figures = {"server_ready_seconds": round(ready_seconds, 2), "max_new_tokens": max_tokens, "batches": batches,
+               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "model": "default (SmolLM2-135M-Instruct), CPU"}
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+@dataclass(slots=True)
+class Request:
+    arrival: float
+    tokens: float
+    started: float | None = None
+
+
+@dataclass(slots=True)
+class Replica:
+    created: float
+    ready_at: float
+    queue: deque = field(default_factory=deque)
+    running: list = field(default_factory=list)
+    draining: bool = False
+    busy_seconds: float = 0.0  # for the CPU model, reset at each metrics window
+    tokens_done: float = 0.0
+
+    def is_ready(self, now: float) -> bool:
+        return now >= self.ready_at and not self.draining
+
+
+@dataclass(slots=True)
+class Trace:
+    """Arrival rate over the day: a ramp from night to a midday peak, with random bursts on top."""
+    seconds: float
+    night_rps: float
+    peak_rps: float
+    bursts: list[tuple[float, float, float]]  # (start, duration, multiplier)
+
+    def rate(self, t: float) -> float:
+        base = self.night_rps + (self.peak_rps - self.night_rps) * math.sin(math.pi * t / self.seconds) ** 2
+        for start, duration, mult in self.bursts:
+            if start <= t < start + duration:
+                base *= mult
+        return base
+
+
+def make_trace(seconds: float, night_rps: float, peak_rps: float, rng: random.Random) -> Trace:
+    bursts, t = [], rng.expovariate(1 / 900)
+    while t < seconds:
+        bursts.append((t, rng.uniform(60, 240), rng.uniform(1.8, 3.0)))
+        t += rng.expovariate(1 / 900)
+    return Trace(seconds, night_rps, peak_rps, bursts)
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, spec: AutoscalingSpec):
+        self.spec, self.state, self.next_at = spec, ScalerState(), 0.0
+        self.interval = spec.interval_seconds
+
+    def maybe_decide(self, now: float, current: int, replicas: list[Replica], cluster: Cluster) -> int:
+        if now < self.next_at:
+            return current
+        self.next_at = now + self.interval
+        # KV-cache usage ~ share of the batch in use: the batch is full when the KV cache is (max_batch stands for
+        # the KV capacity in requests), which is what genserve_kv_cache_usage_ratio reports
+        samples = [Sample(waiting=len(r.queue), running=len(r.running),
+                          kv_cache_usage=len(r.running) / cluster.model.max_batch)
+                   for r in replicas if r.is_ready(now)]
+        return decide(samples, 0, current, self.spec, self.state, now).desired
+
+
+class Hpa:
+    """The HPA algorithm with default behaviour: tolerance 0.1, up at most max(100 %, 4 pods) per 15 s,
+    down to the highest recommendation of the last 300 s."""
+    sync_seconds, tolerance, down_window = 15.0, 0.1, 300.0
+
+    def __init__(self, name: str, min_replicas: int, max_replicas: int):
+        self.name, self.lo, self.hi = name, min_replicas, max_replicas
+        self.next_at, self.recommendations = 0.0, []
+
+    def raw(self, now: float, current: int, replicas: list[Replica], cluster: Cluster) -> int | None:
+        raise NotImplementedError
+
+    def maybe_decide(self, now: float, current: int, replicas: list[Replica], cluster: Cluster) -> int:
+        if now < self.next_at:
+            return current
+        self.next_at = now + self.sync_seconds
+        raw = self.raw(now, current, replicas, cluster)
+        if raw is None:
+            return current
+        raw = min(max(raw, self.lo), self.hi)
+        self.recommendations = [(t, r) for t, r in self.recommendations if now - t <= self.down_window]
+        self.recommendations.append((now, raw))
+        if raw > current:
+            return min(raw, max(2 * current, current + 4), self.hi)
+        return min(current, max(r for _, r in self.recommendations))
+
+
+class KedaThreshold(Hpa):
+    """External metric num_requests_waiting, AverageValue target 5, read from a Prometheus scraped every 15 s."""
+    target, scrape_seconds = 5.0, 15.0
+
+    def __init__(self, min_replicas: int, max_replicas: int):
+        super().__init__("keda", min_replicas, max_replicas)
+        self.scraped, self.scrape_at = 0.0, 0.0
+
+    def observe(self, now: float, replicas: list[Replica]) -> None:
+        if now >= self.scrape_at:
+            self.scrape_at = now + self.scrape_seconds
+            self.scraped = sum(len(r.queue) for r in replicas if now >= r.ready_at)
+
+    def raw(self, now: float, current: int, replicas: list[Replica], cluster: Cluster) -> int | None:
+        ratio = self.scraped / (self.target * current)
+        if abs(ratio - 1) <= self.tolerance:
+            return current
+        return math.ceil(self.scraped / self.target)
+
+
+class HpaCpu(Hpa):
+    """CPU utilization of a GPU serving pod (assumed model, see docs/operator.md): the engine loop keeps one
+    core busy while any request runs, plus tokenizer/detokenizer work per generated token; request 2 cores."""
+    target, cpu_request, loop_cores, core_seconds_per_token = 0.8, 2.0, 1.0, 0.0005
+
+    def __init__(self, min_replicas: int, max_replicas: int):
+        super().__init__("hpa-cpu", min_replicas, max_replicas)
+        self.window_start = 0.0
+
+    def raw(self, now: float, current: int, replicas: list[Replica], cluster: Cluster) -> int | None:
+        window = max(now - self.window_start, 1e-9)
+        self.window_start = now
+        ready = [r for r in replicas if r.is_ready(now)]
+        utils = []
+        for r in replicas:
+            used = self.loop_cores * r.busy_seconds + self.core_seconds_per_token * r.tokens_done
+            if r in ready:
+                utils.append(used / window / self.cpu_request)
+            r.busy_seconds = r.tokens_done = 0.0
+        if not utils:
+            return None
+        ratio = (sum(utils) / len(utils)) / self.target
+        if abs(ratio - 1) <= self.tolerance:
+            return current
+        return math.ceil(ratio * len(ready))
+
+
+@dataclass(slots=True)
+class Result:
+    policy: str
+    requests: int
+    slo_attainment: float
+    p50_wait: float
+    p99_wait: float
+    replica_seconds: float
+    mean_replicas: float
+    max_replicas: int
+    timeline: list[tuple[float, int, float]]  # (t, replicas incl. starting, arrival rate)
+
+
+class Cluster:
+    def __init__(self, model: ServerModel, startup_seconds: float, rng: random.Random):
+        self.model, self.startup, self.rng = model, startup_seconds, rng
+        self.replicas: list[Replica] = []
+
+    def scale_to(self, now: float, desired: int) -> None:
+        live = [r for r in self.replicas if not r.draining]
+        for _ in range(desired - len(live)):
+            self.replicas.append(Replica(created=now, ready_at=now + self.startup))
+        excess = len(live) - desired
+        # like a ReplicaSet: not-ready pods go first, then the newest
+        for r in sorted(live, key=lambda r: (r.ready_at <= now, r.created), reverse=False)[:max(excess, 0)]:
+            r.draining = True
+
+    def route(self, now: float, request: Request) -> None:
+        ready = [r for r in self.replicas if r.is_ready(now)]
+        if not ready:  # nothing ready yet: the request waits at the oldest starting replica
+            ready = sorted((r for r in self.replicas if not r.draining), key=lambda r: r.ready_at)[:1]
+        self.rng.choice(ready).queue.append(request)
+
+    def step(self, now: float, dt: float, waits: list[float]) -> None:
+        for r in self.replicas:
+            if now < r.ready_at:
+                continue
+            while r.queue and len(r.running) < self.model.max_batch:
+                request = r.queue.popleft()
+                request.started = now
+                waits.append(now - request.arrival)
+                r.running.append(request)
+            if not r.running:
+                continue
+            tokens = dt / self.model.step_seconds(len(r.running))
+            r.busy_seconds += dt
+            r.tokens_done += tokens * len(r.running)
+            for request in r.running:
+                request.tokens -= tokens
+            r.running = [q for q in r.running if q.tokens > 0]
+        self.replicas = [r for r in self.replicas if not (r.draining and not r.queue and not r.running)]
+
+
+def simulate(policy, trace: Trace, model: ServerModel, startup: float, seed: int, dt: float = 0.5,
+             min_replicas: int = 1, slo_seconds: float = 2.0, mean_tokens: float = 64.0) -> Result:
+    rng = random.Random(seed)
+    cluster = Cluster(model, startup, random.Random(seed + 1))
+    cluster.scale_to(0.0, min_replicas)
+    for r in cluster.replicas:
+        r.ready_at = 0.0  # the day starts with warm replicas
+    waits: list[float] = []
+    pending: list[Request] = []
+    replica_seconds, timeline, current, t = 0.0, [], min_replicas, 0.0
+    while t < trace.seconds:
+        rate = trace.rate(t)
+        for _ in range(_poisson(rng, rate * dt)):
+            tokens = min(512.0, max(8.0, rng.lognormvariate(math.log(mean_tokens) - 0.18, 0.6)))
+            request = Request(arrival=t - rng.uniform(0, dt), tokens=tokens)  # arrived since the last step
+            pending.append(request)
+            cluster.route(t, request)
+        cluster.step(t, dt, waits)
+        if isinstance(policy, KedaThreshold):
+            policy.observe(t, cluster.replicas)
+        desired = policy.maybe_decide(t, current, cluster.replicas, cluster)
+        if desired != current:
+            cluster.scale_to(t, desired)
+            current = desired
+        replica_seconds += len(cluster.replicas) * dt
+        if int(t / dt) % int(30 / dt) == 0:
+            timeline.append((round(t, 1), len(cluster.replicas), round(rate, 3)))
+        t += dt
+    # requests still queued at the end count with their wait so far
+    waits += [trace.seconds - q.arrival for q in pending if q.started is None]
+    waits.sort()
+    n = len(waits)
+    return Result(policy=policy.name, requests=n, slo_attainment=sum(w <= slo_seconds for w in waits) / n,
+                  p50_wait=waits[n // 2], p99_wait=waits[min(n - 1, int(0.99 * n))],
+                  replica_seconds=replica_seconds, mean_replicas=replica_seconds / trace.seconds,
+                  max_replicas=max(p for _, p, _ in timeline), timeline=timeline)
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    if lam > 30:
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    k, p, threshold = 0, 1.0, math.exp(-lam)
+    while True:
+        p *= rng.random()
+        if p <= threshold:
+            return k
+        k += 1
+
+
+def run_scenario(name: str, startup: float, model: ServerModel, seeds: list[int], hours: float,
+                 max_replicas: int) -> dict:
+    spec = AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=max_replicas)
+    per_policy: dict[str, list[Result]] = {}
+    capacity_rps = model.max_batch / (64.0 * model.step_seconds(model.max_batch))
+    for seed in seeds:
+        trace = make_trace(hours * 3600, night_rps=0.5 * capacity_rps, peak_rps=5 * capacity_rps,
+                           rng=random.Random(seed))
+        for policy in (Ours(spec), KedaThreshold(1, max_replicas), HpaCpu(1, max_replicas)):
+            per_policy.setdefault(policy.name, []).append(simulate(policy, trace, model, startup, seed))
+    summary = {}
+    for policy, results in per_policy.items():
+        summary[policy] = {
+            "slo_attainment": sum(r.slo_attainment for r in results) / len(results),
+            "p99_wait_seconds": sum(r.p99_wait for r in results) / len(results),
+            "p50_wait_seconds": sum(r.p50_wait for r in results) / len(results),
+            "replica_seconds": sum(r.replica_seconds for r in results) / len(results),
+            "mean_replicas": sum(r.mean_replicas for r in results) / len(results),
+            "requests": sum(r.requests for r in results) // len(results),
+        }
+    return {"scenario": name, "startup_seconds": startup, "seeds": seeds, "hours": hours,
+            "replica_capacity_rps": capacity_rps, "policies": summary,
+            "timeline": {p: rs[0].timeline for p, rs in per_policy.items()}}
+
+
+def write_outputs(scenarios: list[dict], model: ServerModel, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# Autoscaling simulation", "",
+             f"Server figures: decode step seconds at batch {model.step_points} and "
+             f"{model.ready_seconds:.1f} s to a healthy /health (measured, {FIGURES.name}). "
+             f"SLO: queue wait <= 2 s.", ""]
+    for sc in scenarios:
+        lines += [f"## {sc['scenario']}: start-up {sc['startup_seconds']:.0f} s, {sc['hours']:g} h day, "
+                  f"{len(sc['seeds'])} seeds, one replica serves {sc['replica_capacity_rps']:.2f} req/s at full batch",
+                  "", "| policy | SLO attainment | p50 wait (s) | p99 wait (s) | replica-seconds | mean replicas |",
+                  "|---|---|---|---|---|---|"]
+        for policy, s in sc["policies"].items():
+            lines.append(f"| {policy} | {s['slo_attainment']:.1%} | {s['p50_wait_seconds']:.2f} | "
+                         f"{s['p99_wait_seconds']:.1f} | {s['replica_seconds']:.0f} | {s['mean_replicas']:.2f} |")
+        lines.append("")
+    (out / "autoscale_results.md").write_text("\n".join(lines))
+    (out / "autoscale_results.json").write_text(json.dumps(
+        [{k: v for k, v in sc.items() if k != "timeline"} for sc in scenarios], indent=2) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(len(scenarios), 1, figsize=(11, 3.6 * len(scenarios)), squeeze=False)
+    for ax, sc in zip(axes[:, 0], scenarios, strict=True):
+        for policy, timeline in sc["timeline"].items():
+            ax.step([p[0] / 3600 for p in timeline], [p[1] for p in timeline], where="post", label=policy)
+        rate = sc["timeline"]["ours"]
+        need = [p[2] / sc["replica_capacity_rps"] for p in rate]
+        ax.plot([p[0] / 3600 for p in rate], need, color="grey", lw=0.8, ls=":", label="load / replica capacity")
+        ax.set_title(f"{sc['scenario']} (start-up {sc['startup_seconds']:.0f} s), first seed")
+        ax.set_xlabel("hours")
+        ax.set_ylabel("replicas")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "autoscale_sim.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--hours", type=float, default=4.0)
+    parser.add_argument("--max-replicas", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--measure", action="store_true", help="re-measure the server figures first")
+    parser.add_argument("--genserve", default=str(Path(sys.executable).with_name("genserve")))
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure_server(args.genserve), indent=2))
+    model = ServerModel.load()
+    seeds = list(range(1, args.seeds + 1))
+    measured = model.ready_seconds + POD_START_SECONDS
+    scenarios = [run_scenario("measured start-up", measured, model, seeds, args.hours, args.max_replicas),
+                 run_scenario("GPU-like cold start", 120.0, model, seeds, args.hours, args.max_replicas)]
+    write_outputs(scenarios, model, args.out)
+    print((args.out / "autoscale_results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
