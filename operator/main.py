@@ -65,8 +65,8 @@ def tgs_autoscale(stopped: kopf.DaemonStopped, body: kopf.Body, spec: kopf.Spec,
             controller.autoscale_tick(memo.ctx, dict(body), state, logger)
         except Exception as e:  # a failed tick must not end the loop; the next one retries
             logger.warning(f"autoscaler tick failed: {type(e).__name__}: {e}")
-        interval = (spec.get("autoscaling") or {}).get("intervalSeconds", 15)
-        stopped.wait(max(1, int(interval)) if isinstance(interval, int) else 15)
+        interval = (spec.get("autoscaling") or {}).get("intervalSeconds")
+        stopped.wait(interval if isinstance(interval, int) and interval >= 1 else 15)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)
