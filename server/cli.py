@@ -24,7 +24,8 @@ ENGINE_HELP = {
     "max_batch_prefill_tokens": "prompt tokens per prefill step",
     "max_batch_total_tokens": "tokens across the whole batch (KV-cache budget)",
     "max_batch_size": "requests per batch",
-    "waiting_served_ratio": "waiting/running ratio that lets waiting requests join a running batch",
+    "waiting_served_ratio": "waiting/running ratio that lets waiting requests join a running batch (TGI: 0.3; "
+                            "0 here: chunked prefill rides in the decode step, so waiting only adds TTFT)",
     "max_waiting_tokens": "decode steps before waiting requests are forced into the batch",
     "block_size": "tokens per paged KV-cache block",
     "kv_cache_memory_fraction": "fraction of free device memory given to the KV cache",

@@ -23,7 +23,9 @@ class EngineConfig:
     max_batch_prefill_tokens: int | None = None
     max_batch_total_tokens: int | None = None
     max_batch_size: int | None = None
-    waiting_served_ratio: float = 0.3
+    # TGI defaults to 0.3 because its prefill is a separate forward that stalls every decode; here a
+    # prompt chunk rides in the same step as the decodes, so holding arrivals back only adds TTFT
+    waiting_served_ratio: float = 0.0
     max_waiting_tokens: int = 20
     # paged KV cache
     block_size: int = 16
