@@ -48,7 +48,7 @@ def tgs_reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_:
     controller.reconcile_service(memo.ctx, dict(body), logger)
 
 
-@kopf.timer(*TGS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, idle=RESYNC_SECONDS)
+@kopf.timer(*TGS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
 def tgs_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     try:
         controller.reconcile_service(memo.ctx, dict(body), logger)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 from harness import tgs_body, wait_for
+from kmock import ResourceInfo
 from kubernetes import client
 
 GROUP, VERSION, PLURAL = "genserve.dev", "v1alpha1", "textgenerationservices"
@@ -172,3 +173,20 @@ def test_events_are_posted_for_created_children(service, cluster, namespace):
         assert child in messages
     events = [e for e in cluster.list("v1/events", namespace) if e.get("reason") == "Created"]
     assert all(e["involvedObject"]["kind"] == "TextGenerationService" for e in events)
+
+
+def test_service_monitor_is_created_when_its_crd_exists(operator, api, cluster, namespace):
+    key = "monitoring.coreos.com/v1/servicemonitors"
+    info = ResourceInfo(kind="ServiceMonitor", namespaced=True, verbs={"get", "list", "watch", "create", "patch",
+                                                                       "delete"})
+    cluster.call(lambda c: c.resources.__setitem__(key, info))
+    try:
+        create(api, namespace, "watched", {"model": {"id": "m"}, "shards": 0})
+        monitor = wait_for(lambda: cluster.get(key, namespace, "watched"), what="the ServiceMonitor")
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+        assert monitor["spec"]["selector"]["matchLabels"] == {"genserve.dev/service": "watched"}
+        client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "watched", {"spec": {"monitoring": {"enabled": False}}})
+        wait_for(lambda: cluster.get(key, namespace, "watched") is None, what="the ServiceMonitor removed")
+    finally:
+        cluster.call(lambda c: c.resources.__delitem__(key))
