@@ -48,12 +48,17 @@ def _is_owned_by(obj: dict[str, Any], uid: str) -> bool:
     return any(r.get("uid") == uid for r in obj["metadata"].get("ownerReferences") or [])
 
 
-def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger) -> None:
+def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger, is_resync: bool = False) -> None:
     """Create or patch every child to its desired state, remove unwanted ones, and refresh status."""
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     if meta.get("deletionTimestamp"):
         return
+    if is_resync:
+        try:
+            parse_spec(dict(body.get("spec") or {}), ctx.settings.default_image)
+        except SpecError:
+            return  # already reported as Degraded when the spec changed
     spec = parse_or_degrade(ctx, body)
     live = ctx.kube.get("Deployment", namespace, name)
     replicas = reconcile.desired_replicas(spec, body.get("status") or {}, _replicas_of(live))

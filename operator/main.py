@@ -50,10 +50,7 @@ def tgs_reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_:
 
 @kopf.timer(*TGS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
 def tgs_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    try:
-        controller.reconcile_service(memo.ctx, dict(body), logger)
-    except kopf.PermanentError:
-        pass  # already Degraded; wait for a spec change
+    controller.reconcile_service(memo.ctx, dict(body), logger, is_resync=True)
 
 
 @kopf.daemon(*TGS, cancellation_timeout=5)
