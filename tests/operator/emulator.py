@@ -316,13 +316,6 @@ class Cluster(kmock.KubernetesEmulator):
         finally:
             self._watchers.remove(entry)
 
-    # --- test helpers (call on the emulator's loop) ----------------------------------------------
-    def get(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
-        for (res, ns, n), obj in self.store.items():
-            if str_resource(res) == resource and ns == namespace and n == name:
-                return copy.deepcopy(obj)
-        return None
-
 
 def str_resource(res: Any) -> str:
     return f"{res.group}/{res.version}/{res.plural}" if res.group else f"{res.version}/{res.plural}"
