@@ -48,23 +48,25 @@ def _is_owned_by(obj: dict[str, Any], uid: str) -> bool:
     return any(r.get("uid") == uid for r in obj["metadata"].get("ownerReferences") or [])
 
 
-def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger, is_resync: bool = False) -> None:
-    """Create or patch every child to its desired state, remove unwanted ones, and refresh status."""
+def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger,
+                      is_resync: bool = False) -> list[str]:
+    """Create or patch every child to its desired state, remove unwanted ones, and refresh status.
+    Returns the children that were created, changed or deleted."""
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     if meta.get("deletionTimestamp"):
-        return
+        return []
     if is_resync:
         try:
             parse_spec(dict(body.get("spec") or {}), ctx.settings.default_image)
         except SpecError:
-            return  # already reported as Degraded when the spec changed
+            return []  # already reported as Degraded when the spec changed
     spec = parse_or_degrade(ctx, body)
     live = ctx.kube.get("Deployment", namespace, name)
     replicas = reconcile.desired_replicas(spec, body.get("status") or {}, _replicas_of(live))
     has_sm = ctx.kube.has_resource("monitoring.coreos.com/v1", "servicemonitors")
     wanted, absent = reconcile.build_children(name, namespace, spec, ctx.settings, replicas, has_sm)
-    problems = []
+    problems, changed = [], []
     for obj in wanted:
         kopf.append_owner_reference(obj, owner=body)
         kind, child = obj["kind"], obj["metadata"]["name"]
@@ -78,13 +80,16 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
         if before is None:
             kopf.event(body, type="Normal", reason="Created", message=f"created {kind} {child}")
             logger.info(f"created {kind} {child}")
+            changed.append(f"{kind} {child}")
         elif before["metadata"].get("resourceVersion") != after["metadata"].get("resourceVersion"):
             kopf.event(body, type="Normal", reason="Updated", message=f"updated {kind} {child}")
+            changed.append(f"{kind} {child}")
     for kind, child in absent:
         existing = ctx.kube.get(kind, namespace, child)
         if existing is not None and _is_owned_by(existing, meta["uid"]):
             ctx.kube.delete(kind, namespace, child)
             kopf.event(body, type="Normal", reason="Deleted", message=f"deleted {kind} {child}: no longer wanted")
+            changed.append(f"{kind} {child}")
     deployment = ctx.kube.get("Deployment", namespace, name)
     fields, conditions = status.deployment_status(deployment, replicas)
     fields.update(observedGeneration=meta.get("generation"), selector=f"{SERVICE_LABEL}={name}",
@@ -97,6 +102,7 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
     if not spec.autoscaling.enabled:
         conditions["ScalingActive"] = (False, "AutoscalingDisabled", f"fixed at spec.replicas={spec.replicas}")
     status.write_status(ctx.kube, namespace, name, fields, conditions)
+    return changed
 
 
 def is_drifted(actual: dict[str, Any], desired: dict[str, Any]) -> bool:
@@ -141,8 +147,9 @@ def on_child_event(ctx: Context, event_type: str, child: dict[str, Any], logger:
     desired = next((o for o in wanted if o["kind"] == kind and o["metadata"]["name"] == name), None)
     if desired is not None and is_drifted(child, {"spec": desired.get("spec"), "metadata": {
             "labels": desired["metadata"]["labels"]}}):
-        kopf.event(owner, type="Warning", reason="Restoring", message=f"{kind} {name} was changed by hand; restoring it")
-        reconcile_service(ctx, owner, logger)
+        # the API server may normalize a value (cpu "0.5" -> "500m"): only a real re-apply is a restore
+        if reconcile_service(ctx, owner, logger):
+            kopf.event(owner, type="Warning", reason="Restored", message=f"{kind} {name} was changed by hand; restored it")
     elif kind == "Deployment":
         fields, conditions = status.deployment_status(child, replicas)
         status.write_status(ctx.kube, meta["namespace"], meta["name"], fields, conditions)

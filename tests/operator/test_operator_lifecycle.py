@@ -110,6 +110,8 @@ def test_hand_edited_deployment_is_restored(service, api, cluster, namespace):
                         and d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 1 and d,
                         what="the restored Deployment")
     assert restored["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90 + 10 + 5
+    wait_for(lambda: any(e.get("reason") == "Restored" and e["type"] == "Warning"
+                         for e in cluster.list("v1/events", namespace)), what="a Restored event")
 
 
 def test_deleted_service_is_recreated(service, api, cluster, namespace):
