@@ -12,6 +12,7 @@ import torch
 from genserve.server import distributed
 from genserve.server.config import EngineConfig
 from genserve.server.layers.attention import Attention, AttentionMetadata, forward_context
+from genserve.server.layers.cpu_packing import pack_model_for_cpu
 from genserve.server.layers.quantization import quantize_model
 from genserve.server.models import get_model_class
 from genserve.server.sampler import Sampler, SampleResult, SamplingRow
@@ -80,6 +81,8 @@ class ModelRunner:
             self.model = model_cls(hf_config, dtype=dtype)
         load_weights(self.model, model_dir)
         quantize_model(self.model, config.quantize)
+        if device.type == "cpu":
+            pack_model_for_cpu(self.model)
         self.model.eval()
         self.weight_bytes = sum({p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}.values())
         logger.info("rank %d/%d holds %.1f MiB of weights", distributed.get_tp_rank(), self.tp_size,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genserve.server.distributed import all_gather, all_reduce, get_tp_rank, get_tp_size
+from genserve.server.layers.cpu_packing import can_pack, pack_weight, packed_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -42,10 +43,21 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__(num_embeddings, embedding_dim)
+        self.packed_weight: torch.Tensor | None = None
+
+    def pack_for_cpu(self) -> bool:
+        """A packed copy for the matmul; the plain weight stays (tied embeddings look rows up in it)."""
+        if not can_pack(self.weight):
+            return False
+        self.packed_weight = pack_weight(self.weight)
+        return True
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] only the rows that need logits -> [N, vocab]
-        logits = F.linear(hidden, self.weight)
+        if self.packed_weight is not None:
+            logits = packed_linear(hidden, self.packed_weight, None)
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp_size == 1:
             return logits
         return all_gather(logits, dim=-1)[:, :self.num_embeddings]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genserve.server.distributed import all_reduce, get_tp_rank, get_tp_size
+from genserve.server.layers.cpu_packing import can_pack, pack_weight, packed_linear
 
 
 def loaded_shape(loaded) -> list[int]:
@@ -38,6 +39,7 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.quant_method = None  # set by quantize(); see layers/quantization.py
+        self.packed_weight: torch.Tensor | None = None  # set by pack_for_cpu()
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         raise NotImplementedError
@@ -49,7 +51,17 @@ class LinearBase(nn.Module):
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
         self.quant_method = method
 
+    def pack_for_cpu(self) -> bool:
+        """Serve from oneDNN's blocked layout (see cpu_packing.py); the plain weight is not kept."""
+        if self.quant_method is not None or not can_pack(self.weight):
+            return False
+        self.packed_weight = pack_weight(self.weight)
+        self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)
+        return True
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, bias)
         if self.quant_method is None:
             return F.linear(x, self.weight, bias)
         return self.quant_method.apply(x, self.weight, self.weight_scale, bias)
