@@ -89,11 +89,17 @@ class RotaryEmbedding(nn.Module):
         cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * scaling
         # HF casts cos/sin to the activation dtype before rotating; so do we, once
         self.register_buffer("cos_sin_cache", cos_sin.to(dtype or torch.get_default_dtype()), persistent=False)
+        self._positions: torch.Tensor | None = None
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] = ()
 
     def forward(self, positions: torch.Tensor, qk: torch.Tensor) -> None:
         # positions: [T]; qk: [T, (H + KVH) * D], the q|k part of the fused qkv output, rotated in place
         num_tokens = positions.shape[0]
-        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rotary_dim / 2]
+        # every layer rotates by the same positions in a step: look cos/sin up once
+        if positions is not self._positions:
+            self._positions = positions
+            self._cos_sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rotary_dim / 2]
+        cos, sin = self._cos_sin
         x = qk.view(num_tokens, -1, self.head_dim)
         half = self.rotary_dim // 2
         x1, x2 = x[..., :half], x[..., half:self.rotary_dim]
