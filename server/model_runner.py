@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -203,8 +202,7 @@ class ModelRunner:
             table = t[o:o + num_decodes * max_blocks].view(num_decodes, max_blocks)
             o += num_decodes * max_blocks
             gather = (table[:, :, None] * bs + self.block_offsets).view(num_decodes, -1)[:, :max_len]
-            mask = torch.zeros(num_decodes, max_len, dtype=torch.float32, device=self.device)
-            mask.masked_fill_(torch.arange(max_len, device=self.device)[None, :] >= lens[:, None], -math.inf)
+            mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]
             meta.decode_gather_index = gather
             meta.decode_mask = mask.view(num_decodes, 1, 1, max_len)
             slots.append(gather[torch.arange(num_decodes, device=self.device), lens - 1])

@@ -45,10 +45,10 @@ def build_metadata(decode_contexts: list[list[int]] = (),
     if decode_contexts:
         max_len = max(len(ctx) for ctx in decode_contexts)
         index = torch.zeros(len(decode_contexts), max_len, dtype=torch.long)
-        mask = torch.full((len(decode_contexts), 1, 1, max_len), float("-inf"))
+        mask = torch.zeros((len(decode_contexts), 1, 1, max_len), dtype=torch.bool)
         for i, ctx in enumerate(decode_contexts):
             index[i, :len(ctx)] = torch.tensor(ctx)
-            mask[i, ..., :len(ctx)] = 0.0
+            mask[i, ..., :len(ctx)] = True
         meta.decode_gather_index, meta.decode_mask = index, mask
     start = 0
     meta.prefill_starts.append(0)
