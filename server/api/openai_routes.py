@@ -184,12 +184,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _chat_events(svc, record, jobs, _envelope(svc, "chat.completion.chunk", rid, created),
-                              bool(body.logprobs), top_n, include_usage, num_prompt)
+        envelope = _envelope(svc, "chat.completion.chunk", rid, created)
+        events = _openai_stream(svc, record, envelope, include_usage, num_prompt,
+                                _chat_events(svc, record, jobs, envelope, bool(body.logprobs), top_n, include_usage))
         return SSEResponse(events, headers={"x-compute-type": svc.compute_type, "x-request-id": record.request_id},
                            on_close=lambda: svc.fail(record, None))
     results = await _finish(svc, record, jobs)
-    completion_tokens = sum(r.num_generated_tokens for r in results)
     return JSONResponse({
         **_envelope(svc, "chat.completion", rid, created),
         "choices": [
@@ -198,14 +198,34 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
              "finish_reason": finish_reason(r.finish_reason)}
             for i, r in enumerate(results)
         ],
-        "usage": {"prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
-                  "total_tokens": num_prompt + completion_tokens},
+        "usage": _usage(num_prompt, sum(r.num_generated_tokens for r in results)),
     }, headers=record.headers(svc.compute_type))
+
+
+def _usage(num_prompt: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
+            "total_tokens": num_prompt + completion_tokens}
+
+
+async def _openai_stream(svc: GenerationService, record: RequestRecord, envelope: dict, include_usage: bool,
+                         num_prompt: int, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks, then the usage chunk and `[DONE]`; an error mid-stream becomes an SSE error event."""
+    try:
+        async for event in chunks:
+            yield event
+        svc.succeed(record)
+        if include_usage:
+            yield sse_event({**envelope, "choices": [], "usage": _usage(num_prompt, record.num_generated_tokens)})
+    except Exception as e:
+        error = e if isinstance(e, APIError) else APIError(500, f"Internal error: {type(e).__name__}: {e}", "internal")
+        svc.fail(record, error)
+        yield sse_event(error.body())
+    yield DONE
 
 
 async def _chat_events(
     svc: GenerationService, record: RequestRecord, jobs: list[Job], envelope: dict,
-    logprobs: bool, top_n: int, include_usage: bool, num_prompt: int,
+    logprobs: bool, top_n: int, include_usage: bool,
 ) -> AsyncIterator[bytes]:
     extra = {"usage": None} if include_usage else {}
 
@@ -213,29 +233,15 @@ async def _chat_events(
         return sse_event({**envelope, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}],
                           **extra})
 
-    completion_tokens = 0
-    try:
-        for i in range(len(jobs)):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        async for i, out in svc.stream_many(record, jobs):
-            if out.text_delta or (logprobs and out.new_tokens):
-                yield chunk(i, {"content": out.text_delta}, chat_logprobs(out.new_tokens, top_n) if logprobs else None)
-            if out.finished:
-                completion_tokens += out.num_generated_tokens
-                record.finish_reason = out.finish_reason
-                yield chunk(i, {}, None, finish_reason(out.finish_reason))
-        record.num_generated_tokens = completion_tokens
-        svc.succeed(record)
-        if include_usage:
-            yield sse_event({**envelope, "choices": [], "usage": {
-                "prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
-                "total_tokens": num_prompt + completion_tokens}})
-        yield DONE
-    except Exception as e:
-        error = e if isinstance(e, APIError) else APIError(500, f"Internal error: {type(e).__name__}: {e}", "internal")
-        svc.fail(record, error)
-        yield sse_event(error.body())
-        yield DONE
+    for i in range(len(jobs)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    async for i, out in svc.stream_many(record, jobs):
+        if out.text_delta or (logprobs and out.new_tokens):
+            yield chunk(i, {"content": out.text_delta}, chat_logprobs(out.new_tokens, top_n) if logprobs else None)
+        if out.finished:
+            record.num_generated_tokens += out.num_generated_tokens
+            record.finish_reason = out.finish_reason
+            yield chunk(i, {}, None, finish_reason(out.finish_reason))
 
 
 async def completion_prompts(svc: GenerationService, body: CompletionRequest) -> list[tuple[str, list[int]]]:
@@ -286,8 +292,9 @@ async def completions(body: CompletionRequest, request: Request):
     num_prompt = record.num_prompt_tokens
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _completion_events(svc, record, jobs, _envelope(svc, "text_completion", rid, created),
-                                    body, prompts, n, include_usage, num_prompt)
+        envelope = _envelope(svc, "text_completion", rid, created)
+        events = _openai_stream(svc, record, envelope, include_usage, num_prompt,
+                                _completion_events(svc, record, jobs, envelope, body, prompts, n, include_usage))
         return SSEResponse(events, headers={"x-compute-type": svc.compute_type, "x-request-id": record.request_id},
                            on_close=lambda: svc.fail(record, None))
     results = await _finish(svc, record, jobs)
@@ -300,17 +307,15 @@ async def completions(body: CompletionRequest, request: Request):
             prefix = [svc.tokenizer.decode([t]) for t in prompt_ids] if body.echo else None
             lp = completion_logprobs(r.tokens, body.logprobs, 0, prefix)
         choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(r.finish_reason)})
-    completion_tokens = sum(r.num_generated_tokens for r in results)
     return JSONResponse({
         **_envelope(svc, "text_completion", rid, created), "choices": choices,
-        "usage": {"prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
-                  "total_tokens": num_prompt + completion_tokens},
+        "usage": _usage(num_prompt, sum(r.num_generated_tokens for r in results)),
     }, headers=record.headers(svc.compute_type))
 
 
 async def _completion_events(
     svc: GenerationService, record: RequestRecord, jobs: list[Job], envelope: dict, body: CompletionRequest,
-    prompts: list[tuple[str, list[int]]], n: int, include_usage: bool, num_prompt: int,
+    prompts: list[tuple[str, list[int]]], n: int, include_usage: bool,
 ) -> AsyncIterator[bytes]:
     extra = {"usage": None} if include_usage else {}
 
@@ -319,36 +324,22 @@ async def _completion_events(
                           **extra})
 
     offsets = [0] * len(jobs)
-    completion_tokens = 0
-    try:
-        if body.echo:
-            for i in range(len(jobs)):
-                prompt_text = prompts[i // n][0]
-                offsets[i] = len(prompt_text)
-                yield chunk(i, prompt_text)
-        async for i, out in svc.stream_many(record, jobs):
-            if out.text_delta or (body.logprobs is not None and out.new_tokens):
-                lp = None
-                if body.logprobs is not None:
-                    lp = completion_logprobs(out.new_tokens, body.logprobs, offsets[i])
-                    offsets[i] += sum(len(t.text) for t in out.new_tokens)
-                yield chunk(i, out.text_delta, lp)
-            if out.finished:
-                completion_tokens += out.num_generated_tokens
-                record.finish_reason = out.finish_reason
-                yield chunk(i, "", None, finish_reason(out.finish_reason))
-        record.num_generated_tokens = completion_tokens
-        svc.succeed(record)
-        if include_usage:
-            yield sse_event({**envelope, "choices": [], "usage": {
-                "prompt_tokens": num_prompt, "completion_tokens": completion_tokens,
-                "total_tokens": num_prompt + completion_tokens}})
-        yield DONE
-    except Exception as e:
-        error = e if isinstance(e, APIError) else APIError(500, f"Internal error: {type(e).__name__}: {e}", "internal")
-        svc.fail(record, error)
-        yield sse_event(error.body())
-        yield DONE
+    if body.echo:
+        for i in range(len(jobs)):
+            prompt_text = prompts[i // n][0]
+            offsets[i] = len(prompt_text)
+            yield chunk(i, prompt_text)
+    async for i, out in svc.stream_many(record, jobs):
+        if out.text_delta or (body.logprobs is not None and out.new_tokens):
+            lp = None
+            if body.logprobs is not None:
+                lp = completion_logprobs(out.new_tokens, body.logprobs, offsets[i])
+                offsets[i] += sum(len(t.text) for t in out.new_tokens)
+            yield chunk(i, out.text_delta, lp)
+        if out.finished:
+            record.num_generated_tokens += out.num_generated_tokens
+            record.finish_reason = out.finish_reason
+            yield chunk(i, "", None, finish_reason(out.finish_reason))
 
 
 @router.get("/v1/models", response_model=ModelList)
