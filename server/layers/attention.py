@@ -79,8 +79,10 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         self.k_cache.index_copy_(0, meta.slot_mapping, k)
         self.v_cache.index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
         nd = meta.num_decode_tokens
+        if nd == num_tokens:  # decode-only step: no scatter into a shared output
+            return self._decode(q, meta).view(num_tokens, self.num_heads * self.head_dim)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], meta)
         for i, ctx_len in enumerate(meta.prefill_context_lens):
