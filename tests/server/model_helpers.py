@@ -116,3 +116,18 @@ def make_tiny_checkpoint(path, config_name: str, overrides: dict):
     hf.config.architectures = [type(hf).__name__]
     hf.save_pretrained(path)
     return hf
+
+
+def save_tiny_llama(path, tokenizer_dir, num_kv_heads: int) -> Path:
+    """A random 2-layer Llama (4 query heads) with SmolLM2's tokenizer, for engine-level tests.
+
+    initializer_range is large so greedy choices are not near-ties that float rounding could flip.
+    """
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=512, initializer_range=0.3,
+        tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return Path(path)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from model_helpers import save_tiny_llama
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from genserve.server.config import EngineConfig
 from genserve.server.engine import LLMEngine
@@ -167,14 +168,7 @@ def test_stop_sequence_and_details(smol_engine, smol_prompts, smol_reference, sm
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory, smollm2_dir):
     """A random Llama with GQA (4 heads, 2 KV heads) sharing SmolLM2's tokenizer."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.3, tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir, num_kv_heads=2)
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["native", "transformers-fallback"])

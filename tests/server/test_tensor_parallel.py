@@ -19,7 +19,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from model_helpers import save_tiny_llama
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from genserve.server import distributed
 from genserve.server.config import EngineConfig
@@ -61,14 +62,7 @@ def run_staggered(engine, prompts_ids, max_new=MAX_NEW):
 @pytest.fixture(scope="module")
 def tiny_kv1_dir(tmp_path_factory, smollm2_dir):
     """4 query heads, 1 KV head: at --num-shard 2 each rank holds a copy of the KV head."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
-                         initializer_range=0.3, tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
-    path = tmp_path_factory.mktemp("tiny-llama-kv1")
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-kv1"), smollm2_dir, num_kv_heads=1)
 
 
 @pytest.fixture(scope="module")
