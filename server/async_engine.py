@@ -17,6 +17,9 @@ from genserve.server.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
 class EngineDeadError(RuntimeError):
     pass
 
@@ -123,7 +126,16 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
 
     def _run(self) -> None:
+        try:
+            self._step_forever()
+        except BaseException as exc:  # the step thread must never die silently: fail loudly instead
+            logger.exception("the engine stopped")
+            self.error = exc
+            self._loop.call_soon_threadsafe(self._fail_waiting, exc)
+
+    def _step_forever(self) -> None:
         engine = self.engine
+        failures = 0
         while not self._stopping:
             self._drain_inbox()
             if not engine.has_unfinished:
@@ -132,15 +144,26 @@ class AsyncEngine:
                 continue
             try:
                 outputs, stats = engine.step()
-            except Exception as exc:  # a bug or device failure: fail what is in flight, keep serving
+            except Exception as exc:
                 logger.exception("engine step failed")
                 self._fail_all(exc)
+                failures += 1
+                # a CUDA error poisons the context, and repeated failures mean the engine is broken:
+                # stop, so /health turns 503 and Kubernetes restarts the pod; a one-off bug only fails its batch
+                if engine.device.type == "cuda" or failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                    raise
                 continue
+            failures = 0
             if outputs:
                 self._loop.call_soon_threadsafe(self._deliver_many, outputs)
             if stats is not None:
                 for observer in self.step_observers:
                     observer(stats)
+
+    def _fail_waiting(self, exc: BaseException) -> None:
+        """On the event loop: every request still waiting for output gets the engine's death."""
+        for outputs in list(self._queues.values()):
+            outputs.put_nowait(EngineDeadError(f"the engine stopped: {exc}"))
 
     def _deliver_many(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

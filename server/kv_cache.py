@@ -76,9 +76,12 @@ class KVCacheManager:
             if block_id is None or self.blocks[block_id].token_ids != self._block_tokens(request, i):
                 break
             hits.append(block_id)
-        self.prefix_cache_queries += request.num_tokens
-        self.prefix_cache_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit: int) -> None:
+        """Count a lookup once, when its request is admitted (a blocked request looks up every step)."""
+        self.prefix_cache_queries += num_tokens
+        self.prefix_cache_hits += num_hit
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        computed_blocks: list[int] | None = None) -> list[int] | None:

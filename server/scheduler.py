@@ -113,6 +113,7 @@ class Scheduler:
             if self.kv_cache.allocate_slots(request, num_new, computed_blocks) is None:
                 break
             self.waiting.popleft()
+            self.kv_cache.record_prefix_lookup(request.num_tokens, num_hit)
             request.num_computed_tokens = num_hit
             if request.status is RequestStatus.WAITING:
                 request.num_cached_prompt_tokens = num_hit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -40,15 +41,16 @@ class RequestGuard:
     def __init__(self, app: ASGIApp, payload_limit: int, api_key: str | None):
         self.app = app
         self.payload_limit = payload_limit
-        self.expected_auth = f"bearer {api_key}".lower() if api_key else None
+        self.api_key = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = {k.lower(): v for k, v in scope["headers"]}
-        if self.expected_auth is not None:
-            auth = headers.get(b"authorization", b"").decode("latin-1").strip().lower()
-            if auth != self.expected_auth:
+        if self.api_key is not None:
+            scheme, _, token = headers.get(b"authorization", b"").strip().partition(b" ")
+            # the scheme is case-insensitive (RFC 7235), the key is not; compare in constant time
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
                 return await _send_error(send, 401, "Unauthorized: missing or wrong API key", "unauthorized")
         too_large = f"Payload too large: the request body is over the limit of {self.payload_limit} bytes"
         length = headers.get(b"content-length")

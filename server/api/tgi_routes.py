@@ -78,7 +78,8 @@ def to_sampling_params(p: GenerateParameters, max_best_of: int, max_input_tokens
         raise validation_error("`adapter_id` is not supported: genserve serves one model without LoRA adapters")
     params = SamplingParams(
         max_new_tokens=p.max_new_tokens,
-        do_sample=sampling,
+        # as TGI: a warper that changes nothing (temperature 1.0) leaves a request greedy
+        do_sample=p.do_sample,
         temperature=1.0 if p.temperature is None else p.temperature,
         top_k=p.top_k or 0,
         top_p=1.0 if p.top_p is None else p.top_p,

@@ -147,3 +147,15 @@ def test_eos_finishes_and_prefix_cache_skips_shared_prompt():
     out, _, _ = fake_step(s)
     assert second.num_cached_prompt_tokens == 8
     assert out.scheduled[0].num_new_tokens == 4
+    assert (s.kv_cache.prefix_cache_queries, s.kv_cache.prefix_cache_hits) == (12 + 12, 8)
+
+
+def test_prefix_lookups_of_a_blocked_request_are_counted_once():
+    s = make_scheduler(num_blocks=4, block_size=4)
+    s.add_request(make_request("big", 12, max_new=2))
+    s.add_request(make_request("blocked", 12, max_new=2, first_token=300))
+    fake_step(s)
+    fake_step(s)  # "blocked" looks the cache up again each step while it waits for blocks
+    assert s.kv_cache.prefix_cache_queries == 12
+    run_to_completion(s)
+    assert s.kv_cache.prefix_cache_queries == 24
