@@ -172,15 +172,17 @@ def autoscale_tick(ctx: Context, body: dict[str, Any], state: autoscaler.ScalerS
     current = deployment["spec"].get("replicas", 1)
     policy = spec.autoscaling
     errors: dict[str, str] = {}
+    pods = [p for p in ctx.kube.list("Pod", namespace, reconcile.selector(name)) if metrics_scrape.is_pod_ready(p)]
     if policy.metrics_source == "prometheus":
         try:
-            samples = metrics_scrape.query_prometheus(policy.prometheus_url, namespace, name,
-                                                      ctx.settings.scrape_timeout_seconds)
-            missing = 0
+            samples, absent = metrics_scrape.query_prometheus(
+                policy.prometheus_url, namespace, name, [p["metadata"]["name"] for p in pods],
+                ctx.settings.scrape_timeout_seconds)
+            errors = {pod: "no series in Prometheus" for pod in absent}
+            missing = len(absent)
         except Exception as e:  # any failure is "no data"
             samples, missing, errors = [], 1, {"prometheus": f"{type(e).__name__}: {e}"}
     else:
-        pods = [p for p in ctx.kube.list("Pod", namespace, reconcile.selector(name)) if metrics_scrape.is_pod_ready(p)]
         samples, errors = metrics_scrape.scrape_pods(pods, ctx.settings.scrape_timeout_seconds)
         missing = len(errors)
     decision = autoscaler.decide(samples, missing, current, policy, state, time.time())

@@ -74,8 +74,10 @@ def scrape_pods(pods: list[dict[str, Any]], timeout: float) -> tuple[list[Sample
     return samples, errors
 
 
-def query_prometheus(base_url: str, namespace: str, service: str, timeout: float) -> list[Sample]:
-    """Per-pod samples from a Prometheus that scrapes our ServiceMonitor (labels namespace, service, pod)."""
+def query_prometheus(base_url: str, namespace: str, service: str, pod_names: list[str],
+                     timeout: float) -> tuple[list[Sample], list[str]]:
+    """Samples of the given (ready) pods from a Prometheus that scrapes our ServiceMonitor, and the pods
+    it has no series for: those count as missing data, never as idle replicas."""
     selector = f'namespace="{namespace}",service="{service}"'
 
     def per_pod(names: tuple[str, ...]) -> dict[str, float]:
@@ -88,5 +90,6 @@ def query_prometheus(base_url: str, namespace: str, service: str, timeout: float
         return {r["metric"].get("pod", ""): float(r["value"][1]) for r in body["data"]["result"]}
 
     waiting, running, kv = per_pod(WAITING), per_pod(RUNNING), per_pod(KV_USAGE)
-    return [Sample(waiting=w, running=running.get(pod, 0.0), kv_cache_usage=kv.get(pod))
-            for pod, w in sorted(waiting.items())]
+    samples = [Sample(waiting=waiting[pod], running=running.get(pod, 0.0), kv_cache_usage=kv.get(pod))
+               for pod in sorted(pod_names) if pod in waiting]
+    return samples, sorted(pod for pod in pod_names if pod not in waiting)

@@ -94,9 +94,12 @@ def test_query_prometheus_builds_per_pod_samples():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Prometheus)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        samples = query_prometheus(f"http://127.0.0.1:{server.server_address[1]}", "ns", "llama", timeout=2)
+        samples, absent = query_prometheus(f"http://127.0.0.1:{server.server_address[1]}", "ns", "llama",
+                                           ["p1", "p2", "p3"], timeout=2)
     finally:
         server.shutdown()
         server.server_close()
     assert [(s.waiting, s.running, s.kv_cache_usage) for s in samples] == [(3, 8, 0.7), (0, 2, None)]
+    # a ready pod without series is missing data (never an idle replica that could be scaled away)
+    assert absent == ["p3"]
     assert all("namespace%3D%22ns%22" in q and "service%3D%22llama%22" in q for q in queries)
