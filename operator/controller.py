@@ -71,6 +71,10 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
         kopf.append_owner_reference(obj, owner=body)
         kind, child = obj["kind"], obj["metadata"]["name"]
         before = ctx.kube.get(kind, namespace, child)
+        if kind == "Deployment" and before is not None:
+            # the autoscaler may have scaled since `live` was read: apply on top of its latest count
+            replicas = reconcile.desired_replicas(spec, body.get("status") or {}, _replicas_of(before))
+            obj["spec"]["replicas"] = replicas
         try:
             after = ctx.kube.apply(obj)
         except ApiException as e:
