@@ -2,8 +2,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# CPU build of torch; on a GPU host install the CUDA wheel instead (see README).
+# Pinned torch. On the project's dev/CI machines pip takes the CPU wheel from local disk; elsewhere
+# plain PyPI serves the CUDA build: for a small CPU-only venv use
+#   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 export GENSERVE_CACHE ?= $(HOME)/.cache/genserve
 # spinning OpenMP threads make shared or CPU-limited hosts many times slower
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -13,7 +16,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q "$(TORCH)" $(TORCH_PIP_ARGS)
 	$(PIP) install -q -e ".[server,gguf,operator,dev]"
 	# TGI's own client pins huggingface_hub<1; its code runs fine on 1.x, so install it without deps.
 	$(PIP) install -q --no-deps "text-generation==0.7.0"
