@@ -8,8 +8,6 @@ PIP := $(VENV)/bin/pip
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 export GENSERVE_CACHE ?= $(HOME)/.cache/genserve
-# spinning OpenMP threads make shared or CPU-limited hosts many times slower
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv install model serve test lint e2e sync-crds bench clean
 

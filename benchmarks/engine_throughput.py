@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+from genserve.server.cpu_env import configure_openmp_wait
+
+configure_openmp_wait()  # the server's setting, before torch loads OpenMP
 
 import torch  # noqa: E402
 
-from genserve.server.config import EngineConfig
-from genserve.server.engine import LLMEngine
-from genserve.server.model_files import prepare_default_model
-from genserve.server.sampling_params import SamplingParams
+from genserve.server.config import EngineConfig  # noqa: E402
+from genserve.server.engine import LLMEngine  # noqa: E402
+from genserve.server.model_files import prepare_default_model  # noqa: E402
+from genserve.server.sampling_params import SamplingParams  # noqa: E402
 
 WORDS = ("river mountain quiet engine garden lantern history market signal winter orbit copper "
          "teacher harbor violin forest pixel thunder recipe compass meadow castle rocket velvet "

@@ -9,6 +9,8 @@ import os
 import signal
 import sys
 
+from genserve.server.cpu_env import configure_openmp_wait
+
 ENGINE_HELP = {
     "model_id": "a local folder, a Hub id or a .gguf file; default: the built-in SmolLM2-135M-Instruct",
     "revision": "Hub revision (branch, tag or commit) of --model-id",
@@ -167,9 +169,7 @@ def run_operator(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while waiting make a shared or CPU-limited host 10x slower;
-    # it must be set before torch loads its OpenMP runtime
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    configure_openmp_wait()  # before anything imports torch
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["operator"]:
         return run_operator(argv[1:])
