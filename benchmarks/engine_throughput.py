@@ -104,7 +104,17 @@ def bench_transformers(model_dir, dtype: str, prompts, max_new: int, batch: int,
         started = time.perf_counter()
         model.generate(**padded, **kwargs)
         static = batch * max_new / (time.perf_counter() - started)
-    return {"one_at_a_time_tokens_per_s": single, "static_batch_tokens_per_s": static}
+        # TTFT = time to the first generated token: one prefill (alone, or of the whole static batch)
+        first = dict(kwargs, max_new_tokens=1, min_new_tokens=1)
+        started = time.perf_counter()
+        for ids in prompts[:num_single]:
+            model.generate(torch.tensor([ids]), **first)
+        single_ttft = (time.perf_counter() - started) / num_single
+        started = time.perf_counter()
+        model.generate(**padded, **first)
+        static_ttft = time.perf_counter() - started
+    return {"one_at_a_time_tokens_per_s": single, "static_batch_tokens_per_s": static,
+            "one_at_a_time_ttft_s": single_ttft, "static_batch_ttft_s": static_ttft}
 
 
 def profile_decode(model_dir, dtype: str, prompts, in_flight: int) -> list[tuple[str, float]]:
@@ -157,12 +167,15 @@ def main() -> None:
              f"{args.threads} threads, {args.in_flight} in flight (closed loop). TTFT p90 over the requests after the "
              "first burst.", "",
              "| dtype | genserve tok/s | transformers static batch tok/s | one at a time tok/s | speedup | "
-             "TTFT p50 / p90 (s) | decode step ms |", "|---|---|---|---|---|---|---|"]
+             "TTFT p50 / p90 (s) | transformers TTFT static / alone (s) | decode step ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for dtype, r in report["results"].items():
         g, t = r["genserve"], r["transformers"]
         lines.append(f"| {dtype} | {g['tokens_per_s']:.0f} | {t['static_batch_tokens_per_s']:.0f} | "
                      f"{t['one_at_a_time_tokens_per_s']:.0f} | x{r['speedup_vs_static_batch']:.2f} | "
-                     f"{g['ttft_p50_s']:.2f} / {g['ttft_p90_s']:.2f} | {g['decode_step_ms_median']:.0f} |")
+                     f"{g['ttft_p50_s']:.2f} / {g['ttft_p90_s']:.2f} | "
+                     f"{t['static_batch_ttft_s']:.2f} / {t['one_at_a_time_ttft_s']:.2f} | "
+                     f"{g['decode_step_ms_median']:.0f} |")
     for dtype, r in report["results"].items():
         lines += ["", f"Decode step profile, {dtype} (share of CPU time by op):", ""]
         lines += [f"- {name}: {share:.0%}" for name, share in r["decode_profile"]]
