@@ -81,13 +81,14 @@ class AsyncEngine:
         """Stream a request's outputs; leaving the loop early aborts it and frees its KV blocks."""
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped: {self.error}")
-        self.validate(prompt_token_ids, params)
+        # validated here, on the event loop, so the step thread never spends time on it
+        max_new_tokens = self.validate(prompt_token_ids, params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         outputs: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = outputs
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params))
+        self._inbox.put(("add", request_id, prompt_token_ids, params, max_new_tokens))
         self._wakeup.set()
         finished = False
         try:
@@ -119,9 +120,9 @@ class AsyncEngine:
             if message[0] == "abort":
                 self.engine.abort(message[1])
                 continue
-            _, request_id, prompt, params = message
+            _, request_id, prompt, params, max_new_tokens = message
             try:
-                self.engine.add_request(prompt, params, request_id)
+                self.engine.add_request(prompt, params, request_id, max_new_tokens)
             except ValueError as exc:
                 self._loop.call_soon_threadsafe(self._deliver, request_id, exc)
 

@@ -55,7 +55,6 @@ class _RequestState:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        import torch
         from transformers import AutoConfig, AutoTokenizer
 
         from genserve.server.model_files import resolve_model
@@ -91,7 +90,6 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.num_computed_prompt_tokens_total = 0
-        self.torch = torch
 
     def _make_runner(self, hf_config):
         from genserve.server.models import get_model_class
@@ -151,8 +149,10 @@ class LLMEngine:
             raise ValueError(f"token ids must be in [0, {vocab})")
         return max_new
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        max_new = self.validate(prompt_token_ids, params)
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    max_new_tokens: int | None = None) -> str:
+        """Queue a request; `max_new_tokens` is `validate()`'s result when the caller already validated."""
+        max_new = max_new_tokens if max_new_tokens is not None else self.validate(prompt_token_ids, params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -213,7 +213,7 @@ class LLMEngine:
         info = TokenInfo(token_id, step.token_text, result.logprobs[index], token_id in self.special_ids, tops)
         if step.matched_stop is not None:
             self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, "stop_sequence")
-            request.finish_reason = "stop_sequence"
+            request.finish_reason = "stop_sequence"  # also when the same token hit the length limit
         output = RequestOutput(
             request_id=request.request_id,
             new_tokens=[info],
