@@ -43,10 +43,6 @@ class Decision:
     running: float | None = None
     kv_cache_usage: float | None = None
 
-    @property
-    def is_metrics_ok(self) -> bool:
-        return self.reason not in ("MetricsUnavailable",)
-
 
 def learn_capacity(state: ScalerState, samples: list[Sample]) -> float:
     # a replica with a queue is saturated: its running count is the batch it sustains

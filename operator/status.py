@@ -32,10 +32,6 @@ def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool, re
     return sorted(out, key=lambda c: CONDITION_TYPES.index(c["type"]) if c["type"] in CONDITION_TYPES else 99)
 
 
-def get_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
-
-
 def write_status(kube: Kube, namespace: str, name: str, fields: dict[str, Any],
                  conditions: dict[str, tuple[bool, str, str]] | None = None) -> dict[str, Any] | None:
     """Merge `fields` and `conditions` ({type: (status, reason, message)}) into the live status."""

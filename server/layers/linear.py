@@ -14,10 +14,6 @@ from genserve.server.distributed import all_reduce, get_tp_rank, get_tp_size
 from genserve.server.layers.cpu_packing import can_pack, pack_weight, packed_linear
 
 
-def loaded_shape(loaded) -> list[int]:
-    return list(loaded.get_shape()) if hasattr(loaded, "get_shape") else list(loaded.shape)
-
-
 def _check_shape(param: torch.Tensor, loaded: torch.Tensor) -> torch.Tensor:
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(f"weight shape {tuple(loaded.shape)} does not fit parameter shape {tuple(param.shape)}")
