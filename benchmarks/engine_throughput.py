@@ -48,9 +48,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def bench_engine(model_dir, dtype: str, prompts, max_new: int, in_flight: int) -> dict:
+def bench_engine(model_dir, dtype: str, prompts, max_new: int, in_flight: int, paged_kernel: bool = True) -> dict:
     engine = LLMEngine(EngineConfig(model_id=str(model_dir), dtype=dtype, max_total_tokens=512,
                                     max_batch_total_tokens=in_flight * 256 + 1024, max_batch_prefill_tokens=512))
+    # False: decode through the pure-PyTorch gather + SDPA path (what runs without a C++ compiler)
+    engine.runner.use_paged_kernel = engine.runner.use_paged_kernel and paged_kernel
     params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
     engine.generate([prompts[0][:8]], SamplingParams(max_new_tokens=2))  # warm-up
     pending = list(prompts)
@@ -83,6 +85,7 @@ def bench_engine(model_dir, dtype: str, prompts, max_new: int, in_flight: int) -
         "decode_step_ms_median": 1000 * statistics.median(step_times["decode"]),
         "prefill_step_ms_median": 1000 * statistics.median(step_times["prefill"] or [0]),
         "num_preemptions": engine.stats().num_preemptions_total,
+        "native_decode_kernel": engine.runner.use_paged_kernel,
     }
 
 
@@ -143,6 +146,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--single-requests", type=int, default=3, help="transformers one-at-a-time sample size")
+    parser.add_argument("--no-pytorch-decode", action="store_true",
+                        help="skip the extra run of our engine with the native decode kernel off")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = prepare_default_model()
@@ -152,14 +157,17 @@ def main() -> None:
     report = {"config": vars(args), "torch": torch.__version__, "results": {}}
     for dtype in args.dtypes:
         ours = bench_engine(model_dir, dtype, prompts, args.max_new_tokens, args.in_flight)
+        pytorch_decode = None if args.no_pytorch_decode else bench_engine(
+            model_dir, dtype, prompts, args.max_new_tokens, args.in_flight, paged_kernel=False)
         theirs = bench_transformers(model_dir, dtype, prompts, args.max_new_tokens, args.in_flight, args.single_requests)
         profile = profile_decode(model_dir, dtype, prompts, args.in_flight)
         ratio = ours["tokens_per_s"] / theirs["static_batch_tokens_per_s"]
         report["results"][dtype] = {"genserve": ours, "transformers": theirs, "speedup_vs_static_batch": ratio,
-                                    "decode_profile": profile}
+                                    "genserve_pytorch_decode": pytorch_decode, "decode_profile": profile}
         print(f"[{dtype}] genserve {ours['tokens_per_s']:.0f} tok/s (TTFT p90 steady {ours['ttft_p90_s']:.2f}s) | "
               f"transformers static batch {theirs['static_batch_tokens_per_s']:.0f} tok/s, one at a time "
-              f"{theirs['one_at_a_time_tokens_per_s']:.0f} tok/s | speedup x{ratio:.2f}")
+              f"{theirs['one_at_a_time_tokens_per_s']:.0f} tok/s | speedup x{ratio:.2f}"
+              + (f" | PyTorch decode path {pytorch_decode['tokens_per_s']:.0f} tok/s" if pytorch_decode else ""))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engine_throughput.json").write_text(json.dumps(report, indent=2))
     lines = ["# Engine throughput (SmolLM2-135M, CPU)", "",
@@ -176,6 +184,14 @@ def main() -> None:
                      f"{g['ttft_p50_s']:.2f} / {g['ttft_p90_s']:.2f} | "
                      f"{t['static_batch_ttft_s']:.2f} / {t['one_at_a_time_ttft_s']:.2f} | "
                      f"{g['decode_step_ms_median']:.0f} |")
+    lines += ["", "Same run, our engine with the native CPU decode kernel off (the pure-PyTorch gather + SDPA "
+              "path used without a C++ compiler):", "",
+              "| dtype | tok/s | speedup vs static batch | decode step ms | TTFT p90 (s) |", "|---|---|---|---|---|"]
+    for dtype, r in report["results"].items():
+        p, t = r["genserve_pytorch_decode"], r["transformers"]
+        if p:
+            lines.append(f"| {dtype} | {p['tokens_per_s']:.0f} | x{p['tokens_per_s'] / t['static_batch_tokens_per_s']:.2f} | "
+                         f"{p['decode_step_ms_median']:.0f} | {p['ttft_p90_s']:.2f} |")
     for dtype, r in report["results"].items():
         lines += ["", f"Decode step profile, {dtype} (share of CPU time by op):", ""]
         lines += [f"- {name}: {share:.0%}" for name, share in r["decode_profile"]]

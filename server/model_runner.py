@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from genserve.server import distributed
+from genserve.server import distributed, kernels
 from genserve.server.config import EngineConfig
 from genserve.server.layers.attention import Attention, AttentionMetadata, forward_context
 from genserve.server.layers.cpu_packing import pack_model_for_cpu
@@ -87,6 +87,10 @@ class ModelRunner:
         logger.info("rank %d/%d holds %.1f MiB of weights", distributed.get_tp_rank(), self.tp_size,
                     self.weight_bytes / 2**20)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        # decode reads the paged pool in place on CPU when the native kernel builds here
+        self.use_paged_kernel = (device.type == "cpu"
+                                 and self.attention_layers[0].head_dim in kernels.SUPPORTED_HEAD_DIMS
+                                 and kernels.load_cpu_kernels())
         self.block_size = config.block_size
         self.block_offsets = torch.arange(self.block_size, device=device)
         self.num_blocks = self._num_kv_blocks(hf_config)
@@ -201,11 +205,15 @@ class ModelRunner:
         if num_decodes:
             table = t[o:o + num_decodes * max_blocks].view(num_decodes, max_blocks)
             o += num_decodes * max_blocks
-            gather = (table[:, :, None] * bs + self.block_offsets).view(num_decodes, -1)[:, :max_len]
-            mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]
-            meta.decode_gather_index = gather
-            meta.decode_mask = mask.view(num_decodes, 1, 1, max_len)
-            slots.append(gather[torch.arange(num_decodes, device=self.device), lens - 1])
+            last = lens - 1
+            slots.append(table[torch.arange(num_decodes, device=self.device), last // bs] * bs + last % bs)
+            if self.use_paged_kernel:
+                meta.decode_block_tables, meta.decode_context_lens, meta.block_size = table, lens, bs
+            else:
+                gather = (table[:, :, None] * bs + self.block_offsets).view(num_decodes, -1)[:, :max_len]
+                mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]
+                meta.decode_gather_index = gather
+                meta.decode_mask = mask.view(num_decodes, 1, 1, max_len)
         starts = [0]
         for begin, end in zip(begins, ends, strict=True):
             num_blocks = -(-end // bs)

@@ -4,8 +4,9 @@ Token layout of one step (the runner orders it so):
 
     [ decode tokens: one per sequence | prefill chunks: ragged, one run per sequence ]
 
-Decode reads every sequence's context with one indexed gather and grouped matmuls (no KV-head
-expansion; measurably faster than SDPA with enable_gqa on CPU). Prefill runs SDPA per sequence.
+Decode on CPU reads K/V in place through the block tables with a native kernel
+(genserve.server.kernels); elsewhere, or without a compiler, it gathers every context with one
+index_select and runs SDPA over the padded copy. Prefill runs SDPA per sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genserve.server import kernels
+
 
 @dataclass
 class AttentionMetadata:
@@ -25,6 +28,10 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     decode_gather_index: torch.Tensor | None = None  # [B, L] flat slots of each decode context
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool: True where the context is real
+    # set instead of the two above when the native paged kernel runs decode
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks]
+    decode_context_lens: torch.Tensor | None = None  # [B]
+    block_size: int = 0
     # prefill chunk i covers tokens prefill_starts[i]:prefill_starts[i+1] after the decodes
     prefill_starts: list[int] = field(default_factory=list)
     prefill_context_lens: list[int] = field(default_factory=list)
@@ -92,6 +99,10 @@ class Attention(nn.Module):
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.decode_block_tables is not None:
+            return kernels.paged_decode_attention(q.contiguous(), self.k_cache, self.v_cache,
+                                                  meta.decode_block_tables, meta.decode_context_lens,
+                                                  meta.block_size, self.scale)
         batch = q.shape[0]
         group = self.num_heads // self.num_kv_heads
         context_len = meta.decode_gather_index.shape[1]

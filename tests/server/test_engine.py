@@ -8,6 +8,7 @@ import torch
 from model_helpers import save_tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from genserve.server import kernels
 from genserve.server.config import EngineConfig
 from genserve.server.engine import LLMEngine
 from genserve.server.sampling_params import SamplingParams
@@ -79,8 +80,19 @@ def test_greedy_one_at_a_time_matches_transformers(smol_engine, smol_prompts, sm
 
 
 @pytest.mark.slow
-def test_greedy_batched_with_mid_flight_arrivals_matches_transformers(smol_engine, smol_prompts, smol_reference):
-    outputs = run_staggered(smol_engine, smol_prompts, SamplingParams(max_new_tokens=MAX_NEW))
+@pytest.mark.parametrize("decode_path", ["native-kernel", "gather-sdpa"])
+def test_greedy_batched_with_mid_flight_arrivals_matches_transformers(smol_engine, smol_prompts, smol_reference,
+                                                                      decode_path):
+    runner = smol_engine.runner
+    if decode_path == "native-kernel" and not kernels.load_cpu_kernels():
+        pytest.skip("no C++ toolchain to build the kernel")
+    # both CPU decode paths must give transformers' tokens: the kernel, and the fallback without a compiler
+    default = runner.use_paged_kernel
+    runner.use_paged_kernel = decode_path == "native-kernel"
+    try:
+        outputs = run_staggered(smol_engine, smol_prompts, SamplingParams(max_new_tokens=MAX_NEW))
+    finally:
+        runner.use_paged_kernel = default
     assert outputs == smol_reference
     assert smol_engine.kv_cache.num_used_blocks == 0
 

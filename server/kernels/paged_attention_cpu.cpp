@@ -1,0 +1,172 @@
+// Decode attention that reads K/V straight from the paged pool through block tables (CPU).
+//
+// The pure-PyTorch path gathers every context into a padded [B, KVH, L, D] copy, then runs SDPA
+// over it: three passes over the context (read pool, write copy, read copy), padded to the longest
+// sequence. Here each (sequence, KV head) work item reads its own rows in place, and the query heads
+// that share the KV head find them in cache. Scores and softmax in float32 for every dtype.
+// SmolLM2 fp32, batch 32, contexts 100-228, 30 layers, 2 threads: 27-30 ms -> 9.5 ms (bf16: 21 -> 11).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// 16 floats in one value: GCC/Clang lower it to one AVX-512 register, two AVX2 ones or four NEON ones.
+typedef float vfloat __attribute__((vector_size(64)));
+typedef float vfloat8 __attribute__((vector_size(32)));
+typedef float vfloat4 __attribute__((vector_size(16)));
+typedef uint16_t vu16 __attribute__((vector_size(32)));
+typedef uint32_t vu32 __attribute__((vector_size(64)));
+
+inline vfloat load16(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vfloat load16(const c10::BFloat16* p) {  // bf16 is the top half of a float
+  vu16 bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  vu32 wide = __builtin_convertvector(bits, vu32) << 16;
+  vfloat v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+inline vfloat load16(const c10::Half* p) {
+  float tmp[16];
+  for (int i = 0; i < 16; ++i) tmp[i] = static_cast<float>(p[i]);
+  return load16(tmp);
+}
+inline float hsum(vfloat v) {
+  vfloat8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  vfloat4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// One sequence and one KV head: its `group` query heads against the whole context. One query head
+// at a time, so the query (scores pass) or the output row (values pass) stays in registers; the
+// context's K/V rows come from memory for the first head and from cache for the others.
+template <int D, typename scalar_t>
+void decode_one(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table,
+                int64_t context_len, scalar_t* out, int64_t num_kv_heads, int64_t kv_head, int64_t group,
+                int64_t block_size, float scale, std::vector<float>& scores, std::vector<int64_t>& rows) {
+  constexpr int V = D / 16;
+  const int64_t row_stride = num_kv_heads * D;
+  const int64_t num_blocks = (context_len + block_size - 1) / block_size;
+  rows.resize(context_len);  // offset of each context token's row for this KV head (K and V alike)
+  for (int64_t blk = 0, t = 0; blk < num_blocks; ++blk) {
+    int64_t row = (table[blk] * block_size * num_kv_heads + kv_head) * D;
+    const int64_t n = std::min(block_size, context_len - t);
+    for (int64_t j = 0; j < n; ++j, ++t, row += row_stride) rows[t] = row;
+  }
+  scores.resize(context_len);
+  for (int64_t g = 0; g < group; ++g) {
+    vfloat qv[V];
+    for (int i = 0; i < V; ++i) qv[i] = load16(q + g * D + i * 16) * scale;
+    float row_max = -std::numeric_limits<float>::max();
+    for (int64_t t = 0; t < context_len; ++t) {
+      const scalar_t* key = k_cache + rows[t];
+      vfloat acc = qv[0] * load16(key);
+      for (int i = 1; i < V; ++i) acc += qv[i] * load16(key + i * 16);
+      const float s = hsum(acc);
+      scores[t] = s;
+      row_max = std::max(row_max, s);
+    }
+    float sum = 0.f;
+    float* s = scores.data();
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < context_len; ++t) {
+      s[t] = std::exp(s[t] - row_max);
+      sum += s[t];
+    }
+    vfloat ov[V];
+    for (int i = 0; i < V; ++i) ov[i] = vfloat{};
+    for (int64_t t = 0; t < context_len; ++t) {
+      const scalar_t* value = v_cache + rows[t];
+      const float p = s[t];
+      for (int i = 0; i < V; ++i) ov[i] += p * load16(value + i * 16);
+    }
+    const float inv = 1.f / sum;
+    for (int i = 0; i < V; ++i) {
+      for (int d = 0; d < 16; ++d) out[g * D + i * 16 + d] = static_cast<scalar_t>(ov[i][d] * inv);
+    }
+  }
+}
+
+template <int D, typename scalar_t>
+void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                const at::Tensor& tables, const at::Tensor& lens, at::Tensor& out, int64_t block_size,
+                float scale) {
+  const int64_t batch = q.size(0), num_heads = q.size(1), num_kv_heads = k_cache.size(1);
+  const int64_t group = num_heads / num_kv_heads, max_blocks = tables.size(1);
+  const scalar_t* q_ptr = q.data_ptr<scalar_t>();
+  const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
+  const scalar_t* v_ptr = v_cache.data_ptr<scalar_t>();
+  const int64_t* table_ptr = tables.data_ptr<int64_t>();
+  const int64_t* len_ptr = lens.data_ptr<int64_t>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<int64_t> rows;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
+      const int64_t offset = (b * num_heads + h * group) * D;
+      decode_one<D, scalar_t>(q_ptr + offset, k_ptr, v_ptr, table_ptr + b * max_blocks, len_ptr[b],
+                              out_ptr + offset, num_kv_heads, h, group, block_size, scale, scores, rows);
+    }
+  });
+}
+
+template <typename scalar_t>
+void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& tables, const at::Tensor& lens, at::Tensor& out, int64_t block_size,
+                       float scale) {
+  switch (q.size(2)) {
+    case 64: decode_all<64, scalar_t>(q, k_cache, v_cache, tables, lens, out, block_size, scale); break;
+    case 128: decode_all<128, scalar_t>(q, k_cache, v_cache, tables, lens, out, block_size, scale); break;
+    case 256: decode_all<256, scalar_t>(q, k_cache, v_cache, tables, lens, out, block_size, scale); break;
+    default: TORCH_CHECK(false, "paged_decode_attention: head_dim must be 64, 128 or 256");
+  }
+}
+
+// q: [B, H, D]; k_cache, v_cache: [slots, KVH, D]; block_tables: [B, max_blocks] int64;
+// context_lens: [B] int64 (each >= 1) -> [B, H, D]
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                  int64_t block_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q [B,H,D], caches [slots,KVH,D]");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "int64 tables");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "one dtype");
+  const int64_t head_dim = q.size(2);
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0 && k_cache.size(2) == head_dim, "head shapes");
+  auto tables = block_tables.contiguous();
+  auto lens = context_lens.contiguous();
+  auto out = at::empty_like(q);
+  const float s = static_cast<float>(scale);
+  switch (q.scalar_type()) {
+    case at::kFloat: dispatch_head_dim<float>(q, k_cache, v_cache, tables, lens, out, block_size, s); break;
+    case at::kBFloat16: dispatch_head_dim<c10::BFloat16>(q, k_cache, v_cache, tables, lens, out, block_size, s); break;
+    case at::kHalf: dispatch_head_dim<c10::Half>(q, k_cache, v_cache, tables, lens, out, block_size, s); break;
+    default: TORCH_CHECK(false, "paged_decode_attention: float32, bfloat16 or float16 only");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(genserve_cpu, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, int block_size, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(genserve_cpu, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}

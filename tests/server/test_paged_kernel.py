@@ -1,0 +1,112 @@
+"""The native CPU paged decode attention against a float64 reference, and inside the Attention layer."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from genserve.server import kernels
+from genserve.server.layers.attention import Attention, AttentionMetadata, forward_context
+
+pytestmark = pytest.mark.skipif(not kernels.load_cpu_kernels(), reason="no C++ toolchain to build the kernel")
+
+BLOCK_SIZE = 16
+
+
+def paged_case(context_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, dtype, seed: int = 0):
+    """Random K/V pools whose blocks are handed out in shuffled order, as a busy cache would."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    needed = [-(-n // BLOCK_SIZE) for n in context_lens]
+    free = list(range(sum(needed) + 3))
+    rng.shuffle(free)
+    width = max(needed)
+    tables = []
+    for n in needed:
+        tables.append(free[:n] + [0] * (width - n))
+        free = free[n:]
+    slots = (sum(needed) + 3) * BLOCK_SIZE
+    k_cache = torch.randn(slots, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(slots, num_kv_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(len(context_lens), num_heads, head_dim, generator=gen).to(dtype)
+    return q, k_cache, v_cache, torch.tensor(tables), torch.tensor(context_lens)
+
+
+def reference(q, k_cache, v_cache, tables, lens, scale):
+    group = q.shape[1] // k_cache.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b, n in enumerate(lens.tolist()):
+        slots = [tables[b, t // BLOCK_SIZE].item() * BLOCK_SIZE + t % BLOCK_SIZE for t in range(n)]
+        keys = k_cache[slots].double().repeat_interleave(group, dim=1)  # [n, H, D]
+        values = v_cache[slots].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,thd->ht", q[b].double(), keys) * scale
+        out[b] = torch.einsum("ht,thd->hd", scores.softmax(-1), values)
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (8, 2, 64), (2, 1, 256)])
+def test_kernel_matches_reference(dtype, tol, num_heads, num_kv_heads, head_dim):
+    # lengths on both sides of block boundaries, a single token, and one much longer context
+    lens = [1, 15, 16, 17, 33, 100, 228, 5]
+    q, k_cache, v_cache, tables, context_lens = paged_case(lens, num_heads, num_kv_heads, head_dim, dtype)
+    scale = head_dim ** -0.5
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, BLOCK_SIZE, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    expected = reference(q, k_cache, v_cache, tables, context_lens, scale)
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_kernel_ignores_blocks_past_the_context():
+    q, k_cache, v_cache, tables, lens = paged_case([20, 40], 6, 2, 64, torch.float32)
+    before = kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, BLOCK_SIZE, 0.125)
+    # poison every slot the contexts do not cover, including the rest of their last blocks
+    used = {tables[b, t // BLOCK_SIZE].item() * BLOCK_SIZE + t % BLOCK_SIZE
+            for b, n in enumerate(lens.tolist()) for t in range(n)}
+    for slot in range(k_cache.shape[0]):
+        if slot not in used:
+            k_cache[slot] = float("nan")
+            v_cache[slot] = float("nan")
+    after = kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, BLOCK_SIZE, 0.125)
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_kernel_rejects_bad_input(head_dim):
+    q, k_cache, v_cache, tables, lens = paged_case([3], 4, 2, head_dim, torch.float32)
+    if head_dim == 96:
+        with pytest.raises(RuntimeError, match="head_dim must be 64, 128 or 256"):
+            kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, BLOCK_SIZE, 1.0)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        kernels.paged_decode_attention(q.double(), k_cache, v_cache, tables, lens, BLOCK_SIZE, 1.0)
+    with pytest.raises(RuntimeError, match="int64 tables"):
+        kernels.paged_decode_attention(q, k_cache, v_cache, tables.int(), lens, BLOCK_SIZE, 1.0)
+
+
+def test_attention_layer_kernel_path_equals_gather_path():
+    """The same decode step through the layer, once with block tables (kernel), once with the gather."""
+    lens = [7, 16, 31, 64]
+    q, k_cache, v_cache, tables, context_lens = paged_case(lens, 9, 3, 64, torch.float32, seed=3)
+    layer = Attention(num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125)
+    last = context_lens - 1
+    slot_mapping = tables[torch.arange(len(lens)), last // BLOCK_SIZE] * BLOCK_SIZE + last % BLOCK_SIZE
+    new_k = torch.randn(len(lens), 3 * 64)
+    new_v = torch.randn(len(lens), 3 * 64)
+    flat_q = q.reshape(len(lens), -1)
+
+    def run(meta: AttentionMetadata) -> torch.Tensor:
+        layer.k_cache, layer.v_cache = k_cache.clone(), v_cache.clone()
+        with torch.inference_mode(), forward_context(meta):
+            return layer(flat_q, new_k, new_v)
+
+    kernel_meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=len(lens),
+                                    decode_block_tables=tables, decode_context_lens=context_lens,
+                                    block_size=BLOCK_SIZE)
+    width = tables.shape[1] * BLOCK_SIZE
+    gather = (tables[:, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).view(len(lens), width)[:, :max(lens)]
+    mask = (torch.arange(max(lens))[None, :] < context_lens[:, None]).view(len(lens), 1, 1, -1)
+    gather_meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=len(lens),
+                                    decode_gather_index=gather, decode_mask=mask)
+    torch.testing.assert_close(run(kernel_meta), run(gather_meta), atol=1e-5, rtol=1e-5)
