@@ -112,6 +112,16 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   const int64_t* table_ptr = tables.data_ptr<int64_t>();
   const int64_t* len_ptr = lens.data_ptr<int64_t>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  // a wrong table would read outside the pool: check every block the contexts use (a few hundred ints)
+  const int64_t pool_blocks = k_cache.size(0) / block_size;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(len_ptr[b] >= 1 && len_ptr[b] <= max_blocks * block_size,
+                "paged_decode_attention: context length ", len_ptr[b], " outside 1..", max_blocks * block_size);
+    for (int64_t blk = 0; blk * block_size < len_ptr[b]; ++blk) {
+      const int64_t id = table_ptr[b * max_blocks + blk];
+      TORCH_CHECK(id >= 0 && id < pool_blocks, "paged_decode_attention: block ", id, " outside the pool");
+    }
+  }
   at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<int64_t> rows;

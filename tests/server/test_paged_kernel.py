@@ -83,6 +83,13 @@ def test_kernel_rejects_bad_input(head_dim):
         kernels.paged_decode_attention(q.double(), k_cache, v_cache, tables, lens, BLOCK_SIZE, 1.0)
     with pytest.raises(RuntimeError, match="int64 tables"):
         kernels.paged_decode_attention(q, k_cache, v_cache, tables.int(), lens, BLOCK_SIZE, 1.0)
+    if head_dim == 64:  # tables and lengths that would read outside the pool are refused, not followed
+        with pytest.raises(RuntimeError, match="outside the pool"):
+            kernels.paged_decode_attention(q, k_cache, v_cache, tables + 1000, lens, BLOCK_SIZE, 1.0)
+        with pytest.raises(RuntimeError, match="context length 0"):
+            kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens * 0, BLOCK_SIZE, 1.0)
+        with pytest.raises(RuntimeError, match="context length 17"):
+            kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens * 0 + 17, BLOCK_SIZE, 1.0)
 
 
 def test_attention_layer_kernel_path_equals_gather_path():
