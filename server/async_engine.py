@@ -52,6 +52,10 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="genserve-engine", daemon=True)
         self._thread.start()
+        grammars = getattr(self.engine, "grammars", None)
+        if grammars is not None:
+            # llguidance's view of the vocabulary takes ~1.5 s to build: not on the first grammar request
+            threading.Thread(target=grammars.warm_up, name="genserve-grammar-warm-up", daemon=True).start()
         warmup = self.tokenizer.encode("Hello")[:8] or [0]
         async for _ in self.generate(warmup, SamplingParams(max_new_tokens=2)):
             pass

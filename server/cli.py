@@ -34,6 +34,7 @@ ENGINE_HELP = {
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "num_threads": "CPU threads for torch",
     "use_transformers_fallback": "run the model with transformers instead of genserve's own implementation",
+    "disable_grammar_support": "reject `grammar` (TGI) and JSON `response_format` (OpenAI) with 422",
 }
 ENGINE_ALIASES = {"max_input_tokens": ["--max-input-length"]}
 

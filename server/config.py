@@ -33,6 +33,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     use_transformers_fallback: bool = False
+    # TGI's flag: refuse `grammar` / `response_format` instead of constraining decoding
+    disable_grammar_support: bool = False
 
     def resolve_limits(self, max_position_embeddings: int) -> None:
         """Fill the limits left unset, the way TGI's launcher derives them."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from genserve.server.config import EngineConfig
 from genserve.server.detokenizer import IncrementalDetokenizer
+from genserve.server.grammar import GrammarCompiler
 from genserve.server.kv_cache import KVCacheManager
 from genserve.server.outputs import RequestOutput, TokenInfo, TopToken
 from genserve.server.request import Request, RequestStatus
@@ -73,6 +74,8 @@ class LLMEngine:
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
         self.eos_token_ids = self._eos_token_ids()
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
+        self.grammars = None if config.disable_grammar_support or not GrammarCompiler.available() \
+            else GrammarCompiler(self.tokenizer)
         self.runner = self._make_runner(hf_config)
         # the fallback keeps K/V per request, so cached blocks elsewhere cannot stand in for them
         prefix_caching = config.enable_prefix_caching and self.runner.supports_prefix_caching
@@ -147,6 +150,10 @@ class LLMEngine:
         vocab = self.hf_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"token ids must be in [0, {vocab})")
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise ValueError("grammar is not supported")
+            self.grammars.compile(params.grammar)  # cached: add_request builds the matcher from it
         return max_new
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -168,6 +175,10 @@ class LLMEngine:
                                        skip_special_tokens=params.skip_special_tokens, stop=params.stop)
         row = SamplingRow(params=params, generator=generator, token_ids=request.token_ids,
                           num_prompt_tokens=request.num_prompt_tokens)
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise ValueError("grammar is not supported")
+            row.grammar = self.grammars.matcher(params.grammar)
         self.states[request_id] = _RequestState(request, detok, row, seed)
         self.scheduler.add_request(request)
         self.num_prompt_tokens_total += len(prompt_token_ids)
@@ -214,6 +225,14 @@ class LLMEngine:
         if step.matched_stop is not None:
             self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, "stop_sequence")
             request.finish_reason = "stop_sequence"  # also when the same token hit the length limit
+        grammar = state.row.grammar
+        if grammar is not None and not request.is_finished:
+            if not grammar.accept(token_id):  # cannot happen with the mask applied; never loop on it
+                logger.error("grammar rejected token %d: %s", token_id, grammar.error,
+                             extra={"request_id": request.request_id})
+                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, "eos_token")
+            elif grammar.is_finished:  # the grammar allows nothing but end-of-sequence: end it here
+                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, "eos_token")
         output = RequestOutput(
             request_id=request.request_id,
             new_tokens=[info],

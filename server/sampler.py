@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from genserve.server.grammar import GrammarMatcher, allowed_token_mask
 from genserve.server.sampling_params import SamplingParams
 
 
@@ -15,6 +16,7 @@ class SamplingRow:
     generator: torch.Generator | None  # per-request, seeded; None for greedy
     token_ids: list[int]  # prompt + generated so far (for penalties)
     num_prompt_tokens: int
+    grammar: GrammarMatcher | None = None  # tokens outside the grammar get -inf before anything else
 
 
 @dataclass(slots=True)
@@ -43,6 +45,9 @@ class Sampler:
         """Pick one token per row of `logits` [N, V]; a row's draw depends only on its logits and generator."""
         assert logits.shape[0] == len(rows)
         raw = logits.float()
+        if any(r.grammar is not None for r in rows):
+            # masked first: penalties, warpers, greedy and the reported logprobs all see the constrained logits
+            raw = apply_grammars(raw, rows)
         params = [r.params for r in rows]
         lse = torch.logsumexp(raw, dim=-1)
 
@@ -72,6 +77,19 @@ class Sampler:
             probs = _warped_probs(scores[idx], [r.params for r in sub_rows])
             ids[idx] = _draw(probs, [r.generator for r in sub_rows])
         return ids
+
+
+def apply_grammars(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """-inf for every token a row's grammar does not allow next; rows without a grammar are untouched."""
+    constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+    bitmask = torch.zeros(len(constrained), rows[constrained[0]].grammar.num_words, dtype=torch.int32)
+    for j, i in enumerate(constrained):
+        rows[i].grammar.fill_bitmask(bitmask, j)
+    allowed = allowed_token_mask(bitmask, raw.shape[-1]).to(raw.device)
+    index = torch.tensor(constrained, device=raw.device)
+    masked = raw.clone()
+    masked[index] = raw[index].masked_fill(~allowed, float("-inf"))
+    return masked
 
 
 def apply_penalties(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

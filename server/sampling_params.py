@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the scheduler imports this module and must not pull in torch
+    from genserve.server.grammar import GrammarSpec
 
 
 @dataclass(slots=True)
@@ -23,6 +27,7 @@ class SamplingParams:
     logprobs: bool = True
     top_n_tokens: int = 0
     skip_special_tokens: bool = True
+    grammar: GrammarSpec | None = None  # constrain the output to a JSON schema or a regex
 
     @property
     def is_greedy(self) -> bool:

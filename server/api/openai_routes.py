@@ -19,11 +19,13 @@ from genserve.server.api.protocol import (
     Completion,
     CompletionRequest,
     ModelList,
+    ResponseFormat,
     _SamplingFields,
 )
 from genserve.server.api.settings import server_version
 from genserve.server.api.stream import DONE, SSEResponse, sse_event
 from genserve.server.api.tgi_routes import ERRORS, service
+from genserve.server.grammar import GrammarSpec
 from genserve.server.outputs import TokenInfo
 from genserve.server.sampling_params import SamplingParams
 
@@ -34,6 +36,29 @@ FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "sto
 
 def finish_reason(reason: str | None) -> str | None:
     return FINISH_REASONS.get(reason or "", reason)
+
+
+def response_format_grammar(fmt: ResponseFormat | None) -> GrammarSpec | None:
+    """OpenAI's `response_format` (and TGI's `json`/`regex` spelling of it) as a grammar; None for text."""
+    if fmt is None or fmt.type == "text":
+        return None
+    extra = fmt.model_extra or {}
+    try:
+        if fmt.type == "json_object":
+            return GrammarSpec.json_schema({"type": "object"})
+        if fmt.type == "json_schema":
+            spec = extra.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise ValueError("`response_format.json_schema.schema` is required for type `json_schema`")
+            return GrammarSpec.json_schema(spec["schema"])
+        if fmt.type == "json":
+            return GrammarSpec.json_schema(extra.get("value"))
+        if fmt.type == "regex":
+            return GrammarSpec.regex(extra.get("value"))
+    except ValueError as e:
+        raise validation_error(str(e)) from None
+    raise validation_error(f"`response_format` of type `{fmt.type}` is not supported; use one of "
+                           "text, json_object, json_schema, json, regex")
 
 
 def sampling_params(
@@ -68,6 +93,7 @@ def sampling_params(
         seed=body.seed,
         stop=stop,
         top_n_tokens=top_n_tokens,
+        grammar=response_format_grammar(body.response_format),
     )
     svc.check_params(base)
     return [replace(base, seed=seed, stop=list(stop)) for seed in derive_seeds(body.seed, n)]
@@ -98,14 +124,9 @@ def chat_prompt(svc: GenerationService, body: ChatCompletionRequest) -> str:
 
 def chat_unsupported(body: ChatCompletionRequest, svc: GenerationService) -> None:
     if body.tools:
-        raise not_supported("`tools` are not supported by genserve (no constrained decoding yet)")
+        raise not_supported("`tools` are not supported by genserve yet (use `response_format` with a JSON schema)")
     if body.tool_choice not in (None, "none", "auto"):
         raise not_supported("`tool_choice` is not supported by genserve")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise not_supported(
-            f"`response_format` of type `{body.response_format.type}` is not supported: "
-            "genserve has no constrained decoding yet"
-        )
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise validation_error("`top_logprobs` requires `logprobs` to be true")

@@ -38,7 +38,9 @@ class GenerateParameters(_Strict):
     decoder_input_details: bool = False
     seed: int | None = None
     top_n_tokens: int | None = None
-    grammar: Grammar | None = Field(None, description="Not supported: a grammar is rejected")
+    grammar: Grammar | None = Field(
+        None, description="Constrain the output: `json` (value: a JSON schema), `regex` (value: a pattern) or "
+                          "`json_schema` (value: {name, schema})")
     adapter_id: str | None = Field(None, description="Not supported: LoRA adapters are rejected")
 
 
@@ -174,6 +176,9 @@ class _SamplingFields(_Strict):
     top_p: float | None = None
     top_k: int | None = Field(None, description="Extension (TGI/vLLM)")
     user: str | None = None
+    response_format: ResponseFormat | None = Field(
+        None, description="`text`, `json_object`, `json_schema` ({json_schema: {name, schema}}), or TGI's "
+                          "`json` / `regex` ({value}); on /v1/completions an extension, as in vLLM")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -182,7 +187,6 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    response_format: ResponseFormat | None = Field(None, description="Only `text`; JSON modes are rejected")
     tools: list[Any] | None = Field(None, description="Not supported: tools are rejected")
     tool_choice: Any = None
     tool_prompt: str | None = None

@@ -15,12 +15,14 @@ from genserve.server.api.protocol import (
     GenerateParameters,
     GenerateRequest,
     GenerateResponse,
+    Grammar,
     Info,
     SimpleToken,
     StreamResponse,
 )
 from genserve.server.api.settings import server_version
 from genserve.server.api.stream import SSEResponse, sse_event
+from genserve.server.grammar import GrammarSpec
 from genserve.server.outputs import TokenInfo
 from genserve.server.sampling_params import SamplingParams
 
@@ -72,8 +74,7 @@ def to_sampling_params(p: GenerateParameters, max_best_of: int, max_input_tokens
         )
     if p.watermark:
         raise validation_error("`watermark` is not supported by genserve")
-    if p.grammar is not None:
-        raise validation_error("grammar is not supported")
+    grammar = tgi_grammar(p.grammar) if p.grammar is not None else None
     if p.adapter_id:
         raise validation_error("`adapter_id` is not supported: genserve serves one model without LoRA adapters")
     params = SamplingParams(
@@ -89,8 +90,25 @@ def to_sampling_params(p: GenerateParameters, max_best_of: int, max_input_tokens
         seed=p.seed,
         stop=list(p.stop),
         top_n_tokens=p.top_n_tokens or 0,
+        grammar=grammar,
     )
     return params, best_of
+
+
+def tgi_grammar(grammar: Grammar) -> GrammarSpec:
+    """TGI's `parameters.grammar`: {type: json, value: schema}, {type: regex, value: pattern} or
+    {type: json_schema, value: {name, schema}}."""
+    try:
+        if grammar.type == "json":
+            return GrammarSpec.json_schema(grammar.value)
+        if grammar.type == "json_schema":
+            value = grammar.value
+            if not isinstance(value, dict) or "schema" not in value:
+                raise ValueError("grammar is not valid: `json_schema` needs a value with a `schema`")
+            return GrammarSpec.json_schema(value["schema"])
+        return GrammarSpec.regex(grammar.value)
+    except ValueError as e:
+        raise validation_error(str(e)) from None
 
 
 def token_json(t: TokenInfo) -> dict:

@@ -64,7 +64,11 @@ BAD_PARAMS = [
     ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
     ({"truncate": 0}, "`truncate` must be strictly positive and less than 500. Given: 0"),
     ({"watermark": True}, "`watermark` is not supported"),
-    ({"grammar": {"type": "json", "value": {"properties": {}}}}, "grammar is not supported"),
+    ({"grammar": {"type": "json", "value": "{not json"}}, "grammar is not valid: the JSON schema is not JSON"),
+    ({"grammar": {"type": "json", "value": [1]}}, "grammar is not valid: a JSON schema must be an object"),
+    ({"grammar": {"type": "regex", "value": ""}}, "grammar is not valid: a regex grammar needs"),
+    ({"grammar": {"type": "json_schema", "value": {"name": "x"}}}, "`json_schema` needs a value with a `schema`"),
+    ({"grammar": {"type": "lark", "value": "start: x"}}, "grammar"),
     ({"adapter_id": "lora"}, "`adapter_id` is not supported"),
 ]
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from api_fakes import SCRIPT, FakeEngine, load_tokenizer
 from test_api_tgi import sse_events
 
 from genserve.server.api.app import create_app
+from genserve.server.grammar import GrammarSpec
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
 
@@ -138,8 +141,10 @@ async def test_models(served):
 
 @pytest.mark.parametrize("extra, fragment", [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "`tools`"),
-    ({"response_format": {"type": "json_object"}}, "`response_format`"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "`response_format`"),
+    ({"response_format": {"type": "grammar", "grammar": "x"}}, "`response_format` of type `grammar` is not"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "`response_format.json_schema.schema`"),
+    ({"response_format": {"type": "json", "value": "{"}}, "grammar is not valid"),
+    ({"response_format": {"type": "regex"}}, "grammar is not valid: a regex grammar needs"),
     ({"logit_bias": {"1": 2.0}}, "`logit_bias`"),
     ({"n": 5}, "`n` must be"),
     ({"top_logprobs": 2}, "`top_logprobs` requires"),
@@ -171,3 +176,26 @@ async def test_completions_rejections(served):
     r = await client.post("/v1/chat/completions", json={"messages": [
         {"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 2})
     assert r.status_code == 200
+
+
+async def test_response_format_and_tgi_grammar_reach_the_engine_as_grammars(served):
+    client, engine = served
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    r = await client.post("/v1/chat/completions", json={
+        "messages": MESSAGES, "max_tokens": 2,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}})
+    assert r.status_code == 200, r.text
+    assert engine.seen_params[-1].grammar == GrammarSpec("json", json.dumps(schema))
+    # on /v1/completions too (an extension, as in vLLM), and TGI's own spellings
+    r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2,
+                                                   "response_format": {"type": "json_object"}})
+    assert r.status_code == 200 and engine.seen_params[-1].grammar == GrammarSpec("json", '{"type": "object"}')
+    r = await client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2,
+                                                        "response_format": {"type": "regex", "value": "[ab]+"}})
+    assert r.status_code == 200 and engine.seen_params[-1].grammar == GrammarSpec("regex", "[ab]+")
+    r = await client.post("/generate", json={"inputs": "x", "parameters": {
+        "max_new_tokens": 2, "grammar": {"type": "json_schema", "value": {"name": "x", "schema": schema}}}})
+    assert r.status_code == 200 and engine.seen_params[-1].grammar == GrammarSpec("json", json.dumps(schema))
+    r = await client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2,
+                                                        "response_format": {"type": "text"}})
+    assert r.status_code == 200 and engine.seen_params[-1].grammar is None

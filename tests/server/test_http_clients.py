@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import pytest
@@ -164,7 +165,63 @@ def test_clients_raise_their_own_validation_errors(server):
         list(Client(server.base_url).generate_stream(PROMPT, stop_sequences=list("abcde")))
     with pytest.raises(huggingface_hub.errors.ValidationError, match="must be <= 1024"):
         InferenceClient(base_url=server.base_url).text_generation(PROMPT, max_new_tokens=10**8)
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.UnprocessableEntityError) as bad_schema:
         openai.OpenAI(base_url=server.base_url + "/v1", api_key="x").chat.completions.create(
-            model="tgi", messages=MESSAGES, response_format={"type": "json_object"})
+            model="tgi", messages=MESSAGES,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
+    assert bad_schema.value.response.json() == {"error": "grammar is not valid: Invalid type: nonsense",
+                                                "error_type": "validation"}
     assert Client(server.base_url).generate(PROMPT, max_new_tokens=2).generated_text
+
+
+CITY_SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon", "Nice"]},
+                                                "population": {"type": "integer"}},
+               "required": ["city", "population"], "additionalProperties": False}
+CITY_MESSAGES = [{"role": "user", "content": "Which French city is on the Riviera? Answer in JSON."}]
+
+
+def test_structured_output_through_the_clients(server):
+    """JSON schemas and regexes over real HTTP: OpenAI `response_format`, TGI `grammar` (both clients)."""
+    import jsonschema
+    from huggingface_hub import InferenceClient
+    from openai import OpenAI
+    from text_generation import Client
+    from text_generation.types import Grammar, GrammarType
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    r = client.chat.completions.create(
+        model="tgi", messages=CITY_MESSAGES, temperature=0, max_tokens=64,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}})
+    assert r.choices[0].finish_reason == "stop"
+    answer = json.loads(r.choices[0].message.content)
+    jsonschema.validate(answer, CITY_SCHEMA)
+    # streamed, the same grammar gives the same text
+    stream = client.chat.completions.create(
+        model="tgi", messages=CITY_MESSAGES, temperature=0, max_tokens=64, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA}})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.choices[0].message.content
+
+    r = client.chat.completions.create(model="tgi", messages=CITY_MESSAGES, temperature=0, max_tokens=200,
+                                       response_format={"type": "json_object"})
+    content = r.choices[0].message.content
+    assert content.startswith("{")
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+
+    tgi = Client(server.base_url).generate(
+        "Question: which French city is on the Riviera?\nAnswer (JSON):", max_new_tokens=64,
+        grammar=Grammar(type=GrammarType.Json, value=CITY_SCHEMA))
+    assert tgi.details.finish_reason == "eos_token"
+    jsonschema.validate(json.loads(tgi.generated_text), CITY_SCHEMA)
+
+    date = r"(19|20)\d\d-(0[1-9]|1[0-2])-[0-3]\d"
+    hub = InferenceClient(base_url=server.base_url).text_generation(
+        "The first moon landing happened on", max_new_tokens=20, grammar={"type": "regex", "value": date})
+    assert re.fullmatch(date, hub), hub
+
+    import openai
+
+    with pytest.raises(openai.UnprocessableEntityError) as bad_regex:
+        client.chat.completions.create(model="tgi", messages=CITY_MESSAGES, max_tokens=4,
+                                       response_format={"type": "regex", "value": "a(b"})
+    assert bad_regex.value.response.json()["error"].startswith("grammar is not valid: ")

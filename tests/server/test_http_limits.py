@@ -67,7 +67,7 @@ def test_openai_bad_input(client):
         {"messages": []},
         {"model": "x"},
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3},
-        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}},
         {"messages": [{"role": "wizard", "content": "hi"}]},
     ]
     for body in bad:
