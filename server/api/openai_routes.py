@@ -25,6 +25,14 @@ from genserve.server.api.protocol import (
 from genserve.server.api.settings import server_version
 from genserve.server.api.stream import DONE, SSEResponse, sse_event
 from genserve.server.api.tgi_routes import ERRORS, service
+from genserve.server.api.tools import (
+    PlainAnswerStream,
+    ToolPlan,
+    history_message,
+    parse_tool_output,
+    plan_tools,
+    tool_messages,
+)
 from genserve.server.grammar import GrammarSpec
 from genserve.server.outputs import TokenInfo
 from genserve.server.sampling_params import SamplingParams
@@ -62,7 +70,8 @@ def response_format_grammar(fmt: ResponseFormat | None) -> GrammarSpec | None:
 
 
 def sampling_params(
-    body: _SamplingFields, svc: GenerationService, max_tokens: int | None, top_n_tokens: int
+    body: _SamplingFields, svc: GenerationService, max_tokens: int | None, top_n_tokens: int,
+    grammar: GrammarSpec | None = None,
 ) -> list[SamplingParams]:
     """OpenAI semantics: sampling unless temperature is 0; one SamplingParams per choice (`n`)."""
     cfg = svc.config
@@ -93,7 +102,7 @@ def sampling_params(
         seed=body.seed,
         stop=stop,
         top_n_tokens=top_n_tokens,
-        grammar=response_format_grammar(body.response_format),
+        grammar=grammar or response_format_grammar(body.response_format),
     )
     svc.check_params(base)
     return [replace(base, seed=seed, stop=list(stop)) for seed in derive_seeds(body.seed, n)]
@@ -110,23 +119,29 @@ def _message_text(m: ChatMessage) -> str | None:
     return "\n".join(parts)
 
 
-def chat_prompt(svc: GenerationService, body: ChatCompletionRequest) -> str:
+def chat_prompt(svc: GenerationService, body: ChatCompletionRequest, plan: ToolPlan | None = None) -> str:
+    template = svc.tokenizer.chat_template if isinstance(svc.tokenizer.chat_template, str) else ""
     messages = []
     for m in body.messages:
-        if m.tool_calls or m.role == "tool":
-            raise not_supported("tool calls are not supported by genserve")
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": _message_text(m) or ""})
+        role = "system" if m.role == "developer" else m.role
+        if m.tool_calls:
+            messages.append(history_message(role, _message_text(m), m.tool_calls, template))
+        else:
+            messages.append({"role": role, "content": _message_text(m) or ""})
+    kwargs: dict = {}
+    if plan is not None:
+        messages, kwargs = tool_messages(messages, plan, body.tool_prompt, template)
     try:
-        return svc.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return svc.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     except Exception as e:  # jinja2 errors, raise_exception() in templates, missing template
         raise APIError(422, f"Template error: {e}", "template_error") from None
 
 
-def chat_unsupported(body: ChatCompletionRequest, svc: GenerationService) -> None:
-    if body.tools:
-        raise not_supported("`tools` are not supported by genserve yet (use `response_format` with a JSON schema)")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise not_supported("`tool_choice` is not supported by genserve")
+def chat_unsupported(body: ChatCompletionRequest, svc: GenerationService) -> ToolPlan | None:
+    """Reject what cannot be served; returns the tool-calling plan when `tools` are given."""
+    plan = plan_tools(body.tools, body.tool_choice)
+    if plan is not None and plan.grammar is not None and response_format_grammar(body.response_format):
+        raise validation_error("`response_format` cannot be combined with tool calls; use `tool_choice: none`")
     if body.top_logprobs is not None:
         if not body.logprobs:
             raise validation_error("`top_logprobs` requires `logprobs` to be true")
@@ -134,6 +149,7 @@ def chat_unsupported(body: ChatCompletionRequest, svc: GenerationService) -> Non
             raise validation_error(
                 f"`top_logprobs` must be >= 0 and <= {svc.config.max_top_n_tokens}. Given: {body.top_logprobs}"
             )
+    return plan
 
 
 def _bytes(text: str) -> list[int]:
@@ -192,35 +208,46 @@ async def _finish(svc: GenerationService, record: RequestRecord, jobs: list[Job]
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """OpenAI chat completions: the tokenizer's chat template, `n`, logprobs, streaming with usage."""
     async def prepare(svc: GenerationService, record: RequestRecord):
-        chat_unsupported(body, svc)
+        plan = chat_unsupported(body, svc)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top_n = (body.top_logprobs or 0) if body.logprobs else 0
-        params = sampling_params(body, svc, max_tokens, top_n)
-        ids = await svc.encode(chat_prompt(svc, body), add_special_tokens=False)
+        params = sampling_params(body, svc, max_tokens, top_n, plan.grammar if plan else None)
+        ids = await svc.encode(chat_prompt(svc, body, plan), add_special_tokens=False)
         svc.validate(record, ids, params[0])
-        return [Job(ids, p) for p in params], [len(ids)]
+        return [Job(ids, p) for p in params], [len(ids), plan]
 
-    svc, record, jobs, (num_prompt,) = await _prepared(request, "/v1/chat/completions", prepare)
+    svc, record, jobs, (num_prompt, plan) = await _prepared(request, "/v1/chat/completions", prepare)
+    # with a tool grammar the output is a call to parse, not text to show as it comes
+    calls = plan if plan is not None and plan.grammar is not None else None
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         envelope = _envelope(svc, "chat.completion.chunk", rid, created)
         events = _openai_stream(svc, record, envelope, include_usage, num_prompt,
-                                _chat_events(svc, record, jobs, envelope, bool(body.logprobs), top_n, include_usage))
+                                _chat_events(svc, record, jobs, envelope, bool(body.logprobs), top_n, include_usage,
+                                             calls))
         return SSEResponse(events, headers={"x-compute-type": svc.compute_type, "x-request-id": record.request_id},
                            on_close=lambda: svc.fail(record, None))
     results = await _finish(svc, record, jobs)
     return JSONResponse({
         **_envelope(svc, "chat.completion", rid, created),
-        "choices": [
-            {"index": i, "message": {"role": "assistant", "content": r.text},
-             "logprobs": chat_logprobs(r.tokens, top_n) if body.logprobs else None,
-             "finish_reason": finish_reason(r.finish_reason)}
-            for i, r in enumerate(results)
-        ],
+        "choices": [_chat_choice(i, r, calls, chat_logprobs(r.tokens, top_n) if body.logprobs else None)
+                    for i, r in enumerate(results)],
         "usage": _usage(num_prompt, sum(r.num_generated_tokens for r in results)),
     }, headers=record.headers(svc.compute_type))
+
+
+def _chat_choice(index: int, result: SequenceResult, calls: ToolPlan | None, logprobs: dict | None) -> dict:
+    message: dict = {"role": "assistant", "content": result.text}
+    reason = finish_reason(result.finish_reason)
+    if calls is not None:
+        answer = parse_tool_output(result.text, calls)
+        message["content"] = answer.content
+        if answer.tool_calls:
+            message["tool_calls"] = answer.tool_calls
+            reason = "tool_calls"
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
 
 
 def _usage(num_prompt: int, completion_tokens: int) -> dict:
@@ -246,7 +273,7 @@ async def _openai_stream(svc: GenerationService, record: RequestRecord, envelope
 
 async def _chat_events(
     svc: GenerationService, record: RequestRecord, jobs: list[Job], envelope: dict,
-    logprobs: bool, top_n: int, include_usage: bool,
+    logprobs: bool, top_n: int, include_usage: bool, calls: ToolPlan | None = None,
 ) -> AsyncIterator[bytes]:
     extra = {"usage": None} if include_usage else {}
 
@@ -254,15 +281,33 @@ async def _chat_events(
         return sse_event({**envelope, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}],
                           **extra})
 
+    # tool mode: a call is sent whole when complete; a plain `auto` answer streams as it decodes
+    held: dict[int, list[TokenInfo]] = {i: [] for i in range(len(jobs))}
+    plain = {i: PlainAnswerStream() for i in range(len(jobs))}
     for i in range(len(jobs)):
         yield chunk(i, {"role": "assistant", "content": ""})
     async for i, out in svc.stream_many(record, jobs):
-        if out.text_delta or (logprobs and out.new_tokens):
+        if calls is not None:
+            held[i].extend(out.new_tokens)
+            content = plain[i].feed(out.text_delta)
+            if content:
+                yield chunk(i, {"content": content}, chat_logprobs(held[i], top_n) if logprobs else None)
+                held[i] = []
+        elif out.text_delta or (logprobs and out.new_tokens):
             yield chunk(i, {"content": out.text_delta}, chat_logprobs(out.new_tokens, top_n) if logprobs else None)
         if out.finished:
             record.num_generated_tokens += out.num_generated_tokens
             record.finish_reason = out.finish_reason
-            yield chunk(i, {}, None, finish_reason(out.finish_reason))
+            reason = finish_reason(out.finish_reason)
+            if calls is not None and not plain[i].streaming:
+                answer = parse_tool_output(out.generated_text or "", calls)
+                lp = chat_logprobs(held[i], top_n) if logprobs else None
+                if answer.tool_calls:
+                    reason = "tool_calls"
+                    yield chunk(i, {"tool_calls": [{"index": k, **c} for k, c in enumerate(answer.tool_calls)]}, lp)
+                else:
+                    yield chunk(i, {"content": answer.content}, lp)
+            yield chunk(i, {}, None, reason)
 
 
 async def completion_prompts(svc: GenerationService, body: CompletionRequest) -> list[tuple[str, list[int]]]:

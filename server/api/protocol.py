@@ -187,7 +187,7 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    tools: list[Any] | None = Field(None, description="Not supported: tools are rejected")
+    tools: list[Any] | None = Field(None, description="OpenAI function tools; the call is held to their schemas")
     tool_choice: Any = None
     tool_prompt: str | None = None
     parallel_tool_calls: bool | None = None

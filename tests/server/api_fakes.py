@@ -71,6 +71,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.seen_params: list = []
+        self.seen_prompts: list[list[int]] = []
         self.started = 0
         self.shut_down = 0
 
@@ -119,6 +120,7 @@ class FakeEngine:
     async def generate(self, prompt_token_ids, params, request_id=None):
         max_new = self.validate(prompt_token_ids, params)
         self.seen_params.append(params)
+        self.seen_prompts.append(list(prompt_token_ids))
         rid = request_id or uuid.uuid4().hex
         blocks = math.ceil((len(prompt_token_ids) + max_new) / 16)
         self.blocks_used += blocks

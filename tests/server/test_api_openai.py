@@ -139,8 +139,23 @@ async def test_models(served):
     assert body["object"] == "list" and body["data"][0]["id"] == "fake/model"
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                       "required": ["city"]}}}
+
+
 @pytest.mark.parametrize("extra, fragment", [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "`tools`"),
+    ({"tools": [{"type": "function", "function": {}}]}, "`tools[0].function.name` must be"),
+    ({"tools": [{"type": "function", "function": {"name": "no_tool"}}]}, "other than 'no_tool'"),
+    ({"tools": [{"type": "retrieval"}]}, '`tools[0]` must be {"type": "function"'),
+    ({"tools": [TOOL, TOOL]}, "two functions with the same name"),
+    ({"tool_choice": "required"}, "`tool_choice` needs `tools`"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "names the function 'g'"),
+    ({"tools": [TOOL], "tool_choice": "sometimes"}, "`tool_choice` must be"),
+    ({"tools": [TOOL], "response_format": {"type": "json_object"}}, "cannot be combined with tool calls"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
+     "`tool_calls[].function.arguments` must be a JSON string"),
     ({"response_format": {"type": "grammar", "grammar": "x"}}, "`response_format` of type `grammar` is not"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "`response_format.json_schema.schema`"),
     ({"response_format": {"type": "json", "value": "{"}}, "grammar is not valid"),
@@ -199,3 +214,24 @@ async def test_response_format_and_tgi_grammar_reach_the_engine_as_grammars(serv
     r = await client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2,
                                                         "response_format": {"type": "text"}})
     assert r.status_code == 200 and engine.seen_params[-1].grammar is None
+
+
+async def test_tools_become_a_grammar_over_the_calls(served, tokenizer):
+    client, engine = served
+    body = {"messages": MESSAGES, "max_tokens": 4, "tools": [TOOL]}
+    r = await client.post("/v1/chat/completions", json={**body, "tool_choice": "required"})
+    assert r.status_code == 200, r.text
+    schema = json.loads(engine.seen_params[-1].grammar.value)
+    assert schema["properties"]["name"] == {"const": "get_weather"}
+    assert schema["properties"]["arguments"] == TOOL["function"]["parameters"]
+    # the fake model's text is no call: it comes back as content, not as a made-up tool call
+    message = r.json()["choices"][0]["message"]
+    assert "tool_calls" not in message and message["content"]
+    r = await client.post("/v1/chat/completions", json=body)  # auto: the calls or a plain answer
+    options = json.loads(engine.seen_params[-1].grammar.value)["anyOf"]
+    assert [o["properties"]["name"]["const"] for o in options] == ["get_weather", "no_tool"]
+    r = await client.post("/v1/chat/completions", json={**body, "tool_choice": "none"})
+    assert r.status_code == 200 and engine.seen_params[-1].grammar is None
+    # SmolLM2's template has no `tools`: they are listed in the last user message instead
+    prompt = tokenizer.decode(engine.seen_prompts[-1])
+    assert "get_weather" in prompt and prompt.index("get_weather") > prompt.index(MESSAGES[-1]["content"])

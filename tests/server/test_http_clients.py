@@ -225,3 +225,64 @@ def test_structured_output_through_the_clients(server):
         client.chat.completions.create(model="tgi", messages=CITY_MESSAGES, max_tokens=4,
                                        response_format={"type": "regex", "value": "a(b"})
     assert bad_regex.value.response.json()["error"].startswith("grammar is not valid: ")
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 40}},
+        "required": ["timezone"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "Current time in a timezone",
+                                           "parameters": TIME}}]
+WEATHER_MESSAGES = [{"role": "user", "content": "What's the weather like in Paris today?"}]
+
+
+def test_tool_calls_through_the_openai_client(server):
+    import jsonschema
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    schemas = {"get_weather": WEATHER, "get_time": TIME}
+
+    def create(**kwargs):
+        return client.chat.completions.create(model="tgi", messages=kwargs.pop("messages", WEATHER_MESSAGES),
+                                              tools=TOOLS, temperature=0, max_tokens=60, **kwargs)
+
+    r = create(tool_choice="required")
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+    named = create(tool_choice={"type": "function", "function": {"name": "get_time"}}).choices[0].message.tool_calls
+    assert named[0].function.name == "get_time"
+    jsonschema.validate(json.loads(named[0].function.arguments), TIME)
+
+    # streamed: the call arrives whole, equal to the non-streamed one (greedy)
+    deltas = [c.choices[0] for c in create(tool_choice="required", stream=True) if c.choices]
+    streamed = [t for d in deltas if d.delta.tool_calls for t in d.delta.tool_calls]
+    assert [(t.index, t.function.name, t.function.arguments) for t in streamed] == \
+        [(0, call.function.name, call.function.arguments)]
+    assert deltas[-1].finish_reason == "tool_calls"
+
+    # auto: a call or a plain answer; a plain answer streams as text, never as JSON
+    auto = create().choices[0]
+    streamed_auto = [c.choices[0] for c in create(stream=True) if c.choices]
+    if auto.message.tool_calls:
+        jsonschema.validate(json.loads(auto.message.tool_calls[0].function.arguments),
+                            schemas[auto.message.tool_calls[0].function.name])
+    else:
+        assert auto.message.content and not auto.message.content.startswith('{"name"')
+        assert "".join(d.delta.content or "" for d in streamed_auto) == auto.message.content
+        assert sum(1 for d in streamed_auto if d.delta.content) > 2  # really streamed, not held back
+
+    # the next turn carries the call and its result back; the template gets them as text
+    follow_up = WEATHER_MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "cloudy"}'},
+    ]
+    answer = client.chat.completions.create(model="tgi", messages=follow_up, temperature=0, max_tokens=20)
+    assert answer.choices[0].message.content
