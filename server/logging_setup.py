@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 
+# tensor-parallel ranks are fresh interpreters: they read the server's choice from here
+JSON_OUTPUT_ENV = "GENSERVE_JSON_OUTPUT"
+
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, rank: int | None = None) -> None:
+        super().__init__()
+        self.rank = rank
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "timestamp": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
@@ -16,6 +24,8 @@ class JsonFormatter(logging.Formatter):
             "target": record.name,
             "message": record.getMessage(),
         }
+        if self.rank is not None:
+            entry["rank"] = self.rank
         request_id = getattr(record, "request_id", None)
         if request_id is not None:
             entry["request_id"] = request_id
@@ -28,8 +38,9 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def __init__(self, rank: int | None = None) -> None:
+        where = f"rank{rank} " if rank is not None else ""
+        super().__init__(f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -37,10 +48,11 @@ class TextFormatter(logging.Formatter):
         return f"{line} request_id={request_id}" if request_id else line
 
 
-def configure_logging(json_output: bool = False, level: str | int = "INFO") -> None:
-    """Send every log record (ours and uvicorn's) to stdout in one format."""
+def configure_logging(json_output: bool = False, level: str | int = "INFO", rank: int | None = None) -> None:
+    """Send every log record (ours and uvicorn's) to stdout in one format; `rank` tags a TP worker's lines."""
+    os.environ[JSON_OUTPUT_ENV] = "1" if json_output else "0"
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter() if json_output else TextFormatter())
+    handler.setFormatter(JsonFormatter(rank) if json_output else TextFormatter(rank))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -41,9 +41,10 @@ def start_tensor_parallel(config: EngineConfig, hf_config, model_dir, device: to
 def worker_main(rank: int, launch: distributed.Launch, config: EngineConfig, hf_config, model_dir: str,
                 device: str, dtype: torch.dtype, threads: int | None) -> None:
     """Entry point of a spawned rank (a fresh interpreter)."""
+    from genserve.server.logging_setup import JSON_OUTPUT_ENV, configure_logging
+
     distributed.exit_with_parent()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+    configure_logging(os.environ.get(JSON_OUTPUT_ENV) == "1", rank=rank)  # the server's format
     launch = distributed.Launch(rank, launch.world_size, rank, launch.master_addr, launch.master_port, False)
     sys.exit(run_worker(launch, config, hf_config, model_dir, torch.device(device), dtype, threads))
 

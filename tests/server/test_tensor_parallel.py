@@ -154,12 +154,13 @@ def test_torchrun_style_launch_one_process_per_rank(tiny_kv1_dir, tiny_prompts):
     assert json.loads(results[0][0].strip().splitlines()[-1]) == reference_greedy(tiny_kv1_dir, tiny_prompts)
 
 
-def start_server(tmp_path: Path, model_dir, num_shard: int, device: str = "cpu") -> tuple[subprocess.Popen, str, Path]:
+def start_server(tmp_path: Path, model_dir, num_shard: int, device: str = "cpu",
+                 *extra: str) -> tuple[subprocess.Popen, str, Path]:
     port = distributed.free_port()
     log_path = tmp_path / f"serve-{port}.log"
     cmd = [str(Path(sys.executable).parent / "genserve"), "serve", "--model-id", str(model_dir), "--port", str(port),
            "--hostname", "127.0.0.1", "--num-shard", str(num_shard), "--dtype", "float32", "--device", device,
-           "--max-total-tokens", "512", "--max-batch-total-tokens", "4096"]
+           "--max-total-tokens", "512", "--max-batch-total-tokens", "4096", *extra]
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -230,6 +231,20 @@ def test_smollm2_three_shards_over_http_match_one_shard_and_transformers_then_wo
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_json_output_covers_the_worker_ranks(tmp_path, tiny_kv1_dir):
+    proc, url, log_path = start_server(tmp_path, tiny_kv1_dir, 2, "cpu", "--json-output")
+    try:
+        assert len(generate_concurrently(url, PROMPTS[:2], max_new=4)) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    # every line, rank 0's and the worker's alike, is one JSON object; the worker's carry its rank
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    assert any(e.get("rank") == 1 and "rank 1 ready" in e["message"] for e in lines)
+    assert any("rank" not in e and e["target"].startswith("genserve") for e in lines)
 
 
 @pytest.mark.gpu
