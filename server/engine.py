@@ -52,6 +52,7 @@ class _RequestState:
     row: SamplingRow
     seed: int | None
     outputs_text: list[str] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None  # [None, lp(token 1 | token 0), ...] when asked for
 
 
 class LLMEngine:
@@ -207,7 +208,13 @@ class LLMEngine:
             min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.request.num_computed_tokens, 0))
             for s in out.scheduled)
         rows = {s.request.request_id: self.states[s.request.request_id].row for s in out.scheduled}
-        order, result = self.runner.execute(out, rows)
+        order, result, prompt_logprobs = self.runner.execute(out, rows)
+        for request_id, (first, values) in prompt_logprobs.items():
+            state = self.states[request_id]
+            if state.prompt_logprobs is None:
+                state.prompt_logprobs = [None] * state.request.num_prompt_tokens
+            # a preempted request scores its prompt again: same positions, same values
+            state.prompt_logprobs[first:first + len(values)] = values
         sampled = {s.request.request_id: tok for s, tok in zip(order, result.token_ids, strict=True)} if result else {}
         self.scheduler.update_from_output(out, sampled)
         stats = StepStats("prefill" if has_prefill else "decode", time.perf_counter() - started,
@@ -245,6 +252,8 @@ class LLMEngine:
             first_scheduled_time=request.first_scheduled_time,
             first_token_time=request.first_token_time,
         )
+        if request.num_output_tokens == 1 and request.sampling_params.prompt_logprobs:
+            output.prompt_logprobs = state.prompt_logprobs or [None] * request.num_prompt_tokens
         if request.is_finished:
             if step.matched_stop is None:
                 output.text_delta += state.detokenizer.flush()

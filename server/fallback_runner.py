@@ -10,8 +10,9 @@ import torch
 
 from genserve.server.config import EngineConfig
 from genserve.server.layers.quantization import quantize_model
+from genserve.server.model_runner import StepOutput, score_prompt_tokens
 from genserve.server.models.hf_fallback import TransformersCausalLM
-from genserve.server.sampler import Sampler, SampleResult, SamplingRow
+from genserve.server.sampler import Sampler, SamplingRow
 from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
 
 
@@ -27,22 +28,28 @@ class FallbackRunner:
         self.caches: dict[str, object] = {}
         self.sampler = Sampler()
 
-    def execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> tuple[list[ScheduledRequest], SampleResult | None]:
+    def execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepOutput:
         order: list[ScheduledRequest] = []
         logits = []
+        prompt_logprobs: dict[str, tuple[int, list[float]]] = {}
         for s in out.scheduled:
             req = s.request
-            begin = req.num_computed_tokens
+            begin, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
             past = self.caches.get(req.request_id) if begin > 0 else None
-            last, self.caches[req.request_id] = self.model.forward_request(
-                req.token_ids[begin:begin + s.num_new_tokens], past)
+            scored_end = min(end, req.num_prompt_tokens - 1)  # position j's logits score prompt token j + 1
+            score = req.sampling_params.prompt_logprobs and begin < scored_end
+            chunk_logits, self.caches[req.request_id] = self.model.forward_request(
+                req.token_ids[begin:end], past, all_logits=score)
+            if score:
+                targets = [(req.request_id, begin + 1, req.token_ids[begin + 1:scored_end + 1])]
+                prompt_logprobs.update(score_prompt_tokens(chunk_logits[:scored_end - begin], targets))
             if s.is_sampling:
                 order.append(s)
-                logits.append(last)
+                logits.append(chunk_logits[-1] if score else chunk_logits)
         if not order:
-            return [], None
+            return [], None, prompt_logprobs
         result = self.sampler(torch.stack(logits), [rows[s.request.request_id] for s in order])
-        return order, result
+        return order, result, prompt_logprobs
 
     def release(self, request_id: str) -> None:
         self.caches.pop(request_id, None)

@@ -65,7 +65,7 @@ class KVCacheManager:
 
         The last token is never taken from the cache: its logits must be computed to sample.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs:
             return [], 0
         state = self._hash_state(request)
         max_blocks = (request.num_tokens - 1) // self.block_size

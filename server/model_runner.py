@@ -19,8 +19,14 @@ from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
-# step header: [is_step, num_tokens, num_decodes, max_blocks, num_prefills, num_samples, max_len, payload_len]
-HEADER_SIZE = 8
+# step header: [is_step, num_tokens, num_decodes, max_blocks, num_prefills, num_samples, max_len, payload_len,
+#               num_prompt_logprob_rows]
+HEADER_SIZE = 9
+
+
+# what a runner's execute() returns: sampling requests in order, their draws, and the prompt
+# log-probabilities computed this step (request id -> (prompt position of the first, values))
+StepOutput = tuple[list[ScheduledRequest], SampleResult | None, dict[str, tuple[int, list[float]]]]
 
 
 @dataclass(slots=True)
@@ -30,6 +36,9 @@ class StepInputs:
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [N] row of each sampling request's last token
     sampling_order: list[ScheduledRequest]  # rank 0 only
+    prompt_rows: torch.Tensor | None = None  # [R] rows whose logits score the next prompt token
+    # rank 0 only: (request id, prompt position of the first scored token, the scored token ids)
+    prompt_targets: list[tuple[str, int, list[int]]] | None = None
 
 
 def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
@@ -159,9 +168,16 @@ class ModelRunner:
             tables += [0] * (max_blocks - len(blocks))
         begins: list[int] = []
         ends: list[int] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[tuple[str, int, list[int]]] = []
         for s in prefills:
             req = s.request
             begin, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+            # position j's logits score prompt token j + 1
+            scored_end = min(end, req.num_prompt_tokens - 1)
+            if req.sampling_params.prompt_logprobs and begin < scored_end:
+                prompt_rows.extend(range(len(input_ids), len(input_ids) + scored_end - begin))
+                prompt_targets.append((req.request_id, begin + 1, req.token_ids[begin + 1:scored_end + 1]))
             input_ids.extend(req.token_ids[begin:end])
             positions.extend(range(begin, end))
             begins.append(begin)
@@ -170,15 +186,16 @@ class ModelRunner:
             if s.is_sampling:
                 sample_rows.append(len(input_ids) - 1)
                 sampling_order.append(s)
-        payload = input_ids + positions + sample_rows + context_lens + begins + ends + tables
+        payload = input_ids + positions + sample_rows + context_lens + begins + ends + tables + prompt_rows
         header = [1, len(input_ids), len(decodes), max_blocks, len(prefills), len(sample_rows), max_len,
-                  len(payload)]
+                  len(payload), len(prompt_rows)]
         payload_t = torch.tensor(payload, dtype=torch.long)
         if self.tp_size > 1:
             distributed.broadcast_cpu(torch.tensor(header, dtype=torch.long))
             distributed.broadcast_cpu(payload_t)
         inputs = self._unpack(header, payload_t)
         inputs.sampling_order = sampling_order
+        inputs.prompt_targets = prompt_targets
         return inputs
 
     def receive(self) -> StepInputs | None:
@@ -190,8 +207,8 @@ class ModelRunner:
 
     def _unpack(self, header: list[int], payload: torch.Tensor) -> StepInputs:
         # payload: [input_ids T | positions T | sample rows S | decode context lens B | prefill begins P |
-        #           prefill ends P | decode block tables B*max_blocks | each prefill's blocks]
-        _, num_tokens, num_decodes, max_blocks, num_prefills, num_samples, max_len, _ = header
+        #           prefill ends P | decode block tables B*max_blocks | each prefill's blocks | prompt rows R]
+        _, num_tokens, num_decodes, max_blocks, num_prefills, num_samples, max_len, _, num_prompt_rows = header
         bs = self.block_size
         t = payload.to(self.device, non_blocking=True)
         o = 2 * num_tokens + num_samples
@@ -231,19 +248,24 @@ class ModelRunner:
             meta=meta,
             sample_indices=t[2 * num_tokens:2 * num_tokens + num_samples],
             sampling_order=[],
+            prompt_rows=t[t.shape[0] - num_prompt_rows:] if num_prompt_rows else None,
         )
 
-    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Every rank: the model over this rank's shard; logits [N, vocab] for the sampling rows."""
+    def forward(self, inputs: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Every rank: the model over this rank's shard; logits [N, vocab] for the sampling rows, and
+        [R, vocab] for the prompt rows whose log-probabilities were asked for."""
         with forward_context(inputs.meta):
             hidden = self.model(inputs.input_ids, inputs.positions)
+        prompt_logits = None
+        if inputs.prompt_rows is not None:
+            prompt_logits = self.model.compute_logits(hidden[inputs.prompt_rows])
         if inputs.sample_indices.shape[0] == 0:
-            return None
-        return self.model.compute_logits(hidden[inputs.sample_indices])
+            return None, prompt_logits
+        return self.model.compute_logits(hidden[inputs.sample_indices]), prompt_logits
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> tuple[list[ScheduledRequest], SampleResult | None]:
-        """Run one step; returns the sampling requests in order and their sampled tokens."""
+    def execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepOutput:
+        """Run one step: the sampling requests in order, their sampled tokens, and prompt log-probabilities."""
         if self.tp_size == 1:
             return self._execute(out, rows)
         try:
@@ -253,13 +275,14 @@ class ModelRunner:
             logger.critical("tensor-parallel step failed on rank 0: exiting", exc_info=True)
             os._exit(1)
 
-    def _execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> tuple[list[ScheduledRequest], SampleResult | None]:
+    def _execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepOutput:
         inputs = self.prepare(out)
-        logits = self.forward(inputs)
+        logits, prompt_logits = self.forward(inputs)
+        prompt_logprobs = score_prompt_tokens(prompt_logits, inputs.prompt_targets or [])
         if logits is None:
-            return [], None
+            return [], None, prompt_logprobs
         order = inputs.sampling_order
-        return order, self.sampler(logits.float(), [rows[s.request.request_id] for s in order])
+        return order, self.sampler(logits.float(), [rows[s.request.request_id] for s in order]), prompt_logprobs
 
     def shutdown(self) -> None:
         """Rank 0: tell the workers to stop, join them and leave the process group."""
@@ -271,6 +294,20 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         """Paged runners keep nothing per request; the fallback runner drops its cache here."""
+
+
+def score_prompt_tokens(logits: torch.Tensor | None,
+                        targets: list[tuple[str, int, list[int]]]) -> dict[str, tuple[int, list[float]]]:
+    """Log-probability of each scored prompt token: request id -> (prompt position of the first, values)."""
+    if logits is None:
+        return {}
+    token_ids = torch.tensor([t for _, _, ids in targets for t in ids], device=logits.device)
+    values = (logits.float().log_softmax(-1).gather(1, token_ids[:, None]).squeeze(1)).tolist()
+    scored, offset = {}, 0
+    for request_id, first, ids in targets:
+        scored[request_id] = (first, values[offset:offset + len(ids)])
+        offset += len(ids)
+    return scored
 
 
 def configure_threads(num_threads: int | None) -> None:

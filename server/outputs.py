@@ -39,3 +39,5 @@ class RequestOutput:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    # with the first token, when asked for: one per prompt token, None for the first
+    prompt_logprobs: list[float | None] | None = None

@@ -28,6 +28,9 @@ class SamplingParams:
     top_n_tokens: int = 0
     skip_special_tokens: bool = True
     grammar: GrammarSpec | None = None  # constrain the output to a JSON schema or a regex
+    # log-probability of every prompt token given the ones before it (TGI decoder_input_details,
+    # OpenAI echo + logprobs); such a request computes its whole prompt (no prefix-cache hits)
+    prompt_logprobs: bool = False
 
     @property
     def is_greedy(self) -> bool:

@@ -61,7 +61,7 @@ def run_worker(launch: distributed.Launch, config: EngineConfig, hf_config, mode
     logger.info("rank %d ready", launch.rank)
     with torch.inference_mode():
         while (inputs := runner.receive()) is not None:
-            runner.forward(inputs)
+            runner.forward(inputs)  # rank 0 samples; here only the collectives matter
     distributed.shutdown()
     logger.info("rank %d stopped", launch.rank)
     return 0

@@ -42,6 +42,7 @@ class SequenceResult:
     num_generated_tokens: int
     seed: int | None
     queue_s: float = 0.0
+    prompt_logprobs: list[float | None] | None = None  # when the params asked for them
 
     @property
     def mean_logprob(self) -> float:
@@ -288,8 +289,10 @@ class GenerationService:
 
     async def run(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> SequenceResult:
         tokens: list[TokenInfo] = []
+        prompt_logprobs = None
         async for out in self.stream(record, prompt_ids, params):
             tokens.extend(out.new_tokens)
+            prompt_logprobs = out.prompt_logprobs or prompt_logprobs
             if out.finished:
                 return SequenceResult(
                     tokens=tokens,
@@ -299,6 +302,7 @@ class GenerationService:
                     num_prompt_tokens=out.num_prompt_tokens or len(prompt_ids),
                     num_generated_tokens=out.num_generated_tokens or len(tokens),
                     seed=out.seed,
+                    prompt_logprobs=prompt_logprobs,
                 )
         raise APIError(500, "Incomplete generation", "incomplete_generation")
 

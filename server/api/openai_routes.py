@@ -164,11 +164,12 @@ def chat_logprobs(tokens: list[TokenInfo], top_n: int) -> dict:
     ]}
 
 
-def completion_logprobs(tokens: list[TokenInfo], top_n: int, offset: int, prefix: list[str] | None = None) -> dict:
+def completion_logprobs(tokens: list[TokenInfo], top_n: int, offset: int, prefix: list[str] | None = None,
+                        prefix_logprobs: list[float | None] | None = None) -> dict:
     texts, logprobs, tops, offsets = [], [], [], []
-    for text in prefix or []:
+    for k, text in enumerate(prefix or []):
         texts.append(text)
-        logprobs.append(None)
+        logprobs.append(prefix_logprobs[k] if prefix_logprobs else None)
         tops.append(None)
         offsets.append(offset)
         offset += len(text)
@@ -347,6 +348,8 @@ async def completions(body: CompletionRequest, request: Request):
         if body.logprobs is not None and not 0 <= body.logprobs <= svc.config.max_top_n_tokens:
             raise validation_error(f"`logprobs` must be >= 0 and <= {svc.config.max_top_n_tokens}. Given: {body.logprobs}")
         params = sampling_params(body, svc, body.max_tokens, body.logprobs or 0)
+        if body.echo and body.logprobs is not None:  # the echoed prompt gets its log-probabilities too
+            params = [replace(p, prompt_logprobs=True) for p in params]
         prompts = await completion_prompts(svc, body)
         for _, ids in prompts:
             svc.validate(record, ids, params[0])
@@ -371,7 +374,7 @@ async def completions(body: CompletionRequest, request: Request):
         lp = None
         if body.logprobs is not None:
             prefix = [svc.tokenizer.decode([t]) for t in prompt_ids] if body.echo else None
-            lp = completion_logprobs(r.tokens, body.logprobs, 0, prefix)
+            lp = completion_logprobs(r.tokens, body.logprobs, 0, prefix, r.prompt_logprobs)
         choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(r.finish_reason)})
     return JSONResponse({
         **_envelope(svc, "text_completion", rid, created), "choices": choices,
@@ -390,12 +393,21 @@ async def _completion_events(
                           **extra})
 
     offsets = [0] * len(jobs)
-    if body.echo:
+    # echo + logprobs: the prompt chunk waits for the prompt's log-probabilities (with the first token)
+    echo_waits = body.echo and body.logprobs is not None
+    if body.echo and not echo_waits:
         for i in range(len(jobs)):
             prompt_text = prompts[i // n][0]
             offsets[i] = len(prompt_text)
             yield chunk(i, prompt_text)
+    echoed: set[int] = set()
     async for i, out in svc.stream_many(record, jobs):
+        if echo_waits and i not in echoed:
+            echoed.add(i)
+            prompt_text, prompt_ids = prompts[i // n]
+            prefix = [svc.tokenizer.decode([t]) for t in prompt_ids]
+            yield chunk(i, prompt_text, completion_logprobs([], body.logprobs, 0, prefix, out.prompt_logprobs))
+            offsets[i] = sum(len(t) for t in prefix)
         if out.text_delta or (body.logprobs is not None and out.new_tokens):
             lp = None
             if body.logprobs is not None:

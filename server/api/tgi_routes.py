@@ -91,6 +91,7 @@ def to_sampling_params(p: GenerateParameters, max_best_of: int, max_input_tokens
         stop=list(p.stop),
         top_n_tokens=p.top_n_tokens or 0,
         grammar=grammar,
+        prompt_logprobs=p.decoder_input_details,
     )
     return params, best_of
 
@@ -135,8 +136,9 @@ def sequence_json(svc: GenerationService, seq: SequenceResult, req: GenerateRequ
         "tokens": [token_json(t) for t in seq.tokens],
     }
     if p.decoder_input_details:
-        # prompt log-probabilities are not computed by the engine: ids and texts only
-        out["prefill"] = [{"id": i, "text": svc.tokenizer.decode([i]), "logprob": None} for i in ids]
+        logprobs = seq.prompt_logprobs or [None] * len(ids)
+        out["prefill"] = [{"id": i, "text": svc.tokenizer.decode([i]), "logprob": lp}
+                          for i, lp in zip(ids, logprobs, strict=True)]
     if p.top_n_tokens:
         out["top_tokens"] = [top_tokens_json(t) for t in seq.tokens]
     return out

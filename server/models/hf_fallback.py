@@ -19,14 +19,18 @@ class TransformersCausalLM:
         self.cache_kwarg = "cache" if is_new_name else "past_key_values"
 
     @torch.inference_mode()
-    def forward_request(self, token_ids_new: list[int],
-                        past: DynamicCache | None) -> tuple[torch.Tensor, DynamicCache]:
-        """Feed a request's not-yet-seen tokens on top of its cache -> (float32 logits of the last token [V], cache).
+    def forward_request(self, token_ids_new: list[int], past: DynamicCache | None,
+                        all_logits: bool = False) -> tuple[torch.Tensor, DynamicCache]:
+        """Feed a request's not-yet-seen tokens on top of its cache -> (float32 logits, cache): of the last
+        token [V], or of every new token [n, V] with `all_logits`.
 
         Pass past=None for a new (or preempted and recomputed) request.
         """
         if past is None:
             past = DynamicCache(config=self.config)
         input_ids = torch.tensor([token_ids_new], device=self.device)
-        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self.cache_kwarg: past})
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=0 if all_logits else 1,
+                         **{self.cache_kwarg: past})
+        if all_logits:
+            return out.logits[0].float(), past
         return out.logits[0, -1].float(), past  # the cache grew in place

@@ -123,6 +123,16 @@ def greedy_reference(prompt_ids: list[int], max_new_tokens: int) -> tuple[str, l
     return tokenizer.decode(text_ids, skip_special_tokens=True), new
 
 
+def prompt_logprob_reference(prompt_ids: list[int]) -> list[float | None]:
+    """transformers' log-probability of each prompt token given the ones before it (None for the first)."""
+    import torch
+
+    _, model, _ = _reference_model()
+    with torch.no_grad():
+        logprobs = model(torch.tensor([prompt_ids])).logits[0].float().log_softmax(-1)
+    return [None] + logprobs[:-1].gather(1, torch.tensor(prompt_ids[1:])[:, None]).squeeze(1).tolist()
+
+
 def chat_ids(messages: list[dict]) -> list[int]:
     tok = reference_tokenizer()
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

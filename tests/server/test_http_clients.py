@@ -8,7 +8,7 @@ import re
 
 import httpx
 import pytest
-from http_server import chat_ids, greedy_reference, start_server, text_ids
+from http_server import chat_ids, greedy_reference, prompt_logprob_reference, start_server, text_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -84,6 +84,28 @@ def test_huggingface_hub_inference_client(server, chat_reference, prompt_referen
     full = client.text_generation(PROMPT, max_new_tokens=N, details=True, decoder_input_details=True)
     assert [t.id for t in full.details.tokens] == prompt_reference[1]
     assert [t.id for t in full.details.prefill] == text_ids(PROMPT)
+    assert_logprobs_close([t.logprob for t in full.details.prefill], prompt_logprob_reference(text_ids(PROMPT)))
+
+
+def assert_logprobs_close(ours: list, theirs: list) -> None:
+    assert len(ours) == len(theirs) and ours[0] is None and theirs[0] is None
+    assert all(abs(a - b) < 2e-4 for a, b in zip(ours[1:], theirs[1:], strict=True)), (ours, theirs)
+
+
+def test_openai_completions_echo_scores_the_prompt(server, prompt_reference):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    ids = text_ids(PROMPT)
+    r = client.completions.create(model="tgi", prompt=PROMPT, temperature=0, max_tokens=4, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(PROMPT)
+    assert_logprobs_close(lp.token_logprobs[:len(ids)], prompt_logprob_reference(ids))
+    streamed = [c.choices[0] for c in client.completions.create(
+        model="tgi", prompt=PROMPT, temperature=0, max_tokens=4, echo=True, logprobs=1, stream=True) if c.choices]
+    assert streamed[0].text == PROMPT
+    assert streamed[0].logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
+    assert "".join(c.text for c in streamed) == r.choices[0].text
 
 
 def test_text_generation_client(server, prompt_reference):

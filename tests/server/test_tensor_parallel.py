@@ -234,16 +234,26 @@ def test_smollm2_three_shards_over_http_match_one_shard_and_transformers_then_wo
 
 
 @pytest.mark.slow
-def test_json_output_covers_the_worker_ranks(tmp_path, tiny_kv1_dir):
+def test_json_output_and_prompt_logprobs_across_worker_ranks(tmp_path, tiny_kv1_dir):
     proc, url, log_path = start_server(tmp_path, tiny_kv1_dir, 2, "cpu", "--json-output")
     try:
         assert len(generate_concurrently(url, PROMPTS[:2], max_new=4)) == 2
+        # prompt log-probabilities need the vocab-parallel lm_head on every rank: same as one shard
+        body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 1, "details": True,
+                                                     "decoder_input_details": True}}
+        prefill = httpx.post(url + "/generate", json=body, timeout=60).json()["details"]["prefill"]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     # every line, rank 0's and the worker's alike, is one JSON object; the worker's carry its rank
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     assert any(e.get("rank") == 1 and "rank 1 ready" in e["message"] for e in lines)
+    single = make_engine(tiny_kv1_dir)
+    request_id = single.add_request([p["id"] for p in prefill],
+                                    SamplingParams(max_new_tokens=1, prompt_logprobs=True))
+    expected = next(o for o in single.step()[0] if o.request_id == request_id).prompt_logprobs
+    assert expected[0] is None and prefill[0]["logprob"] is None
+    assert all(abs(p["logprob"] - e) < 1e-4 for p, e in zip(prefill[1:], expected[1:], strict=True))
     assert any("rank" not in e and e["target"].startswith("genserve") for e in lines)
 
 
