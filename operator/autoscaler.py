@@ -10,6 +10,10 @@
 Counting running requests, not only the waiting ones, is what keeps a busy replica from being removed
 the moment its queue drains (the oscillation of a `num_requests_waiting > 5` threshold).
 Missing metrics never scale down: with no samples the size is kept, with some pods missing only up.
+
+Scale to zero (minReplicas 0): after `scaleToZeroAfterSeconds` in which every replica answered with an
+empty queue, nothing running and an unchanged request counter, the size goes to 0; requests then reach
+the activator, and one held there brings the size back to 1 (`wake_up`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class Sample:
     waiting: float
     running: float
     kv_cache_usage: float | None = None
+    requests_total: float | None = None  # the pod's request counter (idleness between two scrapes)
 
 
 @dataclass(slots=True)
@@ -32,6 +37,8 @@ class ScalerState:
     """Per-service memory between decisions (kept in kopf's per-object memo)."""
     recommendations: list[tuple[float, int]] = field(default_factory=list)
     capacity: float = 1.0
+    last_activity: float | None = None  # last tick that showed (or could not rule out) a request
+    last_requests_total: float | None = None
 
 
 @dataclass(slots=True)
@@ -116,3 +123,41 @@ def decide(samples: list[Sample], num_missing: int, current: int, policy: Autosc
         if bounded != current:
             reason = "ScaleUp" if bounded > current else "ScaleDown"
     return Decision(bounded, reason, f"{current} -> {bounded} replicas: {detail}", **metrics)
+
+
+def idle_seconds(samples: list[Sample], num_missing: int, state: ScalerState, now: float) -> float:
+    """How long the service has shown no sign of use. Anything unknown (no samples, a pod without
+    metrics or without a request counter) counts as use: scaling to zero needs evidence."""
+    counters = [s.requests_total for s in samples]
+    total = sum(counters) if samples and None not in counters else None
+    busy = (not samples or num_missing > 0 or total is None or total != state.last_requests_total
+            or any(s.waiting > 0 or s.running > 0 for s in samples))
+    if busy or state.last_activity is None:
+        state.last_activity = now
+    state.last_requests_total = total
+    return now - state.last_activity
+
+
+def scale_to_zero(decision: Decision, samples: list[Sample], num_missing: int, current: int,
+                  policy: AutoscalingSpec, state: ScalerState, now: float) -> Decision:
+    """`decision`, or 0 replicas when minReplicas is 0 and the service has been idle long enough."""
+    idle = idle_seconds(samples, num_missing, state, now)
+    if policy.min_replicas > 0 or current == 0 or idle < policy.scale_to_zero_after_seconds:
+        return decision
+    state.recommendations.clear()
+    return Decision(0, "ScaleToZero", f"{current} -> 0 replicas: no requests for {idle:.0f} s "
+                    f"(scaleToZeroAfterSeconds {policy.scale_to_zero_after_seconds})",
+                    queue_depth=decision.queue_depth, running=decision.running,
+                    kv_cache_usage=decision.kv_cache_usage)
+
+
+def wake_up(held: float | None, state: ScalerState, now: float) -> Decision:
+    """At 0 replicas: one replica as soon as the activator holds a request."""
+    if held is None:
+        return Decision(0, "MetricsUnavailable", "scaled to zero; the activator gave no metrics")
+    if held > 0:
+        state.last_activity = now  # the idle clock starts again from the wake-up
+        return Decision(1, "WakeUp", f"0 -> 1 replicas: the activator holds {held:g} requests", queue_depth=held,
+                        running=0.0)
+    return Decision(0, "ScaledToZero", "scaled to zero; the activator starts a replica on the next request",
+                    queue_depth=0.0, running=0.0)

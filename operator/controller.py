@@ -65,13 +65,14 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
     live = ctx.kube.get("Deployment", namespace, name)
     replicas = reconcile.desired_replicas(spec, body.get("status") or {}, _replicas_of(live))
     has_sm = ctx.kube.has_resource("monitoring.coreos.com/v1", "servicemonitors")
-    wanted, absent = reconcile.build_children(name, namespace, spec, ctx.settings, replicas, has_sm)
+    wanted, absent = reconcile.build_children(name, namespace, spec, ctx.settings, replicas, has_sm,
+                                              reconcile.routes_to_activator(spec, live))
     problems, changed = [], []
     for obj in wanted:
         kopf.append_owner_reference(obj, owner=body)
         kind, child = obj["kind"], obj["metadata"]["name"]
         before = ctx.kube.get(kind, namespace, child)
-        if kind == "Deployment" and before is not None:
+        if kind == "Deployment" and child == name and before is not None:
             # the autoscaler may have scaled since `live` was read: apply on top of its latest count
             replicas = reconcile.desired_replicas(spec, body.get("status") or {}, _replicas_of(before))
             obj["spec"]["replicas"] = replicas
@@ -95,7 +96,7 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
             kopf.event(body, type="Normal", reason="Deleted", message=f"deleted {kind} {child}: no longer wanted")
             changed.append(f"{kind} {child}")
     deployment = ctx.kube.get("Deployment", namespace, name)
-    fields, conditions = status.deployment_status(deployment, replicas)
+    fields, conditions = status.deployment_status(deployment, replicas, spec.scales_to_zero)
     fields.update(observedGeneration=meta.get("generation"), selector=f"{SERVICE_LABEL}={name}",
                   endpoint=reconcile.endpoint(name, namespace, ctx.settings.cluster_domain), desiredReplicas=replicas)
     if problems:
@@ -144,19 +145,32 @@ def on_child_event(ctx: Context, event_type: str, child: dict[str, Any], logger:
         spec = parse_spec(dict(owner.get("spec") or {}), ctx.settings.default_image)
     except SpecError:
         return
-    live = child if kind == "Deployment" else ctx.kube.get("Deployment", meta["namespace"], meta["name"])
+    is_server = kind == "Deployment" and name == meta["name"]  # not the activator's Deployment
+    if is_server and spec.scales_to_zero and reconcile.routes_to_activator(spec, child) != _routes_to_activator_now(
+            ctx, meta["namespace"], meta["name"]):
+        # a server pod became ready (or the last one went): point the Service at the pods or the activator
+        reconcile_service(ctx, owner, logger)
+        return
+    live = child if is_server else ctx.kube.get("Deployment", meta["namespace"], meta["name"])
     replicas = reconcile.desired_replicas(spec, owner.get("status") or {}, _replicas_of(live))
     has_sm = ctx.kube.has_resource("monitoring.coreos.com/v1", "servicemonitors")
-    wanted, _ = reconcile.build_children(meta["name"], meta["namespace"], spec, ctx.settings, replicas, has_sm)
+    wanted, _ = reconcile.build_children(meta["name"], meta["namespace"], spec, ctx.settings, replicas, has_sm,
+                                         reconcile.routes_to_activator(spec, live))
     desired = next((o for o in wanted if o["kind"] == kind and o["metadata"]["name"] == name), None)
     if desired is not None and is_drifted(child, {"spec": desired.get("spec"), "metadata": {
             "labels": desired["metadata"]["labels"]}}):
         # the API server may normalize a value (cpu "0.5" -> "500m"): only a real re-apply is a restore
         if reconcile_service(ctx, owner, logger):
             kopf.event(owner, type="Warning", reason="Restored", message=f"{kind} {name} was changed by hand; restored it")
-    elif kind == "Deployment":
-        fields, conditions = status.deployment_status(child, replicas)
+    elif is_server:
+        fields, conditions = status.deployment_status(child, replicas, spec.scales_to_zero)
         status.write_status(ctx.kube, meta["namespace"], meta["name"], fields, conditions)
+
+
+def _routes_to_activator_now(ctx: Context, namespace: str, name: str) -> bool:
+    service = ctx.kube.get("Service", namespace, name)
+    selector = ((service or {}).get("spec") or {}).get("selector") or {}
+    return reconcile.ACTIVATOR_LABEL in selector
 
 
 def autoscale_tick(ctx: Context, body: dict[str, Any], state: autoscaler.ScalerState,
@@ -175,6 +189,11 @@ def autoscale_tick(ctx: Context, body: dict[str, Any], state: autoscaler.ScalerS
         return None
     current = deployment["spec"].get("replicas", 1)
     policy = spec.autoscaling
+    if spec.scales_to_zero and current == 0:
+        activators = [p for p in ctx.kube.list("Pod", namespace, reconcile.activator_selector(name))
+                      if metrics_scrape.is_pod_ready(p)]
+        held = metrics_scrape.scrape_activator(activators, ctx.settings.scrape_timeout_seconds)
+        return _apply_decision(ctx, body, autoscaler.wake_up(held, state, time.time()), current, {}, logger)
     errors: dict[str, str] = {}
     pods = [p for p in ctx.kube.list("Pod", namespace, reconcile.selector(name)) if metrics_scrape.is_pod_ready(p)]
     if policy.metrics_source == "prometheus":
@@ -189,7 +208,18 @@ def autoscale_tick(ctx: Context, body: dict[str, Any], state: autoscaler.ScalerS
     else:
         samples, errors = metrics_scrape.scrape_pods(pods, ctx.settings.scrape_timeout_seconds)
         missing = len(errors)
-    decision = autoscaler.decide(samples, missing, current, policy, state, time.time())
+    now = time.time()
+    decision = autoscaler.decide(samples, missing, current, policy, state, now)
+    if spec.scales_to_zero:
+        decision = autoscaler.scale_to_zero(decision, samples, missing, current, policy, state, now)
+    return _apply_decision(ctx, body, decision, current, errors, logger)
+
+
+def _apply_decision(ctx: Context, body: dict[str, Any], decision: autoscaler.Decision, current: int,
+                    errors: dict[str, str], logger: logging.Logger) -> autoscaler.Decision:
+    """Record the decision in status (and as an Event when it scales), then scale the Deployment."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
     fields: dict[str, Any] = {"desiredReplicas": decision.desired}
     if decision.queue_depth is not None:
         fields.update(queueDepth=decision.queue_depth, runningRequests=decision.running)

@@ -16,6 +16,9 @@ from genserve.operator.autoscaler import Sample
 WAITING = ("genserve_num_requests_waiting", "tgi_queue_size")
 RUNNING = ("genserve_num_requests_running", "tgi_batch_current_size")
 KV_USAGE = ("genserve_kv_cache_usage_ratio",)
+# TGI's counter has no _total suffix; prometheus_client's parser adds it to counter samples
+REQUESTS = ("tgi_request_count_total", "tgi_request_count")
+ACTIVATOR_WAITING = "genserve_activator_requests_waiting"
 DEFAULT_PORT = 8080
 
 
@@ -24,7 +27,7 @@ def parse_metrics(text: str) -> Sample:
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in WAITING + RUNNING + KV_USAGE:
+            if sample.name in WAITING + RUNNING + KV_USAGE + REQUESTS:
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
 
     def first(names: tuple[str, ...]) -> float | None:
@@ -33,7 +36,8 @@ def parse_metrics(text: str) -> Sample:
     waiting = first(WAITING)
     if waiting is None:
         raise ValueError(f"none of {', '.join(WAITING)} in the metrics")
-    return Sample(waiting=waiting, running=first(RUNNING) or 0.0, kv_cache_usage=first(KV_USAGE))
+    return Sample(waiting=waiting, running=first(RUNNING) or 0.0, kv_cache_usage=first(KV_USAGE),
+                  requests_total=first(REQUESTS))
 
 
 def is_pod_ready(pod: dict[str, Any]) -> bool:
@@ -43,11 +47,11 @@ def is_pod_ready(pod: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
-def metrics_url(pod: dict[str, Any]) -> str:
+def metrics_url(pod: dict[str, Any], port_name: str = "http") -> str:
     port = DEFAULT_PORT
     for container in pod.get("spec", {}).get("containers", []):
         for p in container.get("ports") or []:
-            if p.get("name") == "http":
+            if p.get("name") == port_name:
                 port = p["containerPort"]
     host = pod["status"]["podIP"]
     host = f"[{host}]" if ":" in host else host
@@ -72,6 +76,23 @@ def scrape_pods(pods: list[dict[str, Any]], timeout: float) -> tuple[list[Sample
             except Exception as e:  # any failure is "no data" for this pod
                 errors[name] = f"{type(e).__name__}: {e}"
     return samples, errors
+
+
+def scrape_activator(pods: list[dict[str, Any]], timeout: float) -> float | None:
+    """Requests the ready activator pods hold in total; None when none of them answered."""
+    held, answered = 0.0, False
+    for pod in pods:
+        try:
+            with urllib.request.urlopen(metrics_url(pod, "metrics"), timeout=timeout) as response:
+                text = response.read().decode()
+        except Exception:  # an unreachable activator is "no data", never "nothing held"
+            continue
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == ACTIVATOR_WAITING:
+                    held += sample.value
+                    answered = True
+    return held if answered else None
 
 
 def query_prometheus(base_url: str, namespace: str, service: str, pod_names: list[str],

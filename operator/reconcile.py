@@ -176,18 +176,91 @@ def build_deployment(name: str, namespace: str, spec: ServiceSpec, settings: Ope
     }
 
 
-def build_service(name: str, namespace: str) -> dict[str, Any]:
+def build_service(name: str, namespace: str, to_activator: bool = False) -> dict[str, Any]:
+    """The service's address. While no server pod is ready in a scale-to-zero service it selects the
+    activator instead, which holds requests until one is (and shows its own metrics on `metrics`)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _meta(name, namespace),
         "spec": {
             "type": "ClusterIP",
-            "selector": selector(name),
+            "selector": activator_selector(name) if to_activator else selector(name),
             "ports": [
                 {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"},
-                {"name": "metrics", "port": HTTP_PORT, "targetPort": "http", "protocol": "TCP"},
+                {"name": "metrics", "port": HTTP_PORT, "targetPort": "metrics" if to_activator else "http",
+                 "protocol": "TCP"},
             ],
+        },
+    }
+
+
+# ---- scale to zero: the activator and the Service it forwards to ------------------------------------
+
+ACTIVATOR_LABEL = "genserve.dev/activator"
+ACTIVATOR_PORT, ACTIVATOR_METRICS_PORT = 8080, 9090
+
+
+def activator_name(name: str) -> str:
+    return f"{name}-activator"
+
+
+def direct_service_name(name: str) -> str:
+    return f"{name}-direct"
+
+
+def activator_selector(name: str) -> dict[str, str]:
+    # not SERVICE_LABEL: the server Deployment, its PDB and the autoscaler select pods by that one
+    return {ACTIVATOR_LABEL: name}
+
+
+def _component_meta(name: str, namespace: str, object_name: str, component: str) -> dict[str, Any]:
+    meta = _meta(name, namespace, object_name)
+    meta["labels"]["app.kubernetes.io/component"] = component
+    return meta
+
+
+def build_direct_service(name: str, namespace: str) -> dict[str, Any]:
+    """Always the server pods: where the activator sends the requests it held."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _component_meta(name, namespace, direct_service_name(name), "server-direct"),
+        "spec": {"type": "ClusterIP", "selector": selector(name),
+                 "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}]},
+    }
+
+
+def build_activator(name: str, namespace: str, settings: OperatorSettings) -> dict[str, Any]:
+    target = f"http://{direct_service_name(name)}.{namespace}.svc.{settings.cluster_domain}:{SERVICE_PORT}"
+    pod_labels = {"app.kubernetes.io/name": "genserve", "app.kubernetes.io/instance": name,
+                  "app.kubernetes.io/component": "activator", **activator_selector(name)}
+    container = {
+        "name": "activator",
+        "image": settings.activator_image,
+        "command": ["python", "-m", "genserve.operator.activator", "--target", target,
+                    "--port", str(ACTIVATOR_PORT), "--metrics-port", str(ACTIVATOR_METRICS_PORT)],
+        "ports": [{"name": "http", "containerPort": ACTIVATOR_PORT, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": ACTIVATOR_METRICS_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 20,
+                          "failureThreshold": 3},
+        # a proxy that mostly waits: small, and never on a GPU node's accelerators
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        "securityContext": _container_security(),
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _component_meta(name, namespace, activator_name(name), "activator"),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": activator_selector(name)},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {"containers": [container], "automountServiceAccountToken": False,
+                         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001}},
+            },
         },
     }
 
@@ -230,7 +303,8 @@ def build_service_monitor(name: str, namespace: str) -> dict[str, Any]:
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
         "metadata": _meta(name, namespace),
-        "spec": {"selector": {"matchLabels": selector(name)},
+        # the main Service only (not <name>-direct: the same pods twice)
+        "spec": {"selector": {"matchLabels": {**selector(name), "app.kubernetes.io/component": "server"}},
                  "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}]},
     }
 
@@ -241,15 +315,28 @@ def desired_replicas(spec: ServiceSpec, status: dict[str, Any], live_replicas: i
     if not spec.autoscaling.enabled:
         return spec.replicas
     current = live_replicas if live_replicas is not None else status.get("desiredReplicas")
-    current = current or spec.autoscaling.min_replicas
+    if current is None:  # a new service starts warm, even one that may scale to zero later
+        current = max(spec.autoscaling.min_replicas, 1)
     return max(spec.autoscaling.min_replicas, min(spec.autoscaling.max_replicas, int(current)))
 
 
+def routes_to_activator(spec: ServiceSpec, deployment: dict[str, Any] | None) -> bool:
+    """A scale-to-zero service sends traffic to its activator while no server pod is ready."""
+    ready = ((deployment or {}).get("status") or {}).get("readyReplicas") or 0
+    return spec.scales_to_zero and ready == 0
+
+
 def build_children(name: str, namespace: str, spec: ServiceSpec, settings: OperatorSettings, replicas: int,
-                   has_service_monitor: bool = False) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+                   has_service_monitor: bool = False,
+                   to_activator: bool = False) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """All children to apply, and the (kind, name) of optional children that must not exist."""
-    wanted = [build_deployment(name, namespace, spec, settings, replicas), build_service(name, namespace)]
+    wanted = [build_deployment(name, namespace, spec, settings, replicas),
+              build_service(name, namespace, to_activator)]
     absent: list[tuple[str, str]] = []
+    if spec.scales_to_zero:
+        wanted += [build_direct_service(name, namespace), build_activator(name, namespace, settings)]
+    else:
+        absent += [("Deployment", activator_name(name)), ("Service", direct_service_name(name))]
     if spec.model_cache.enabled and not spec.model_cache.existing_claim:
         wanted.insert(0, build_pvc(name, namespace, spec))
     optional = [("PodDisruptionBudget", spec.max_replicas > 1, lambda: build_pdb(name, namespace)),

@@ -19,6 +19,8 @@ class OperatorSettings:
     peering: str = ""  # a KopfPeering name enables HA peering; empty runs standalone
     shm_size: str = "1Gi"
     prestop_sleep_seconds: int = 10
+    # the activator of scaled-to-zero services runs from the operator's own image (the chart sets it)
+    activator_image: str = "ghcr.io/genserve/genserve-operator:0.1.0"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:

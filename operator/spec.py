@@ -53,6 +53,8 @@ class AutoscalingSpec:
     max_scale_down_step: int = 1
     metrics_source: str = "pods"
     prometheus_url: str | None = None
+    # minReplicas 0: scale to zero after this long without a request (vLLM production-stack's default)
+    scale_to_zero_after_seconds: int = 1800
 
 
 @dataclass(slots=True)
@@ -119,6 +121,10 @@ class ServiceSpec:
         return self.shards == 0 and self.server.quantize is not None
 
     @property
+    def scales_to_zero(self) -> bool:
+        return self.autoscaling.enabled and self.autoscaling.min_replicas == 0
+
+    @property
     def min_replicas(self) -> int:
         return self.autoscaling.min_replicas if self.autoscaling.enabled else self.replicas
 
@@ -166,7 +172,7 @@ def parse_autoscaling(raw: dict[str, Any]) -> AutoscalingSpec:
     d, w = _defaults(AutoscalingSpec), "spec.autoscaling"
     spec = AutoscalingSpec(
         enabled=bool(raw.get("enabled", d["enabled"])),
-        min_replicas=_int(raw, "minReplicas", d["min_replicas"], 1, where=w),
+        min_replicas=_int(raw, "minReplicas", d["min_replicas"], 0, where=w),
         max_replicas=_int(raw, "maxReplicas", d["max_replicas"], 1, where=w),
         target_queue_depth=_num(raw, "targetQueueDepth", d["target_queue_depth"], 0.1, None, w),
         target_kv_cache_usage=_num(raw, "targetKvCacheUsage", d["target_kv_cache_usage"], 0.05, 1.0, w),
@@ -180,6 +186,8 @@ def parse_autoscaling(raw: dict[str, Any]) -> AutoscalingSpec:
         max_scale_down_step=_int(raw, "maxScaleDownStep", d["max_scale_down_step"], 1, where=w),
         metrics_source=raw.get("metricsSource", d["metrics_source"]),
         prometheus_url=raw.get("prometheusUrl"),
+        scale_to_zero_after_seconds=_int(raw, "scaleToZeroAfterSeconds", d["scale_to_zero_after_seconds"], 10,
+                                         86400, w),
     )
     if spec.min_replicas > spec.max_replicas:
         raise SpecError("InvalidReplicaBounds",
@@ -188,6 +196,9 @@ def parse_autoscaling(raw: dict[str, Any]) -> AutoscalingSpec:
         raise SpecError("InvalidField", f"{w}.metricsSource must be 'pods' or 'prometheus'")
     if spec.metrics_source == "prometheus" and not spec.prometheus_url:
         raise SpecError("InvalidField", f"{w}.prometheusUrl is required when metricsSource is 'prometheus'")
+    if spec.min_replicas == 0 and spec.metrics_source != "pods":
+        # idleness is read from each pod's request counter, between two scrapes
+        raise SpecError("InvalidField", f"{w}.minReplicas 0 (scale to zero) needs metricsSource 'pods'")
     return spec
 
 

@@ -66,7 +66,8 @@ def _same(current: dict[str, Any], patch: dict[str, Any]) -> bool:
     return all(strip(current.get(k)) == strip(v) for k, v in patch.items())
 
 
-def deployment_status(deployment: dict[str, Any] | None, desired: int) -> tuple[dict[str, Any], dict]:
+def deployment_status(deployment: dict[str, Any] | None, desired: int,
+                      scales_to_zero: bool = False) -> tuple[dict[str, Any], dict]:
     """Status fields and Ready/Progressing conditions derived from the Deployment."""
     st = (deployment or {}).get("status") or {}
     replicas, ready = st.get("replicas", 0), st.get("readyReplicas", 0)
@@ -77,6 +78,10 @@ def deployment_status(deployment: dict[str, Any] | None, desired: int) -> tuple[
                         "Progressing": (True, "Creating", "creating the Deployment")}
     stalled = any(c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
                   for c in st.get("conditions") or [])
+    if scales_to_zero and desired == 0 and replicas == 0:
+        # serving in the sense that matters: the activator takes requests and starts a replica
+        return fields, {"Ready": (True, "ScaledToZero", "no replicas; the activator starts one on the next request"),
+                        "Progressing": (False, "ScaledToZero", "scaled to zero")}
     conditions = {
         "Ready": (ready >= 1, "ReplicasReady" if ready >= 1 else "NoReplicasReady",
                   f"{ready}/{desired} replicas ready"),

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from genserve.operator.autoscaler import Sample, ScalerState, decide, learn_capacity, recommend
+from genserve.operator.autoscaler import (
+    Sample,
+    ScalerState,
+    decide,
+    learn_capacity,
+    recommend,
+    scale_to_zero,
+    wake_up,
+)
 from genserve.operator.spec import AutoscalingSpec
 
 
@@ -107,3 +115,65 @@ def test_scale_up_stabilization_needs_a_sustained_signal():
 def test_bounds_are_enforced_even_without_load_change():
     d = decide(saturated(1, 4.0), 0, current=1, policy=policy(min_replicas=2), state=ScalerState(capacity=8), now=0)
     assert d.desired == 2
+
+
+ZERO = AutoscalingSpec(enabled=True, min_replicas=0, max_replicas=4, scale_to_zero_after_seconds=100)
+
+
+def idle(requests: float = 7.0) -> Sample:
+    return Sample(waiting=0, running=0, requests_total=requests)
+
+
+def zero_tick(samples, current, state, now, missing=0):
+    return scale_to_zero(decide(samples, missing, current, ZERO, state, now), samples, missing, current, ZERO,
+                         state, now)
+
+
+def test_scales_to_zero_only_after_a_whole_idle_window():
+    state = ScalerState()
+    assert zero_tick([idle()], 1, state, 0).desired == 1
+    assert zero_tick([idle()], 1, state, 99).desired == 1
+    decision = zero_tick([idle()], 1, state, 100)
+    assert decision.desired == 0 and decision.reason == "ScaleToZero" and "no requests for 100 s" in decision.message
+
+
+@pytest.mark.parametrize("interruption", [
+    [Sample(waiting=0, running=1, requests_total=7)],  # a request in flight
+    [idle(requests=8)],  # a request came and went between two scrapes
+    [Sample(waiting=0, running=0)],  # a pod without a request counter: unknown is busy
+    [],  # no metrics at all
+])
+def test_any_sign_of_use_restarts_the_idle_clock(interruption):
+    state = ScalerState()
+    zero_tick([idle()], 1, state, 0)
+    zero_tick(interruption, 1, state, 60)
+    # the first scrape after it sees a counter it cannot compare yet (or a new value): still in use
+    zero_tick([idle(9)], 1, state, 61)
+    assert zero_tick([idle(9)], 1, state, 160).desired == 1  # 99 s of quiet
+    assert zero_tick([idle(9)], 1, state, 161).desired == 0
+
+
+def test_a_missing_pod_blocks_scaling_to_zero():
+    state = ScalerState()
+    zero_tick([idle()], 2, state, 0)
+    assert zero_tick([idle()], 2, state, 500, missing=1).desired != 0
+
+
+def test_min_replicas_above_zero_never_goes_to_zero():
+    state = ScalerState()
+    policy = AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=4, scale_to_zero_after_seconds=10)
+    for now in (0, 50, 100):
+        decision = scale_to_zero(decide([idle()], 0, 1, policy, state, now), [idle()], 0, 1, policy, state, now)
+    assert decision.desired == 1
+
+
+def test_wake_up_on_the_first_held_request():
+    state = ScalerState()
+    assert wake_up(0, state, 10).desired == 0 and wake_up(0, state, 10).reason == "ScaledToZero"
+    assert wake_up(None, state, 10).reason == "MetricsUnavailable" and wake_up(None, state, 10).desired == 0
+    woken = wake_up(3, state, 20)
+    assert woken.desired == 1 and woken.reason == "WakeUp" and state.last_activity == 20
+    # the idle clock restarts at the wake-up, and again when the replica's counter first shows up
+    assert zero_tick([idle()], 1, state, 110).desired == 1
+    assert zero_tick([idle()], 1, state, 209).desired == 1
+    assert zero_tick([idle()], 1, state, 210).desired == 0

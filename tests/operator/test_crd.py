@@ -123,7 +123,8 @@ def test_examples_validate_against_the_crd(path):
     ({"server": {"quantize": "int3"}}, "'int3' is not one of"),
     ({"model": {}}, "'id' is a required property"),
     ({"modle": {"id": "typo"}}, "Additional properties are not allowed"),
-    ({"autoscaling": {"minReplicas": 0}}, "0 is less than the minimum of 1"),
+    ({"autoscaling": {"minReplicas": -1}}, "-1 is less than the minimum of 0"),
+    ({"autoscaling": {"minReplicas": 0, "scaleToZeroAfterSeconds": 5}}, "5 is less than the minimum of 10"),
     ({"modelCache": {"size": "lots"}}, "does not match"),
 ])
 def test_schema_rejects_invalid_specs(patch, pattern):
@@ -140,6 +141,8 @@ def test_schema_rejects_invalid_specs(patch, pattern):
     ({"server": {"maxInputTokens": 4096, "maxTotalTokens": 4096}}, "maxInputTokens must be < maxTotalTokens",
      "InvalidTokenLimits"),
     ({"autoscaling": {"metricsSource": "prometheus"}}, "prometheusUrl is required", "InvalidField"),
+    ({"autoscaling": {"enabled": True, "minReplicas": 0, "metricsSource": "prometheus",
+                      "prometheusUrl": "http://prom:9090"}}, "needs metricsSource pods", "InvalidField"),
 ])
 def test_cel_rules_and_the_operator_reject_the_same_specs(patch, message, reason):
     pytest.importorskip("celpy", reason="cel-python evaluates the CRD's x-kubernetes-validations")

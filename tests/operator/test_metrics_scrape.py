@@ -14,6 +14,7 @@ from genserve.operator.metrics_scrape import (
     metrics_url,
     parse_metrics,
     query_prometheus,
+    scrape_activator,
     scrape_pods,
 )
 
@@ -49,6 +50,28 @@ def test_genserve_names_win_and_label_sets_are_summed():
 def test_tgi_names_are_the_fallback():
     sample = parse_metrics("tgi_queue_size 4\ntgi_batch_current_size 16\n")
     assert (sample.waiting, sample.running, sample.kv_cache_usage) == (4, 16, None)
+
+
+def test_the_request_counter_is_read_as_our_server_writes_it():
+    # TGI's name, no _total suffix, typed counter: how genserve serves it
+    text = "# TYPE tgi_request_count counter\ntgi_request_count 12\n# TYPE tgi_queue_size gauge\ntgi_queue_size 0\n"
+    assert parse_metrics(text).requests_total == 12
+    assert parse_metrics("tgi_queue_size 0\n").requests_total is None
+
+
+def test_activator_metrics_are_scraped_on_its_metrics_port():
+    endpoint = MetricsEndpoint("# TYPE genserve_activator_requests_waiting gauge\n"
+                               "genserve_activator_requests_waiting 2\n")
+    try:
+        activator = pod("act", 1)
+        activator["spec"]["containers"][0]["ports"].append({"name": "metrics", "containerPort": endpoint.port})
+        assert scrape_activator([activator], timeout=2) == 2
+        gone = pod("gone", 1)
+        gone["spec"]["containers"][0]["ports"].append({"name": "metrics", "containerPort": 1})
+        assert scrape_activator([gone], timeout=0.5) is None  # unreachable: no data, not "zero held"
+        assert scrape_activator([], timeout=0.5) is None
+    finally:
+        endpoint.stop()
 
 
 def test_metrics_without_a_queue_gauge_are_an_error():

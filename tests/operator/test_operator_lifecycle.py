@@ -186,7 +186,8 @@ def test_service_monitor_is_created_when_its_crd_exists(operator, api, cluster, 
         create(api, namespace, "watched", {"model": {"id": "m"}, "shards": 0})
         monitor = wait_for(lambda: cluster.get(key, namespace, "watched"), what="the ServiceMonitor")
         assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
-        assert monitor["spec"]["selector"]["matchLabels"] == {"genserve.dev/service": "watched"}
+        assert monitor["spec"]["selector"]["matchLabels"] == {"genserve.dev/service": "watched",
+                                                              "app.kubernetes.io/component": "server"}
         client.CustomObjectsApi(api).patch_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, "watched", {"spec": {"monitoring": {"enabled": False}}})
         wait_for(lambda: cluster.get(key, namespace, "watched") is None, what="the ServiceMonitor removed")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 
-from genserve.operator.reconcile import build_children, build_deployment, desired_replicas, server_args
+from genserve.operator.reconcile import (
+    build_children,
+    build_deployment,
+    desired_replicas,
+    routes_to_activator,
+    server_args,
+)
 from genserve.operator.settings import OperatorSettings
 from genserve.operator.spec import parse_spec
 
@@ -28,6 +34,8 @@ SPECS = {
                         "serviceAccountName": "llm", "imagePullSecrets": [{"name": "reg"}],
                         "podAnnotations": {"a": "b"}},
     "no-cache": {"model": {"id": "m"}, "modelCache": {"enabled": False}, "monitoring": {"enabled": False}},
+    "scale-to-zero": {"model": {"id": "m"}, "autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 2,
+                                                            "scaleToZeroAfterSeconds": 600}},
 }
 
 
@@ -44,8 +52,42 @@ def by_kind(objs):
 @pytest.mark.parametrize("key", sorted(SPECS))
 def test_every_built_manifest_validates_strictly(key, version):
     _, wanted, _ = children(key)
+    spec = parse_spec(SPECS[key], SETTINGS.default_image)
+    # and the Service as it is while a scale-to-zero service has no ready pod
+    wanted += build_children("svc", "ns", spec, SETTINGS, 0, False, True)[0][1:2]
     for obj in wanted:
         kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_scale_to_zero_adds_an_activator_and_switches_the_service_while_no_pod_is_ready():
+    spec = parse_spec(SPECS["scale-to-zero"], "img")
+    assert desired_replicas(spec, {}) == 1  # created warm
+    assert desired_replicas(spec, {}, live_replicas=0) == 0  # the autoscaler may take it to zero
+    deployment = {"status": {"readyReplicas": 0}}
+    assert routes_to_activator(spec, deployment) and routes_to_activator(spec, None)
+    assert not routes_to_activator(spec, {"status": {"readyReplicas": 1}})
+    assert not routes_to_activator(parse_spec(SPECS["cpu"], "img"), deployment)
+    names = {(o["kind"], o["metadata"]["name"]): o for o in build_children("svc", "ns", spec, SETTINGS, 0,
+                                                                           True, True)[0]}
+    service, direct = names[("Service", "svc")], names[("Service", "svc-direct")]
+    activator = names[("Deployment", "svc-activator")]
+    pod_labels = activator["spec"]["template"]["metadata"]["labels"]
+    # the Service follows the activator's pods; the direct Service always the server pods
+    assert service["spec"]["selector"] == {"genserve.dev/activator": "svc"}
+    assert all(pod_labels[k] == v for k, v in service["spec"]["selector"].items())
+    assert direct["spec"]["selector"] == {"genserve.dev/service": "svc"}
+    assert "genserve.dev/service" not in pod_labels  # never counted as a server pod (autoscaler, PDB)
+    container = activator["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == SETTINGS.activator_image
+    assert "http://svc-direct.ns.svc.cluster.local:80" in container["command"]
+    assert {p["name"] for p in container["ports"]} == {"http", "metrics"}
+    assert names[("ServiceMonitor", "svc")]["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] \
+        == "server" and direct["metadata"]["labels"]["app.kubernetes.io/component"] == "server-direct"
+    # ready pods: the Service goes back to them; without scale to zero the extras are removed
+    ready = build_children("svc", "ns", spec, SETTINGS, 1, False, False)[0]
+    assert by_kind(ready)["Service"]["spec"]["selector"] == {"genserve.dev/service": "svc"}
+    _, _, absent = children("cpu")
+    assert ("Deployment", "svc-activator") in absent and ("Service", "svc-direct") in absent
 
 
 def test_deployment_for_tensor_parallel():
