@@ -78,6 +78,8 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
             obj["spec"]["replicas"] = replicas
         try:
             after = ctx.kube.apply(obj)
+            if kind == "Service":
+                after = _drop_stale_selector_keys(ctx, obj, after)
         except ApiException as e:
             # e.g. an immutable PVC field: report it, keep reconciling the rest
             problems.append(f"{kind} {child}: {e.status} {e.reason}")
@@ -108,6 +110,18 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
         conditions["ScalingActive"] = (False, "AutoscalingDisabled", f"fixed at spec.replicas={spec.replicas}")
     status.write_status(ctx.kube, namespace, name, fields, conditions)
     return changed
+
+
+def _drop_stale_selector_keys(ctx: Context, desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """A Service's selector must be exactly ours: switching between the server pods and the activator
+    leaves the other key behind wherever apply merges instead of dropping what we no longer set (another
+    field manager co-owning it, or an emulator)."""
+    stale = set((live.get("spec") or {}).get("selector") or {}) - set(desired["spec"]["selector"])
+    if not stale:
+        return live
+    meta = desired["metadata"]
+    return ctx.kube.merge_patch("Service", meta["namespace"], meta["name"],
+                                {"spec": {"selector": dict.fromkeys(sorted(stale))}})
 
 
 def is_drifted(actual: dict[str, Any], desired: dict[str, Any]) -> bool:
