@@ -22,6 +22,8 @@ from aiohttp import web
 
 logger = logging.getLogger("genserve.activator")
 
+# answered at once while the model is down, never held: load-balancer and kubelet probes must not wake it
+PROBES = {"/", "/health", "/metrics", "/ping"}
 # hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp recomputes
 DROPPED_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                    "transfer-encoding", "upgrade", "host", "content-length"}
@@ -79,31 +81,46 @@ class Activator:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests_total += 1
-        if not self._ready.is_set():
-            if request.path in ("/health", "/metrics"):  # probes must not wake the model
-                return error(503, "the model is scaled to zero; a generation request starts it", "unhealthy")
-            if self.held >= self.config.max_held_requests:
-                return error(429, "Model is overloaded: too many requests wait for the model to start",
-                             "overloaded")
-            self.held += 1
-            started = time.monotonic()
-            try:
-                await asyncio.wait_for(self._ready.wait(), self.config.hold_timeout_seconds)
-            except asyncio.TimeoutError:
-                self.timed_out_total += 1
-                return error(503, f"the model did not start within {self.config.hold_timeout_seconds:g} s",
-                             "unhealthy")
-            finally:
-                self.held -= 1
-            logger.info("held %s %s for %.1f s", request.method, request.path, time.monotonic() - started)
-        return await self._proxy(request)
-
-    async def _proxy(self, request: web.Request) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in DROPPED_HEADERS}
         body = await request.read()
+        deadline = time.monotonic() + self.config.hold_timeout_seconds
+        while True:
+            if not self._ready.is_set():
+                if request.method in ("GET", "HEAD") and request.path in PROBES:
+                    return error(503, "the model is scaled to zero; a generation request starts it", "unhealthy")
+                held = await self._hold(request, deadline)
+                if held is not None:
+                    return held
+            try:
+                return await self._proxy(request, body)
+            except aiohttp.ClientConnectorError:
+                # the pods went away since the last health poll (just scaled to zero): hold it instead
+                self._ready.clear()
+
+    async def _hold(self, request: web.Request, deadline: float) -> web.Response | None:
+        """Wait for a ready server pod; an error response when the wait cannot or did not succeed.
+        The proxy app cancels this handler when the client goes away (handler_cancellation), so an
+        abandoned request stops counting as held at once."""
+        if self.held >= self.config.max_held_requests:
+            return error(429, "Model is overloaded: too many requests wait for the model to start", "overloaded")
+        self.held += 1
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self._ready.wait(), max(deadline - started, 0))
+        except asyncio.TimeoutError:
+            self.timed_out_total += 1
+            return error(503, f"the model did not start within {self.config.hold_timeout_seconds:g} s", "unhealthy")
+        finally:
+            self.held -= 1
+        logger.info("held %s %s for %.1f s", request.method, request.path, time.monotonic() - started)
+        return None
+
+    async def _proxy(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in DROPPED_HEADERS}
         url = self.config.target + request.path_qs
         try:
             upstream = await self._session.request(request.method, url, headers=headers, data=body)
+        except aiohttp.ClientConnectorError:
+            raise  # nothing reached a server: the caller holds the request again
         except aiohttp.ClientError as e:
             return error(502, f"the model server did not answer: {type(e).__name__}", "unhealthy")
         self.proxied_total += 1
@@ -146,7 +163,7 @@ async def serve(config: ActivatorConfig, host: str = "0.0.0.0") -> tuple[Activat
     admin.router.add_get("/healthz", activator.healthz)
     runners = []
     for app, port in ((proxy, config.port), (admin, config.metrics_port)):
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
         runners.append(runner)

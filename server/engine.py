@@ -53,6 +53,7 @@ class _RequestState:
     seed: int | None
     outputs_text: list[str] = field(default_factory=list)
     prompt_logprobs: list[float | None] | None = None  # [None, lp(token 1 | token 0), ...] when asked for
+    prompt_top: list[list[tuple[int, float]]] | None = None  # top-n alternatives at each prompt position
 
 
 class LLMEngine:
@@ -209,12 +210,15 @@ class LLMEngine:
             for s in out.scheduled)
         rows = {s.request.request_id: self.states[s.request.request_id].row for s in out.scheduled}
         order, result, prompt_logprobs = self.runner.execute(out, rows)
-        for request_id, (first, values) in prompt_logprobs.items():
+        for request_id, (first, values, tops) in prompt_logprobs.items():
             state = self.states[request_id]
             if state.prompt_logprobs is None:
                 state.prompt_logprobs = [None] * state.request.num_prompt_tokens
+                state.prompt_top = [[] for _ in range(state.request.num_prompt_tokens)]
             # a preempted request scores its prompt again: same positions, same values
             state.prompt_logprobs[first:first + len(values)] = values
+            if tops:
+                state.prompt_top[first:first + len(tops)] = tops
         sampled = {s.request.request_id: tok for s, tok in zip(order, result.token_ids, strict=True)} if result else {}
         self.scheduler.update_from_output(out, sampled)
         stats = StepStats("prefill" if has_prefill else "decode", time.perf_counter() - started,
@@ -254,6 +258,9 @@ class LLMEngine:
         )
         if request.num_output_tokens == 1 and request.sampling_params.prompt_logprobs:
             output.prompt_logprobs = state.prompt_logprobs or [None] * request.num_prompt_tokens
+            output.prompt_top_tokens = [
+                [TopToken(t, self.tokenizer.decode([t]), lp, t in self.special_ids) for t, lp in position]
+                for position in (state.prompt_top or [[] for _ in range(request.num_prompt_tokens)])]
         if request.is_finished:
             if step.matched_stop is None:
                 output.text_delta += state.detokenizer.flush()

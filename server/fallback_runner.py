@@ -10,7 +10,7 @@ import torch
 
 from genserve.server.config import EngineConfig
 from genserve.server.layers.quantization import quantize_model
-from genserve.server.model_runner import StepOutput, score_prompt_tokens
+from genserve.server.model_runner import PromptScores, StepOutput, score_prompt_tokens
 from genserve.server.models.hf_fallback import TransformersCausalLM
 from genserve.server.sampler import Sampler, SamplingRow
 from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
@@ -31,7 +31,7 @@ class FallbackRunner:
     def execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepOutput:
         order: list[ScheduledRequest] = []
         logits = []
-        prompt_logprobs: dict[str, tuple[int, list[float]]] = {}
+        prompt_logprobs: dict[str, PromptScores] = {}
         for s in out.scheduled:
             req = s.request
             begin, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
@@ -41,7 +41,8 @@ class FallbackRunner:
             chunk_logits, self.caches[req.request_id] = self.model.forward_request(
                 req.token_ids[begin:end], past, all_logits=score)
             if score:
-                targets = [(req.request_id, begin + 1, req.token_ids[begin + 1:scored_end + 1])]
+                targets = [(req.request_id, begin + 1, req.token_ids[begin + 1:scored_end + 1],
+                            req.sampling_params.top_n_tokens)]
                 prompt_logprobs.update(score_prompt_tokens(chunk_logits[:scored_end - begin], targets))
             if s.is_sampling:
                 order.append(s)

@@ -140,7 +140,7 @@ class GrammarCompiler:
             raise ValueError(f"grammar is not valid: unknown type `{spec.kind}`; use one of {list(GRAMMAR_KINDS)}")
         error = LLMatcher.validate_grammar(grammar, self._tokenizer())
         if error:
-            raise ValueError(f"grammar is not valid: {_first_line(error)}")
+            raise ValueError(f"grammar is not valid: {_one_line(error)}")
         with self._lock:
             self._cache[spec] = grammar
             while len(self._cache) > CACHE_SIZE:
@@ -153,12 +153,14 @@ class GrammarCompiler:
         tokenizer = self._tokenizer()
         matcher = LLMatcher(tokenizer, self.compile(spec), log_level=0)
         if matcher.is_error():  # validated above, so only a resource limit can land here
-            raise ValueError(f"grammar is not valid: {_first_line(matcher.get_error())}")
+            raise ValueError(f"grammar is not valid: {_one_line(matcher.get_error())}")
         return GrammarMatcher(matcher, tokenizer.vocab_size)
 
 
-def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message.strip() else message
+def _one_line(message: str) -> str:
+    """llguidance's multi-line diagnostics on one line, keeping the cause (it often comes last)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return " ".join(lines)[:500] if lines else message
 
 
 def allowed_token_mask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

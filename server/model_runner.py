@@ -24,9 +24,14 @@ logger = logging.getLogger(__name__)
 HEADER_SIZE = 9
 
 
-# what a runner's execute() returns: sampling requests in order, their draws, and the prompt
-# log-probabilities computed this step (request id -> (prompt position of the first, values))
-StepOutput = tuple[list[ScheduledRequest], SampleResult | None, dict[str, tuple[int, list[float]]]]
+# (request id, prompt position of the first scored token, the scored token ids, top-n alternatives wanted)
+PromptTarget = tuple[str, int, list[int], int]
+# per request: (prompt position of the first scored token, log-probabilities, top-n (id, logprob) lists)
+PromptScores = tuple[int, list[float], list[list[tuple[int, float]]]]
+# what a runner's execute() returns: sampling requests in order, their draws, and the prompt scores
+StepOutput = tuple[list[ScheduledRequest], SampleResult | None, dict[str, PromptScores]]
+# rows of prompt logits turned into log-probabilities at a time: [rows, vocab] float copies stay small
+SCORE_ROWS = 256
 
 
 @dataclass(slots=True)
@@ -37,8 +42,7 @@ class StepInputs:
     sample_indices: torch.Tensor  # [N] row of each sampling request's last token
     sampling_order: list[ScheduledRequest]  # rank 0 only
     prompt_rows: torch.Tensor | None = None  # [R] rows whose logits score the next prompt token
-    # rank 0 only: (request id, prompt position of the first scored token, the scored token ids)
-    prompt_targets: list[tuple[str, int, list[int]]] | None = None
+    prompt_targets: list[PromptTarget] | None = None  # rank 0 only
 
 
 def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
@@ -150,12 +154,19 @@ class ModelRunner:
         sample_rows: list[int] = []
         sampling_order: list[ScheduledRequest] = []
         context_lens: list[int] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[PromptTarget] = []
         for i, s in enumerate(decodes):
             req = s.request
             pos = req.num_computed_tokens
             input_ids.append(req.token_ids[pos])
             positions.append(pos)
             context_lens.append(pos + 1)
+            if req.sampling_params.prompt_logprobs and pos < req.num_prompt_tokens - 1:
+                # a one-token prompt chunk (the budget's last token) rides with the decodes
+                prompt_rows.append(i)
+                prompt_targets.append((req.request_id, pos + 1, [req.token_ids[pos + 1]],
+                                       req.sampling_params.top_n_tokens))
             if s.is_sampling:
                 sample_rows.append(i)
                 sampling_order.append(s)
@@ -168,8 +179,6 @@ class ModelRunner:
             tables += [0] * (max_blocks - len(blocks))
         begins: list[int] = []
         ends: list[int] = []
-        prompt_rows: list[int] = []
-        prompt_targets: list[tuple[str, int, list[int]]] = []
         for s in prefills:
             req = s.request
             begin, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
@@ -177,7 +186,8 @@ class ModelRunner:
             scored_end = min(end, req.num_prompt_tokens - 1)
             if req.sampling_params.prompt_logprobs and begin < scored_end:
                 prompt_rows.extend(range(len(input_ids), len(input_ids) + scored_end - begin))
-                prompt_targets.append((req.request_id, begin + 1, req.token_ids[begin + 1:scored_end + 1]))
+                prompt_targets.append((req.request_id, begin + 1, req.token_ids[begin + 1:scored_end + 1],
+                                       req.sampling_params.top_n_tokens))
             input_ids.extend(req.token_ids[begin:end])
             positions.extend(range(begin, end))
             begins.append(begin)
@@ -296,16 +306,26 @@ class ModelRunner:
         """Paged runners keep nothing per request; the fallback runner drops its cache here."""
 
 
-def score_prompt_tokens(logits: torch.Tensor | None,
-                        targets: list[tuple[str, int, list[int]]]) -> dict[str, tuple[int, list[float]]]:
-    """Log-probability of each scored prompt token: request id -> (prompt position of the first, values)."""
+def score_prompt_tokens(logits: torch.Tensor | None, targets: list[PromptTarget]) -> dict[str, PromptScores]:
+    """Log-probability of each scored prompt token (and its top-n alternatives when asked), per request."""
     if logits is None:
         return {}
-    token_ids = torch.tensor([t for _, _, ids in targets for t in ids], device=logits.device)
-    values = (logits.float().log_softmax(-1).gather(1, token_ids[:, None]).squeeze(1)).tolist()
+    token_ids = torch.tensor([t for _, _, ids, _ in targets for t in ids], device=logits.device)
+    max_top = max(top_n for *_, top_n in targets)
+    values: list[float] = []
+    tops: list[list[tuple[int, float]]] = []
+    for start in range(0, logits.shape[0], SCORE_ROWS):
+        rows = logits[start:start + SCORE_ROWS].float()
+        lse = rows.logsumexp(-1)
+        values += (rows.gather(1, token_ids[start:start + SCORE_ROWS, None]).squeeze(1) - lse).tolist()
+        if max_top:
+            top_values, top_ids = rows.topk(max_top, dim=-1)
+            top_values = (top_values - lse[:, None]).tolist()
+            tops += [list(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), top_values, strict=True)]
     scored, offset = {}, 0
-    for request_id, first, ids in targets:
-        scored[request_id] = (first, values[offset:offset + len(ids)])
+    for request_id, first, ids, top_n in targets:
+        alternatives = [t[:top_n] for t in tops[offset:offset + len(ids)]] if top_n else []
+        scored[request_id] = (first, values[offset:offset + len(ids)], alternatives)
         offset += len(ids)
     return scored
 

@@ -41,3 +41,4 @@ class RequestOutput:
     finished_time: float | None = None
     # with the first token, when asked for: one per prompt token, None for the first
     prompt_logprobs: list[float | None] | None = None
+    prompt_top_tokens: list[list[TopToken]] | None = None  # top_n_tokens alternatives per prompt position

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from genserve.server.api.errors import APIError, generation_error, overloaded, validation_error
 from genserve.server.api.settings import ServerSettings
 from genserve.server.metrics import Metrics
-from genserve.server.outputs import RequestOutput, TokenInfo
+from genserve.server.outputs import RequestOutput, TokenInfo, TopToken
 from genserve.server.sampling_params import SamplingParams
 
 logger = logging.getLogger("genserve.request")
@@ -43,6 +43,7 @@ class SequenceResult:
     seed: int | None
     queue_s: float = 0.0
     prompt_logprobs: list[float | None] | None = None  # when the params asked for them
+    prompt_top_tokens: list[list[TopToken]] | None = None
 
     @property
     def mean_logprob(self) -> float:
@@ -289,10 +290,11 @@ class GenerationService:
 
     async def run(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> SequenceResult:
         tokens: list[TokenInfo] = []
-        prompt_logprobs = None
+        prompt_logprobs = prompt_top_tokens = None
         async for out in self.stream(record, prompt_ids, params):
             tokens.extend(out.new_tokens)
-            prompt_logprobs = out.prompt_logprobs or prompt_logprobs
+            if out.prompt_logprobs is not None:
+                prompt_logprobs, prompt_top_tokens = out.prompt_logprobs, out.prompt_top_tokens
             if out.finished:
                 return SequenceResult(
                     tokens=tokens,
@@ -303,6 +305,7 @@ class GenerationService:
                     num_generated_tokens=out.num_generated_tokens or len(tokens),
                     seed=out.seed,
                     prompt_logprobs=prompt_logprobs,
+                    prompt_top_tokens=prompt_top_tokens,
                 )
         raise APIError(500, "Incomplete generation", "incomplete_generation")
 

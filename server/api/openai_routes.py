@@ -34,7 +34,7 @@ from genserve.server.api.tools import (
     tool_messages,
 )
 from genserve.server.grammar import GrammarSpec
-from genserve.server.outputs import TokenInfo
+from genserve.server.outputs import TokenInfo, TopToken
 from genserve.server.sampling_params import SamplingParams
 
 router = APIRouter(tags=["OpenAI"])
@@ -165,12 +165,15 @@ def chat_logprobs(tokens: list[TokenInfo], top_n: int) -> dict:
 
 
 def completion_logprobs(tokens: list[TokenInfo], top_n: int, offset: int, prefix: list[str] | None = None,
-                        prefix_logprobs: list[float | None] | None = None) -> dict:
+                        prefix_logprobs: list[float | None] | None = None,
+                        prefix_tops: list[list[TopToken]] | None = None) -> dict:
+    """OpenAI's legacy logprobs; echoed prompt tokens first (the first one has nothing to condition on)."""
     texts, logprobs, tops, offsets = [], [], [], []
     for k, text in enumerate(prefix or []):
         texts.append(text)
         logprobs.append(prefix_logprobs[k] if prefix_logprobs else None)
-        tops.append(None)
+        scored = k > 0 and prefix_logprobs is not None and prefix_logprobs[k] is not None
+        tops.append({x.text: x.logprob for x in prefix_tops[k][:top_n]} if scored and prefix_tops and top_n else None)
         offsets.append(offset)
         offset += len(text)
     for t in tokens:
@@ -374,7 +377,7 @@ async def completions(body: CompletionRequest, request: Request):
         lp = None
         if body.logprobs is not None:
             prefix = [svc.tokenizer.decode([t]) for t in prompt_ids] if body.echo else None
-            lp = completion_logprobs(r.tokens, body.logprobs, 0, prefix, r.prompt_logprobs)
+            lp = completion_logprobs(r.tokens, body.logprobs, 0, prefix, r.prompt_logprobs, r.prompt_top_tokens)
         choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(r.finish_reason)})
     return JSONResponse({
         **_envelope(svc, "text_completion", rid, created), "choices": choices,
@@ -406,7 +409,8 @@ async def _completion_events(
             echoed.add(i)
             prompt_text, prompt_ids = prompts[i // n]
             prefix = [svc.tokenizer.decode([t]) for t in prompt_ids]
-            yield chunk(i, prompt_text, completion_logprobs([], body.logprobs, 0, prefix, out.prompt_logprobs))
+            yield chunk(i, prompt_text, completion_logprobs([], body.logprobs, 0, prefix, out.prompt_logprobs,
+                                                            out.prompt_top_tokens))
             offsets[i] = sum(len(t) for t in prefix)
         if out.text_delta or (body.logprobs is not None and out.new_tokens):
             lp = None

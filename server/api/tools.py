@@ -60,7 +60,8 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any) -> ToolPlan | None:
     elif tool_choice == "required":
         choice, allowed = "required", functions
     elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        name = (tool_choice.get("function") or {}).get("name")
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if name not in names:
             raise validation_error(f"`tool_choice` names the function {name!r}, which is not in `tools`")
         choice, allowed = "named", [functions[names.index(name)]]

@@ -11,6 +11,8 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 LDFLAGS = ["-fopenmp"]
 
+EXTENSION = "genserve_cpu_kernels"
 _loaded: bool | None = None
 
 
@@ -57,18 +60,32 @@ def load_cpu_kernels() -> bool:
         logger.info("native CPU kernels disabled by GENSERVE_CPU_KERNELS=0")
         return False
     try:
-        from torch.utils.cpp_extension import load
-
-        directory = build_directory()
-        directory.mkdir(parents=True, exist_ok=True)
-        load(name="genserve_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-             build_directory=str(directory), is_python_module=False, verbose=False)
+        library = build_directory() / f"{EXTENSION}.so"
+        if library.is_file():
+            torch.ops.load_library(str(library))
+        else:
+            _build(library)  # loads it too: a second dlopen would register the ops twice
         _loaded = hasattr(torch.ops.genserve_cpu, "paged_decode_attention")
     except Exception as exc:  # no compiler, no ninja, read-only cache...: the SDPA path still works
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch attention path", exc)
     if _loaded:
         logger.info("native CPU paged decode attention loaded")
     return _loaded
+
+
+def _build(library: Path) -> None:
+    """Compile and load in a private temporary folder, then move the library into place atomically: ranks or
+    pods building at once never wait on each other, and a build killed half-way leaves no lock behind
+    (torch's own build folder lock would make every later start wait on it forever)."""
+    from torch.utils.cpp_extension import load
+
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent.parent, prefix=".build-") as scratch:
+        load(name=EXTENSION, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+             build_directory=scratch, is_python_module=False, verbose=False)
+        staged = Path(scratch) / "staged.so"
+        shutil.copyfile(Path(scratch) / f"{EXTENSION}.so", staged)
+        os.replace(staged, library)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

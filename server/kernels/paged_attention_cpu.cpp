@@ -155,6 +155,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "int64 tables");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "one dtype");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) && context_lens.dim() == 1 &&
+              context_lens.size(0) == q.size(0), "one block-table row and one context length per query");
+  TORCH_CHECK(block_size > 0 && k_cache.size(0) % block_size == 0, "the pool holds whole blocks of block_size");
   const int64_t head_dim = q.size(2);
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0 && k_cache.size(2) == head_dim, "head shapes");
   auto tables = block_tables.contiguous();

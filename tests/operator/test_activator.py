@@ -132,3 +132,49 @@ def test_bounded_queue_and_timeout(setup):
     assert [r.status_code for r in results] == [503] * 3
     assert "did not start within 1.5 s" in results[0].json()["error"]
     assert metrics(config)["genserve_activator_timed_out_total"] == 3
+
+
+def wait_metric(config: ActivatorConfig, name: str, value: float, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while metrics(config)[name] != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}: {metrics(config)}"
+        time.sleep(0.05)
+
+
+def test_probes_never_wake_and_abandoned_requests_stop_counting(setup):
+    _, config, _, _, _ = setup
+    url = f"http://127.0.0.1:{config.port}"
+    for path in ("/", "/health", "/metrics"):
+        assert httpx.get(url + path).status_code == 503
+    assert metrics(config)["genserve_activator_requests_waiting"] == 0
+    # a client that gives up while held no longer counts (it would otherwise wake the model)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/generate", json={"inputs": "x"}, timeout=httpx.Timeout(5, read=0.5))
+    wait_metric(config, "genserve_activator_requests_waiting", 0)
+
+
+def test_a_request_right_after_the_pods_left_is_held_not_refused(setup):
+    loop, config, backend_port, activator, state = setup
+    url = f"http://127.0.0.1:{config.port}"
+    state["backend"] = loop.run(start_backend(backend_port))
+    deadline = time.monotonic() + 5
+    while not httpx.get(f"http://127.0.0.1:{config.metrics_port}/healthz").json()["server_ready"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    async def pause_polling():  # the pods leave between two health polls
+        activator._poller.cancel()
+
+    async def resume_polling():
+        activator._poller = asyncio.ensure_future(activator._poll_health())
+
+    loop.run(pause_polling())
+    loop.run(state["backend"].cleanup())
+    state["backend"] = None
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(httpx.post, url + "/generate", json={"inputs": "late"}, timeout=30)
+        wait_metric(config, "genserve_activator_requests_waiting", 1)  # held after the failed connect
+        state["backend"] = loop.run(start_backend(backend_port))
+        loop.run(resume_polling())
+        response = held.result(timeout=20)
+    assert response.status_code == 200 and response.json() == {"generated_text": "LATE"}

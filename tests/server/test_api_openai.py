@@ -152,6 +152,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "description": "
     ({"tool_choice": "required"}, "`tool_choice` needs `tools`"),
     ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "names the function 'g'"),
     ({"tools": [TOOL], "tool_choice": "sometimes"}, "`tool_choice` must be"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": "get_weather"}}, "names the function None"),
     ({"tools": [TOOL], "response_format": {"type": "json_object"}}, "cannot be combined with tool calls"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},

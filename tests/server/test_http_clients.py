@@ -105,6 +105,9 @@ def test_openai_completions_echo_scores_the_prompt(server, prompt_reference):
         model="tgi", prompt=PROMPT, temperature=0, max_tokens=4, echo=True, logprobs=1, stream=True) if c.choices]
     assert streamed[0].text == PROMPT
     assert streamed[0].logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
+    # each scored prompt token has its top alternatives, as vLLM/OpenAI return them (lm-eval reads them)
+    assert lp.top_logprobs[0] is None
+    assert all(isinstance(t, dict) and len(t) >= 1 for t in lp.top_logprobs[1:len(ids)])
     assert "".join(c.text for c in streamed) == r.choices[0].text
 
 

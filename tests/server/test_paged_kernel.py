@@ -83,6 +83,12 @@ def test_kernel_rejects_bad_input(head_dim):
         kernels.paged_decode_attention(q.double(), k_cache, v_cache, tables, lens, BLOCK_SIZE, 1.0)
     with pytest.raises(RuntimeError, match="int64 tables"):
         kernels.paged_decode_attention(q, k_cache, v_cache, tables.int(), lens, BLOCK_SIZE, 1.0)
+    with pytest.raises(RuntimeError, match="same shape"):
+        kernels.paged_decode_attention(q, k_cache, v_cache[:-1], tables, lens, BLOCK_SIZE, 1.0)
+    with pytest.raises(RuntimeError, match="one block-table row"):
+        kernels.paged_decode_attention(q, k_cache, v_cache, tables[:0], lens, BLOCK_SIZE, 1.0)
+    with pytest.raises(RuntimeError, match="whole blocks"):
+        kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0, 1.0)
     if head_dim == 64:  # tables and lengths that would read outside the pool are refused, not followed
         with pytest.raises(RuntimeError, match="outside the pool"):
             kernels.paged_decode_attention(q, k_cache, v_cache, tables + 1000, lens, BLOCK_SIZE, 1.0)

@@ -68,6 +68,32 @@ def test_prompt_logprobs_match_transformers_in_chunks_beside_other_requests(smol
     assert found[3] is None  # not asked for, not computed
 
 
+def test_a_one_token_prompt_chunk_is_scored_too(smollm2_dir, prompts, reference):
+    # 16-token budget: a 15-token request leaves exactly one token of the next prompt for the first step,
+    # which then runs as a one-token chunk beside the decodes
+    engine = LLMEngine(EngineConfig(model_id=str(smollm2_dir), dtype="float32", max_total_tokens=256,
+                                    max_batch_total_tokens=4096, max_batch_prefill_tokens=16))
+    filler = prompts[0][:15]
+    found, _ = run(engine, [filler, prompts[0]], [SamplingParams(max_new_tokens=3),
+                                                  SamplingParams(max_new_tokens=3, prompt_logprobs=True)])
+    assert_close(found[1], reference[0])
+
+
+def test_top_alternatives_of_each_prompt_token(smollm2_dir, prompts, reference):
+    engine = LLMEngine(EngineConfig(model_id=str(smollm2_dir), dtype="float32", max_total_tokens=256,
+                                    max_batch_total_tokens=4096))
+    request_id = engine.add_request(prompts[1], SamplingParams(max_new_tokens=1, prompt_logprobs=True,
+                                                               top_n_tokens=3))
+    out = next(o for o in engine.step()[0] if o.request_id == request_id)
+    assert out.prompt_top_tokens[0] == []  # nothing to condition the first token on
+    for position, (tops, logprob) in enumerate(zip(out.prompt_top_tokens[1:], out.prompt_logprobs[1:],
+                                                   strict=True), start=1):
+        assert len(tops) == 3 and tops[0].logprob >= tops[1].logprob >= tops[2].logprob
+        # the prompt token itself is either among them or less likely than the third
+        actual = prompts[1][position]
+        assert any(t.id == actual and abs(t.logprob - logprob) < 1e-5 for t in tops) or logprob <= tops[2].logprob
+
+
 def test_prompt_logprobs_never_come_from_the_prefix_cache(smollm2_dir, prompts, reference):
     engine = LLMEngine(EngineConfig(model_id=str(smollm2_dir), dtype="float32", max_total_tokens=256,
                                     max_batch_total_tokens=4096))
