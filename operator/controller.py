@@ -252,6 +252,10 @@ def _apply_decision(ctx: Context, body: dict[str, Any], decision: autoscaler.Dec
     status.write_status(ctx.kube, namespace, name, fields, {"ScalingActive": (active, decision.reason, message)})
     if decision.desired != current:
         ctx.kube.merge_patch("Deployment", namespace, name, {"spec": {"replicas": decision.desired}})
+        if decision.desired == 0:  # the Service moves to the activator now, not when the pods are gone
+            owner = ctx.kube.get(KIND, namespace, name)
+            if owner is not None:
+                reconcile_service(ctx, owner, logger)
         kopf.event(body, type="Normal", reason="Scaled", message=f"{decision.reason}: {message}")
         logger.info(f"scaled {current} -> {decision.desired}: {message}")
     return decision

@@ -321,9 +321,11 @@ def desired_replicas(spec: ServiceSpec, status: dict[str, Any], live_replicas: i
 
 
 def routes_to_activator(spec: ServiceSpec, deployment: dict[str, Any] | None) -> bool:
-    """A scale-to-zero service sends traffic to its activator while no server pod is ready."""
+    """A scale-to-zero service sends traffic to its activator while no server pod is ready, and from
+    the moment it is scaled to zero (its last pods drain while new requests already wait there)."""
     ready = ((deployment or {}).get("status") or {}).get("readyReplicas") or 0
-    return spec.scales_to_zero and ready == 0
+    scaled_to_zero = deployment is not None and (deployment.get("spec") or {}).get("replicas") == 0
+    return spec.scales_to_zero and (ready == 0 or scaled_to_zero)
 
 
 def build_children(name: str, namespace: str, spec: ServiceSpec, settings: OperatorSettings, replicas: int,

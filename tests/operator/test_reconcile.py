@@ -66,6 +66,8 @@ def test_scale_to_zero_adds_an_activator_and_switches_the_service_while_no_pod_i
     deployment = {"status": {"readyReplicas": 0}}
     assert routes_to_activator(spec, deployment) and routes_to_activator(spec, None)
     assert not routes_to_activator(spec, {"status": {"readyReplicas": 1}})
+    # scaled to zero with its last pod still draining: new requests already go to the activator
+    assert routes_to_activator(spec, {"spec": {"replicas": 0}, "status": {"readyReplicas": 1}})
     assert not routes_to_activator(parse_spec(SPECS["cpu"], "img"), deployment)
     names = {(o["kind"], o["metadata"]["name"]): o for o in build_children("svc", "ns", spec, SETTINGS, 0,
                                                                            True, True)[0]}
