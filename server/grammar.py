@@ -163,6 +163,23 @@ def _one_line(message: str) -> str:
     return " ".join(lines)[:500] if lines else message
 
 
+_executor = None
+
+
+def fill_bitmasks(matchers: list[GrammarMatcher], bitmask: torch.Tensor) -> None:
+    """Row j of `bitmask` for matchers[j], computed on llguidance's own threads (the GIL is released)."""
+    global _executor
+    if len(matchers) == 1:
+        matchers[0].fill_bitmask(bitmask, 0)
+        return
+    from llguidance import LLExecutor
+
+    if _executor is None:
+        _executor = LLExecutor(num_threads=max(1, torch.get_num_threads()))
+    _executor.unsafe_compute_mask_ptr([(m._matcher, j) for j, m in enumerate(matchers)], bitmask.data_ptr(),
+                                      bitmask.shape[1] * bitmask.element_size(), bitmask.shape[0])
+
+
 def allowed_token_mask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """int32 bitmask [N, ceil(V'/32)] -> bool [N, vocab_size]; ids beyond the tokenizer's are never allowed."""
     bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from genserve.server.grammar import GrammarMatcher, allowed_token_mask
+from genserve.server.grammar import GrammarMatcher, allowed_token_mask, fill_bitmasks
 from genserve.server.sampling_params import SamplingParams
 
 
@@ -83,12 +83,13 @@ def apply_grammars(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """-inf for every token a row's grammar does not allow next; rows without a grammar are untouched."""
     constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
     bitmask = torch.zeros(len(constrained), rows[constrained[0]].grammar.num_words, dtype=torch.int32)
-    for j, i in enumerate(constrained):
-        rows[i].grammar.fill_bitmask(bitmask, j)
-    allowed = allowed_token_mask(bitmask, raw.shape[-1]).to(raw.device)
+    fill_bitmasks([rows[i].grammar for i in constrained], bitmask)
+    disallowed = ~allowed_token_mask(bitmask, raw.shape[-1]).to(raw.device)
+    if len(constrained) == len(rows):  # every row constrained: one masked copy, no gather/scatter
+        return raw.masked_fill(disallowed, float("-inf"))
     index = torch.tensor(constrained, device=raw.device)
     masked = raw.clone()
-    masked[index] = raw[index].masked_fill(~allowed, float("-inf"))
+    masked[index] = raw[index].masked_fill(disallowed, float("-inf"))
     return masked
 
 
