@@ -152,6 +152,8 @@ class LLMEngine:
         vocab = self.hf_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"`logit_bias` token ids must be in [0, {vocab})")
         if params.grammar is not None:
             if self.grammars is None:
                 raise ValueError("grammar is not supported")

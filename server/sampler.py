@@ -45,6 +45,8 @@ class Sampler:
         """Pick one token per row of `logits` [N, V]; a row's draw depends only on its logits and generator."""
         assert logits.shape[0] == len(rows)
         raw = logits.float()
+        if any(r.params.logit_bias for r in rows):
+            raw = apply_logit_bias(raw, rows)
         if any(r.grammar is not None for r in rows):
             # masked first: penalties, warpers, greedy and the reported logprobs all see the constrained logits
             raw = apply_grammars(raw, rows)
@@ -52,6 +54,7 @@ class Sampler:
         lse = torch.logsumexp(raw, dim=-1)
 
         if all(p.is_greedy and not _has_repetition_penalty(p) and not _has_output_penalty(p) for p in params):
+            # (logit_bias and grammars are already in `raw`)
             ids = raw.argmax(dim=-1)
         else:
             ids = self._choose(raw, rows)
@@ -77,6 +80,17 @@ class Sampler:
             probs = _warped_probs(scores[idx], [r.params for r in sub_rows])
             ids[idx] = _draw(probs, [r.generator for r in sub_rows])
         return ids
+
+
+def apply_logit_bias(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """OpenAI's logit_bias: each listed token's logit moves by its bias (-100 bans it, +100 all but forces it)."""
+    row_idx = [i for i, r in enumerate(rows) for _ in r.params.logit_bias]
+    token_ids = [t for r in rows for t in r.params.logit_bias]
+    biases = [b for r in rows for b in r.params.logit_bias.values()]
+    biased = raw.clone()
+    biased.index_put_((torch.tensor(row_idx, device=raw.device), torch.tensor(token_ids, device=raw.device)),
+                      raw.new_tensor(biases), accumulate=True)
+    return biased
 
 
 def apply_grammars(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -31,6 +31,7 @@ class SamplingParams:
     # log-probability of every prompt token given the ones before it (TGI decoder_input_details,
     # OpenAI echo + logprobs); such a request computes its whole prompt (no prefix-cache hits)
     prompt_logprobs: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI: added to the logits, in [-100, 100]
 
     @property
     def is_greedy(self) -> bool:
@@ -68,3 +69,5 @@ class SamplingParams:
             )
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError("`seed` must be >= 0 and < 2**64")
+        if any(not -100 <= bias <= 100 for bias in self.logit_bias.values()):
+            raise ValueError("`logit_bias` values must be >= -100 and <= 100")

@@ -69,6 +69,17 @@ def response_format_grammar(fmt: ResponseFormat | None) -> GrammarSpec | None:
                            "text, json_object, json_schema, json, regex")
 
 
+def parse_logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's {"token id as a string": bias}; ranges are checked with the other parameters."""
+    out = {}
+    for key, bias in (raw or {}).items():
+        try:
+            out[int(key)] = float(bias)
+        except ValueError:
+            raise validation_error(f"`logit_bias` keys must be token ids; got {key!r}") from None
+    return out
+
+
 def sampling_params(
     body: _SamplingFields, svc: GenerationService, max_tokens: int | None, top_n_tokens: int,
     grammar: GrammarSpec | None = None,
@@ -87,8 +98,7 @@ def sampling_params(
         raise validation_error("`top_k` must be strictly positive")
     if max_tokens is not None and max_tokens <= 0:
         raise validation_error("`max_tokens` must be strictly positive")
-    if body.logit_bias:
-        raise not_supported("`logit_bias` is not supported by genserve")
+    logit_bias = parse_logit_bias(body.logit_bias)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     base = SamplingParams(
         max_new_tokens=max_tokens,
@@ -103,6 +113,7 @@ def sampling_params(
         stop=stop,
         top_n_tokens=top_n_tokens,
         grammar=grammar or response_format_grammar(body.response_format),
+        logit_bias=logit_bias,
     )
     svc.check_params(base)
     return [replace(base, seed=seed, stop=list(stop)) for seed in derive_seeds(body.seed, n)]

@@ -166,7 +166,8 @@ class _SamplingFields(_Strict):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = Field(None, description="Extension (TGI/vLLM)")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: a non-empty map is rejected")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias added to its logit, in [-100, 100]")
     n: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None

@@ -192,3 +192,17 @@ def test_tiny_gqa_llama_matches_transformers_batched_and_preempted(tiny_llama_di
                         max_total_tokens=192, max_input_tokens=100)
     assert run_staggered(small, smol_prompts, SamplingParams(max_new_tokens=MAX_NEW)) == reference
     assert small.stats().num_preemptions_total > 0
+
+
+@pytest.mark.slow
+def test_logit_bias_matches_transformers_sequence_bias(smollm2_dir, smol_engine, smol_prompts, smol_reference):
+    ids = smol_prompts[1]
+    # ban the token transformers picks first and favour another one mildly
+    bias = {smol_reference[1][0]: -100.0, smol_reference[1][1]: 2.5}
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
+                              sequence_bias={(t,): b for t, b in bias.items()})[0, len(ids):].tolist()
+    assert smol_engine.generate([ids], SamplingParams(max_new_tokens=MAX_NEW, logit_bias=bias))[0] == expected
+    assert expected[0] != smol_reference[1][0]
+    with pytest.raises(ValueError, match="`logit_bias` token ids must be in"):
+        smol_engine.add_request(ids, SamplingParams(max_new_tokens=2, logit_bias={10**7: 1.0}))

@@ -229,3 +229,22 @@ def test_top_k_alone_in_a_mixed_batch():
     draws = Sampler()(logits.expand(1000, -1), rows).token_ids
     assert set(draws[:500]) == {0, 1}
     assert len(set(draws[500:])) > 2
+
+
+def test_logit_bias_bans_and_forces_tokens_per_row():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50)
+    best = logits.argmax(-1).tolist()
+    rows = [row(logit_bias={best[0]: -100.0}), row(logit_bias={7: 100.0, 8: -3.0}), row()]
+    result = Sampler()(logits, rows)
+    banned = logits[0].clone()
+    banned[best[0]] -= 100
+    assert result.token_ids == [int(banned.argmax()), 7, best[2]]
+    # sampled rows see the bias too: +100 leaves nothing else a chance
+    assert set(draw_many(logits[1:2], 20, logit_bias={11: 100.0}, do_sample=True)) == {11}
+    assert torch.equal(logits.argmax(-1), torch.tensor(best))  # the input logits are never modified in place
+
+
+def test_logit_bias_range_is_checked():
+    with pytest.raises(ValueError, match="`logit_bias` values must be >= -100 and <= 100"):
+        SamplingParams(logit_bias={1: 101.0}).validate()
