@@ -150,6 +150,36 @@ def test_serve_stream_autoscale_and_cleanup(kube, operator_release, namespace):
              180, 3, "children to be garbage-collected")
 
 
+def test_scale_to_zero_and_wake_on_a_request(kube, operator_release, namespace):
+    """minReplicas 0: idle -> 0 replicas with the Service on the activator; a request is held, wakes a
+    replica and is answered through the activator."""
+    custom, apps = kube.CustomObjectsApi(), kube.AppsV1Api()
+    obj = copy.deepcopy(_example("smollm2-cpu.yaml"))
+    name = obj["metadata"]["name"] = "smollm2-zero"
+    obj["spec"]["autoscaling"] = {"enabled": True, "minReplicas": 0, "maxReplicas": 1, "intervalSeconds": 2,
+                                  "scaleToZeroAfterSeconds": 10}
+    obj["spec"]["resources"] = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "3Gi"}}
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, obj)
+    wait_for(lambda: _is_ready(kube, namespace, name), READY_TIMEOUT, 5, f"{name} Ready")
+    wait_for(lambda: apps.read_namespaced_deployment(f"{name}-activator", namespace).status.ready_replicas, 300, 2,
+             "the activator to be ready")
+    wait_for(lambda: apps.read_namespaced_deployment(name, namespace).spec.replicas == 0, 120, 2, "scale to zero")
+    zero = wait_for(lambda: (c := _condition(_get(kube, namespace, name), "Ready")) and c["reason"] == "ScaledToZero"
+                    and c, 120, 2, "Ready=ScaledToZero")
+    assert zero["status"] == "True"
+    # stay up once woken, for the checks below
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                          {"spec": {"autoscaling": {"scaleToZeroAfterSeconds": 600}}})
+
+    proxy = ServiceProxy(kube, namespace, name)
+    response = proxy.post("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 4}}, timeout=READY_TIMEOUT)
+    assert response.status == 200, response.read()[:500]
+    assert json.loads(response.read())["generated_text"]
+    assert apps.read_namespaced_deployment(name, namespace).spec.replicas == 1
+    assert _get(kube, namespace, name)["status"]["lastScaleDecision"]["reason"] == "WakeUp"
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
 def test_readme_commands_name_existing_files():
     readme = (Path(__file__).parent / "README.md").read_text()
     for token in ("Dockerfile.server", "Dockerfile.operator", "charts/genserve", "examples/smollm2-cpu.yaml"):
