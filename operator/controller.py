@@ -150,14 +150,16 @@ def on_child_event(ctx: Context, event_type: str, child: dict[str, Any], logger:
         return
     kind, name = child["kind"], child["metadata"]["name"]
     meta = owner["metadata"]
-    if event_type == "DELETED":
-        logger.info(f"{kind} {name} was deleted; restoring it")
-        kopf.event(owner, type="Warning", reason="Restoring", message=f"{kind} {name} was deleted; recreating it")
-        reconcile_service(ctx, owner, logger)
-        return
     try:
         spec = parse_spec(dict(owner.get("spec") or {}), ctx.settings.default_image)
     except SpecError:
+        return
+    if event_type == "DELETED":
+        if (kind, name) in _unwanted(ctx, owner, spec):
+            return  # our own clean-up (an optional child no longer asked for), not a loss
+        logger.info(f"{kind} {name} was deleted; restoring it")
+        kopf.event(owner, type="Warning", reason="Restoring", message=f"{kind} {name} was deleted; recreating it")
+        reconcile_service(ctx, owner, logger)
         return
     is_server = kind == "Deployment" and name == meta["name"]  # not the activator's Deployment
     if is_server and spec.scales_to_zero and reconcile.routes_to_activator(spec, child) != _routes_to_activator_now(
@@ -179,6 +181,13 @@ def on_child_event(ctx: Context, event_type: str, child: dict[str, Any], logger:
     elif is_server:
         fields, conditions = status.deployment_status(child, replicas, spec.scales_to_zero)
         status.write_status(ctx.kube, meta["namespace"], meta["name"], fields, conditions)
+
+
+def _unwanted(ctx: Context, owner: dict[str, Any], spec: ServiceSpec) -> list[tuple[str, str]]:
+    meta = owner["metadata"]
+    has_sm = ctx.kube.has_resource("monitoring.coreos.com/v1", "servicemonitors")
+    _, absent = reconcile.build_children(meta["name"], meta["namespace"], spec, ctx.settings, 1, has_sm)
+    return absent
 
 
 def _routes_to_activator_now(ctx: Context, namespace: str, name: str) -> bool:

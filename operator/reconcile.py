@@ -231,7 +231,7 @@ def build_direct_service(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def build_activator(name: str, namespace: str, settings: OperatorSettings) -> dict[str, Any]:
+def build_activator(name: str, namespace: str, spec: ServiceSpec, settings: OperatorSettings) -> dict[str, Any]:
     target = f"http://{direct_service_name(name)}.{namespace}.svc.{settings.cluster_domain}:{SERVICE_PORT}"
     pod_labels = {"app.kubernetes.io/name": "genserve", "app.kubernetes.io/instance": name,
                   "app.kubernetes.io/component": "activator", **activator_selector(name)}
@@ -259,6 +259,8 @@ def build_activator(name: str, namespace: str, settings: OperatorSettings) -> di
             "template": {
                 "metadata": {"labels": pod_labels},
                 "spec": {"containers": [container], "automountServiceAccountToken": False,
+                         # the service's pull secrets: a private registry usually holds both images
+                         "imagePullSecrets": [{"name": s} for s in spec.image_pull_secrets],
                          "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001}},
             },
         },
@@ -336,7 +338,7 @@ def build_children(name: str, namespace: str, spec: ServiceSpec, settings: Opera
               build_service(name, namespace, to_activator)]
     absent: list[tuple[str, str]] = []
     if spec.scales_to_zero:
-        wanted += [build_direct_service(name, namespace), build_activator(name, namespace, settings)]
+        wanted += [build_direct_service(name, namespace), build_activator(name, namespace, spec, settings)]
     else:
         absent += [("Deployment", activator_name(name)), ("Service", direct_service_name(name))]
     if spec.model_cache.enabled and not spec.model_cache.existing_claim:

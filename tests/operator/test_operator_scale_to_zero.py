@@ -4,6 +4,8 @@ Pods and Deployment status are played by the test (kmock runs no controllers), w
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from harness import MetricsEndpoint, add_ready_pod, replicas, tgs_body, tgs_status, wait_for
 from kubernetes import client
@@ -101,3 +103,7 @@ def test_turning_scale_to_zero_off_removes_the_activator(operator, api, cluster,
              what="the activator removed")
     wait_for(lambda: cluster.get("v1/services", namespace, "chat-direct") is None, what="chat-direct removed")
     assert service_selector(cluster, namespace) == {"genserve.dev/service": "chat"}
+    time.sleep(1)  # kopf posts events in the background
+    # removing what is no longer wanted is not a loss to restore (no "Restoring" warning)
+    assert not [e for e in cluster.list("v1/events", namespace) if e.get("reason") == "Restoring"]
+    assert cluster.get("apps/v1/deployments", namespace, "chat-activator") is None

@@ -35,7 +35,8 @@ SPECS = {
                         "podAnnotations": {"a": "b"}},
     "no-cache": {"model": {"id": "m"}, "modelCache": {"enabled": False}, "monitoring": {"enabled": False}},
     "scale-to-zero": {"model": {"id": "m"}, "autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 2,
-                                                            "scaleToZeroAfterSeconds": 600}},
+                                                            "scaleToZeroAfterSeconds": 600},
+                      "imagePullSecrets": [{"name": "reg"}]},
 }
 
 
@@ -83,6 +84,7 @@ def test_scale_to_zero_adds_an_activator_and_switches_the_service_while_no_pod_i
     assert container["image"] == SETTINGS.activator_image
     assert "http://svc-direct.ns.svc.cluster.local:80" in container["command"]
     assert {p["name"] for p in container["ports"]} == {"http", "metrics"}
+    assert activator["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "reg"}]
     assert names[("ServiceMonitor", "svc")]["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] \
         == "server" and direct["metadata"]["labels"]["app.kubernetes.io/component"] == "server-direct"
     # ready pods: the Service goes back to them; without scale to zero the extras are removed
