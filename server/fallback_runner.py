@@ -10,7 +10,7 @@ import torch
 
 from genserve.server.config import EngineConfig
 from genserve.server.layers.quantization import quantize_model
-from genserve.server.model_runner import PromptScores, StepOutput, score_prompt_tokens
+from genserve.server.model_runner import PromptScores, StepOutput, prompt_target, score_prompt_tokens
 from genserve.server.models.hf_fallback import TransformersCausalLM
 from genserve.server.sampler import Sampler, SamplingRow
 from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
@@ -36,14 +36,12 @@ class FallbackRunner:
             req = s.request
             begin, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
             past = self.caches.get(req.request_id) if begin > 0 else None
-            scored_end = min(end, req.num_prompt_tokens - 1)  # position j's logits score prompt token j + 1
-            score = req.sampling_params.prompt_logprobs and begin < scored_end
+            target = prompt_target(req, begin, end)
+            score = target is not None
             chunk_logits, self.caches[req.request_id] = self.model.forward_request(
                 req.token_ids[begin:end], past, all_logits=score)
             if score:
-                targets = [(req.request_id, begin + 1, req.token_ids[begin + 1:scored_end + 1],
-                            req.sampling_params.top_n_tokens)]
-                prompt_logprobs.update(score_prompt_tokens(chunk_logits[:scored_end - begin], targets))
+                prompt_logprobs.update(score_prompt_tokens(chunk_logits[:len(target[2])], [target]))
             if s.is_sampling:
                 order.append(s)
                 logits.append(chunk_logits[-1] if score else chunk_logits)

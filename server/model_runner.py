@@ -162,11 +162,10 @@ class ModelRunner:
             input_ids.append(req.token_ids[pos])
             positions.append(pos)
             context_lens.append(pos + 1)
-            if req.sampling_params.prompt_logprobs and pos < req.num_prompt_tokens - 1:
-                # a one-token prompt chunk (the budget's last token) rides with the decodes
+            # a one-token prompt chunk (the budget's last token) rides with the decodes
+            if (target := prompt_target(req, pos, pos + 1)) is not None:
                 prompt_rows.append(i)
-                prompt_targets.append((req.request_id, pos + 1, [req.token_ids[pos + 1]],
-                                       req.sampling_params.top_n_tokens))
+                prompt_targets.append(target)
             if s.is_sampling:
                 sample_rows.append(i)
                 sampling_order.append(s)
@@ -182,12 +181,9 @@ class ModelRunner:
         for s in prefills:
             req = s.request
             begin, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
-            # position j's logits score prompt token j + 1
-            scored_end = min(end, req.num_prompt_tokens - 1)
-            if req.sampling_params.prompt_logprobs and begin < scored_end:
-                prompt_rows.extend(range(len(input_ids), len(input_ids) + scored_end - begin))
-                prompt_targets.append((req.request_id, begin + 1, req.token_ids[begin + 1:scored_end + 1],
-                                       req.sampling_params.top_n_tokens))
+            if (target := prompt_target(req, begin, end)) is not None:
+                prompt_rows.extend(range(len(input_ids), len(input_ids) + len(target[2])))
+                prompt_targets.append(target)
             input_ids.extend(req.token_ids[begin:end])
             positions.extend(range(begin, end))
             begins.append(begin)
@@ -304,6 +300,16 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         """Paged runners keep nothing per request; the fallback runner drops its cache here."""
+
+
+def prompt_target(request, begin: int, end: int) -> PromptTarget | None:
+    """What a chunk of positions [begin, end) scores when the request asked for prompt log-probabilities:
+    position j's logits score prompt token j + 1 (the last prompt position's logits sample instead)."""
+    scored_end = min(end, request.num_prompt_tokens - 1)
+    if not request.sampling_params.prompt_logprobs or begin >= scored_end:
+        return None
+    return (request.request_id, begin + 1, request.token_ids[begin + 1:scored_end + 1],
+            request.sampling_params.top_n_tokens)
 
 
 def score_prompt_tokens(logits: torch.Tensor | None, targets: list[PromptTarget]) -> dict[str, PromptScores]:
