@@ -73,6 +73,13 @@ class AsyncEngine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         return self.engine.validate(prompt_token_ids, params)
 
+    async def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile a request's grammar off the event loop (a large schema takes tens of ms; streams keep
+        flowing meanwhile); validate() then finds it in the cache. ValueError when it is invalid."""
+        grammars = getattr(self.engine, "grammars", None)
+        if params.grammar is not None and grammars is not None:
+            await asyncio.to_thread(grammars.compile, params.grammar)
+
     def stats(self) -> EngineStats:
         return self.engine.stats()
 

@@ -229,10 +229,13 @@ class GenerationService:
         except ValueError as e:
             raise validation_error(str(e)) from None
 
-    def validate(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> int:
+    async def validate(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> int:
         """Check the prompt against the limits; returns the resolved `max_new_tokens`."""
         self.check_params(params)
         try:
+            compile_grammar = getattr(self.engine, "compile_grammar", None)
+            if compile_grammar is not None:
+                await compile_grammar(params)
             max_new_tokens = self.engine.validate(prompt_ids, params)
         except ValueError as e:
             raise validation_error(str(e)) from None

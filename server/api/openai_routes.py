@@ -228,7 +228,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         top_n = (body.top_logprobs or 0) if body.logprobs else 0
         params = sampling_params(body, svc, max_tokens, top_n, plan.grammar if plan else None)
         ids = await svc.encode(chat_prompt(svc, body, plan), add_special_tokens=False)
-        svc.validate(record, ids, params[0])
+        await svc.validate(record, ids, params[0])
         return [Job(ids, p) for p in params], [len(ids), plan]
 
     svc, record, jobs, (num_prompt, plan) = await _prepared(request, "/v1/chat/completions", prepare)
@@ -366,7 +366,7 @@ async def completions(body: CompletionRequest, request: Request):
             params = [replace(p, prompt_logprobs=True) for p in params]
         prompts = await completion_prompts(svc, body)
         for _, ids in prompts:
-            svc.validate(record, ids, params[0])
+            await svc.validate(record, ids, params[0])
         record.num_prompt_tokens = sum(len(ids) for _, ids in prompts)
         return [Job(ids, p) for _, ids in prompts for p in params], [prompts, len(params)]
 

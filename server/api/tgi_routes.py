@@ -151,7 +151,7 @@ async def prepare(svc: GenerationService, record: RequestRecord, req: GenerateRe
     ids = await svc.encode(req.inputs, add_special_tokens=req.add_special_tokens)
     if req.parameters.truncate is not None:
         ids = ids[-req.parameters.truncate:]
-    svc.validate(record, ids, params)
+    await svc.validate(record, ids, params)
     return ids, params, best_of
 
 
