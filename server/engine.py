@@ -154,6 +154,8 @@ class LLMEngine:
             raise ValueError(f"token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.logit_bias):
             raise ValueError(f"`logit_bias` token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"`stop_token_ids` must be in [0, {vocab})")
         if params.grammar is not None:
             if self.grammars is None:
                 raise ValueError("grammar is not supported")
@@ -178,7 +180,7 @@ class LLMEngine:
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
                                        skip_special_tokens=params.skip_special_tokens, stop=params.stop)
         row = SamplingRow(params=params, generator=generator, token_ids=request.token_ids,
-                          num_prompt_tokens=request.num_prompt_tokens)
+                          num_prompt_tokens=request.num_prompt_tokens, eos_token_ids=self.eos_token_ids)
         if params.grammar is not None:
             if self.grammars is None:
                 raise ValueError("grammar is not supported")

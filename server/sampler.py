@@ -17,6 +17,11 @@ class SamplingRow:
     token_ids: list[int]  # prompt + generated so far (for penalties)
     num_prompt_tokens: int
     grammar: GrammarMatcher | None = None  # tokens outside the grammar get -inf before anything else
+    eos_token_ids: frozenset[int] = frozenset()  # held back, with stop_token_ids, until min_tokens
+
+    @property
+    def holds_back_stops(self) -> bool:
+        return len(self.token_ids) - self.num_prompt_tokens < self.params.min_tokens
 
 
 @dataclass(slots=True)
@@ -47,6 +52,8 @@ class Sampler:
         raw = logits.float()
         if any(r.params.logit_bias for r in rows):
             raw = apply_logit_bias(raw, rows)
+        if any(r.holds_back_stops for r in rows):
+            raw = hold_back_stops(raw, rows)
         if any(r.grammar is not None for r in rows):
             # masked first: penalties, warpers, greedy and the reported logprobs all see the constrained logits
             raw = apply_grammars(raw, rows)
@@ -91,6 +98,17 @@ def apply_logit_bias(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor
     biased.index_put_((torch.tensor(row_idx, device=raw.device), torch.tensor(token_ids, device=raw.device)),
                       raw.new_tensor(biases), accumulate=True)
     return biased
+
+
+def hold_back_stops(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """-inf for EOS and stop_token_ids in rows still short of min_tokens (as HF's min_new_tokens)."""
+    pairs = [(i, t) for i, r in enumerate(rows) if r.holds_back_stops
+             for t in sorted(r.eos_token_ids | set(r.params.stop_token_ids)) if t < raw.shape[-1]]
+    if not pairs:
+        return raw
+    held = raw.clone()
+    held[torch.tensor([i for i, _ in pairs]), torch.tensor([t for _, t in pairs])] = float("-inf")
+    return held
 
 
 def apply_grammars(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

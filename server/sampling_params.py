@@ -24,6 +24,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0  # vLLM: EOS and stop_token_ids are held back until this many tokens are out
     logprobs: bool = True
     top_n_tokens: int = 0
     skip_special_tokens: bool = True
@@ -69,5 +70,7 @@ class SamplingParams:
             )
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError("`seed` must be >= 0 and < 2**64")
+        if self.min_tokens < 0 or (self.max_new_tokens is not None and self.min_tokens > self.max_new_tokens):
+            raise ValueError("`min_tokens` must be >= 0 and <= `max_new_tokens`")
         if any(not -100 <= bias <= 100 for bias in self.logit_bias.values()):
             raise ValueError("`logit_bias` values must be >= -100 and <= 100")

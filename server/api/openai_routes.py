@@ -114,6 +114,10 @@ def sampling_params(
         top_n_tokens=top_n_tokens,
         grammar=grammar or response_format_grammar(body.response_format),
         logit_bias=logit_bias,
+        ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
+        stop_token_ids=list(body.stop_token_ids or []),
+        skip_special_tokens=body.skip_special_tokens,
     )
     svc.check_params(base)
     return [replace(base, seed=seed, stop=list(stop)) for seed in derive_seeds(body.seed, n)]

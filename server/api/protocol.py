@@ -177,6 +177,11 @@ class _SamplingFields(_Strict):
     top_p: float | None = None
     top_k: int | None = Field(None, description="Extension (TGI/vLLM)")
     user: str | None = None
+    # vLLM's extensions, for clients and benchmarks written against it
+    ignore_eos: bool = Field(False, description="Extension (vLLM): keep generating past EOS")
+    min_tokens: int = Field(0, description="Extension (vLLM): no EOS / stop_token_ids before this many tokens")
+    stop_token_ids: list[int] | None = Field(None, description="Extension (vLLM): token ids that end the output")
+    skip_special_tokens: bool = Field(True, description="Extension (vLLM): leave special tokens out of the text")
     response_format: ResponseFormat | None = Field(
         None, description="`text`, `json_object`, `json_schema` ({json_schema: {name, schema}}), or TGI's "
                           "`json` / `regex` ({value}); on /v1/completions an extension, as in vLLM")

@@ -206,3 +206,20 @@ def test_logit_bias_matches_transformers_sequence_bias(smollm2_dir, smol_engine,
     assert expected[0] != smol_reference[1][0]
     with pytest.raises(ValueError, match="`logit_bias` token ids must be in"):
         smol_engine.add_request(ids, SamplingParams(max_new_tokens=2, logit_bias={10**7: 1.0}))
+
+
+@pytest.mark.slow
+def test_min_tokens_matches_transformers_min_new_tokens(smollm2_dir, smol_engine):
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Say hi"}], tokenize=False,
+                                             add_generation_prompt=True))
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    plain = model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False)[0, len(ids):].tolist()
+    assert len(plain) < 60  # it stops on its own (EOS)...
+    at_least = len(plain) + 4
+    longer = model.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=at_least,
+                            do_sample=False)[0, len(ids):].tolist()
+    ours = smol_engine.generate([ids], SamplingParams(max_new_tokens=64, min_tokens=at_least))[0]
+    assert ours == longer and len(ours) >= at_least  # ...and not before `at_least` tokens with min_tokens
+    with pytest.raises(ValueError, match="`stop_token_ids` must be in"):
+        smol_engine.add_request(ids, SamplingParams(max_new_tokens=2, stop_token_ids=[-1]))

@@ -311,3 +311,23 @@ def test_tool_calls_through_the_openai_client(server):
     ]
     answer = client.chat.completions.create(model="tgi", messages=follow_up, temperature=0, max_tokens=20)
     assert answer.choices[0].message.content
+
+
+def test_vllm_extensions_through_the_openai_client(server, prompt_reference):
+    """ignore_eos / min_tokens / stop_token_ids / skip_special_tokens, sent the way vLLM clients do."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    ids = prompt_reference[1]
+    # stop at the reference's third token: the output is the first three tokens
+    r = client.completions.create(model="tgi", prompt=PROMPT, temperature=0, max_tokens=N, logprobs=0,
+                                  extra_body={"stop_token_ids": [ids[2]]})
+    assert r.choices[0].finish_reason == "stop" and len(r.choices[0].logprobs.tokens) == 3
+    # held back until min_tokens: the same stop id cannot end it before 5 tokens
+    r = client.completions.create(model="tgi", prompt=PROMPT, temperature=0, max_tokens=N, logprobs=0,
+                                  extra_body={"stop_token_ids": [ids[2]], "min_tokens": 5})
+    assert len(r.choices[0].logprobs.tokens) >= 5
+    r = client.chat.completions.create(model="tgi", messages=MESSAGES, temperature=0, max_tokens=40,
+                                       extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+    assert "<|im_end|>" in r.choices[0].message.content  # the EOS it went past, kept in the text

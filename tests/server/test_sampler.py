@@ -248,3 +248,17 @@ def test_logit_bias_bans_and_forces_tokens_per_row():
 def test_logit_bias_range_is_checked():
     with pytest.raises(ValueError, match="`logit_bias` values must be >= -100 and <= 100"):
         SamplingParams(logit_bias={1: 101.0}).validate()
+
+
+def test_min_tokens_holds_back_eos_and_stop_ids_until_reached():
+    logits = torch.zeros(2, 20)
+    logits[:, 2] = 10.0  # EOS would win
+    logits[:, 5] = 8.0  # a stop token id next
+    logits[:, 9] = 1.0
+    short = SamplingRow(params=SamplingParams(min_tokens=3, stop_token_ids=[5]), generator=None,
+                        token_ids=[1, 1, 7], num_prompt_tokens=2, eos_token_ids=frozenset({2}))
+    done = SamplingRow(params=SamplingParams(min_tokens=1, stop_token_ids=[5]), generator=None,
+                       token_ids=[1, 1, 7], num_prompt_tokens=2, eos_token_ids=frozenset({2}))
+    assert Sampler()(logits, [short, done]).token_ids == [9, 2]
+    with pytest.raises(ValueError, match="`min_tokens` must be >= 0 and <= `max_new_tokens`"):
+        SamplingParams(min_tokens=5, max_new_tokens=4).validate()
