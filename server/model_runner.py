@@ -305,8 +305,10 @@ class ModelRunner:
 def prompt_target(request, begin: int, end: int) -> PromptTarget | None:
     """What a chunk of positions [begin, end) scores when the request asked for prompt log-probabilities:
     position j's logits score prompt token j + 1 (the last prompt position's logits sample instead)."""
+    if not request.sampling_params.prompt_logprobs:  # every decode row asks, every step: answer cheaply
+        return None
     scored_end = min(end, request.num_prompt_tokens - 1)
-    if not request.sampling_params.prompt_logprobs or begin >= scored_end:
+    if begin >= scored_end:
         return None
     return (request.request_id, begin + 1, request.token_ids[begin + 1:scored_end + 1],
             request.sampling_params.top_n_tokens)
