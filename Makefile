@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)" $(TORCH_PIP_ARGS)
-	$(PIP) install -q -e ".[server,gguf,operator,dev]"
+	$(PIP) install -q -e ".[server,gguf,operator,bench,dev]"
 	# TGI's own client pins huggingface_hub<1; its code runs fine on 1.x, so install it without deps.
 	$(PIP) install -q --no-deps "text-generation==0.7.0"
 	touch $@

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     download = sub.add_parser("download", help="download (or convert) a model into the cache and exit")
     download.add_argument("--model-id", default=None)
     download.add_argument("--revision", default=None)
+    from genserve.server.benchmark.command import add_parser as add_benchmark_parser
+
+    add_benchmark_parser(sub)
     return parser
 
 
@@ -177,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "benchmark":
+        from genserve.server.benchmark.command import run as run_benchmark
+
+        return run_benchmark(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from genserve.server.model_files import prepare_default_model, resolve_model
 

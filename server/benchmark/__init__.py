@@ -1,0 +1,1 @@
+"""`genserve benchmark`: a streaming load generator for OpenAI and TGI endpoints."""
