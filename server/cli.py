@@ -35,6 +35,8 @@ ENGINE_HELP = {
     "num_threads": "CPU threads for torch",
     "use_transformers_fallback": "run the model with transformers instead of genserve's own implementation",
     "disable_grammar_support": "reject `grammar` (TGI) and JSON `response_format` (OpenAI) with 422",
+    "load_format": "auto or safetensors: read the weights; dummy: random weights, the model folder needs only "
+                   "config.json and a tokenizer (benchmarks of a model's shape without its weights)",
 }
 ENGINE_ALIASES = {"max_input_tokens": ["--max-input-length"]}
 
@@ -154,7 +156,10 @@ def serve(args: argparse.Namespace) -> int:
         os.environ["HF_HUB_CACHE"] = args.huggingface_hub_cache
     from genserve.server.async_engine import AsyncEngine
 
-    config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    try:
+        config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    except ValueError as exc:
+        raise SystemExit(f"genserve serve: error: {exc}") from None
     settings = server_settings(args)
     engine = AsyncEngine.from_config(config)
     app = create_app(engine, settings)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
 
 @dataclass(slots=True)
 class EngineConfig:
@@ -35,6 +37,12 @@ class EngineConfig:
     use_transformers_fallback: bool = False
     # TGI's flag: refuse `grammar` / `response_format` instead of constraining decoding
     disable_grammar_support: bool = False
+    # vLLM's --load-format: "dummy" fills the weights at random (the folder needs only config + tokenizer)
+    load_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"`--load-format` must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
 
     def resolve_limits(self, max_position_embeddings: int) -> None:
         """Fill the limits left unset, the way TGI's launcher derives them."""

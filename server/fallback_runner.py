@@ -20,7 +20,7 @@ class FallbackRunner:
     supports_prefix_caching = False
 
     def __init__(self, config: EngineConfig, hf_config, model_dir, device: torch.device, dtype: torch.dtype) -> None:
-        self.model = TransformersCausalLM(model_dir, dtype=dtype, device=device)
+        self.model = TransformersCausalLM(model_dir, dtype=dtype, device=device, load_format=config.load_format)
         quantize_model(self.model, config.quantize)  # raises: only native models can be quantized
         self.block_size = config.block_size
         tokens = config.max_batch_total_tokens or config.max_batch_size * config.max_total_tokens

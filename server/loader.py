@@ -1,4 +1,5 @@
-"""Load HF safetensors into a model whose parameters carry `weight_loader` (each rank reads its own shard)."""
+"""Load HF safetensors into a model whose parameters carry `weight_loader` (each rank reads its own shard),
+or fill it with random weights (`--load-format dummy`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from safetensors import safe_open
 from torch import nn
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+DUMMY_SEED = 0
+DUMMY_RANGE = 1e-3
 
 
 def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
@@ -32,11 +35,35 @@ def _expected_shards(param_name: str, packed: dict) -> set:
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, model_dir: str | Path) -> None:
-    """Copy every tensor of `model_dir/*.safetensors` into `model`; raise on missing or unexpected weights."""
+def init_dummy_weights(model: nn.Module, seed: int = DUMMY_SEED) -> None:
+    """Fill each rank's local parameters in place: norms 1 and their biases 0, everything else U(-1e-3, 1e-3).
+
+    Values are vLLM's: small enough for finite activations at any depth, and the norms keep every layer's
+    input at unit scale, so logits stay finite and distinct. One seed per parameter (in model order) keeps
+    replicated parameters equal across tensor-parallel ranks.
+    """
+    norms = {id(p): name for m in model.modules() if "norm" in type(m).__name__.lower()
+             for name, p in m.named_parameters(recurse=False)}
+    for index, param in enumerate(model.parameters()):
+        if id(param) in norms:
+            param.data.fill_(1.0 if norms[id(param)] == "weight" else 0.0)
+            continue
+        generator = torch.Generator(device=param.device).manual_seed(seed + index)
+        param.data.uniform_(-DUMMY_RANGE, DUMMY_RANGE, generator=generator)
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, model_dir: str | Path, load_format: str = "auto") -> None:
+    """Copy every tensor of `model_dir/*.safetensors` into `model`; raise on missing or unexpected weights.
+
+    With load_format "dummy", fill random weights instead (`model_dir` is not read).
+    """
+    if load_format == "dummy":
+        init_dummy_weights(model)
+        return
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir} (--load-format dummy serves random weights)")
     packed = getattr(model, "packed_modules_mapping", {})
     is_tied = getattr(model, "tie_word_embeddings", False)
     params = dict(model.named_parameters())

@@ -91,7 +91,7 @@ class ModelRunner:
         assert model_cls is not None, "the engine picks the transformers fallback for unknown architectures"
         with torch.device(device):
             self.model = model_cls(hf_config, dtype=dtype)
-        load_weights(self.model, model_dir)
+        load_weights(self.model, model_dir, config.load_format)
         quantize_model(self.model, config.quantize)
         if device.type == "cpu":
             pack_model_for_cpu(self.model)

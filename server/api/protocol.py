@@ -132,6 +132,7 @@ class Info(BaseModel):
     version: str
     sha: str | None = None
     docker_label: str | None = None
+    load_format: str = "auto"  # genserve's: "dummy" when the weights are random (--load-format dummy)
 
 
 # ---- OpenAI ------------------------------------------------------------------------------------

@@ -310,6 +310,7 @@ def info_json(request: Request) -> dict:
         version=server_version(),
         sha=s.sha,
         docker_label=s.docker_label,
+        load_format=cfg.load_format,
     ).model_dump()
 
 

@@ -16,7 +16,9 @@ BATCH_HINT = 32
 
 def can_pack(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and weight.dim() == 2
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            # oneDNN's bf16 reorder needs avx512bw/vl/dq or avx_ne_convert (not on every x86 CPU)
+            and (weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,21 @@ import inspect
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 
 class TransformersCausalLM:
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto").to(device).eval()
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 load_format: str = "auto"):
+        if load_format == "dummy":
+            # transformers' own random init (normal(0, initializer_range), norms 1), seeded: no weights read
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
+                                                         dtype=dtype or torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto")
+        self.model = model.to(device).eval()
         self.config = self.model.config
         self.device = torch.device(device)
         # transformers renamed `past_key_values` to `cache` during 5.x
