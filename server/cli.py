@@ -37,6 +37,7 @@ ENGINE_HELP = {
     "disable_grammar_support": "reject `grammar` (TGI) and JSON `response_format` (OpenAI) with 422",
     "load_format": "auto or safetensors: read the weights; dummy: random weights, the model folder needs only "
                    "config.json and a tokenizer (benchmarks of a model's shape without its weights)",
+    "speculate": "n-gram (prompt-lookup) draft tokens verified per decode step of greedy requests; 0 = off",
 }
 ENGINE_ALIASES = {"max_input_tokens": ["--max-input-length"]}
 
@@ -161,7 +162,10 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"genserve serve: error: {exc}") from None
     settings = server_settings(args)
-    engine = AsyncEngine.from_config(config)
+    try:
+        engine = AsyncEngine.from_config(config)
+    except ValueError as exc:  # a flag the model or machine cannot honour: one line, not a traceback
+        raise SystemExit(f"genserve serve: error: {exc}") from None
     app = create_app(engine, settings)
     logging.getLogger(__name__).info("serving %s on http://%s:%d", engine.model_id, settings.hostname, settings.port)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal: exit 0 after a clean drain

@@ -39,10 +39,14 @@ class EngineConfig:
     disable_grammar_support: bool = False
     # vLLM's --load-format: "dummy" fills the weights at random (the folder needs only config + tokenizer)
     load_format: str = "auto"
+    # TGI's --speculate: n-gram draft tokens verified per decode step of greedy requests (0: off)
+    speculate: int = 0
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"`--load-format` must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
+        if self.speculate < 0:
+            raise ValueError(f"`--speculate` must be >= 0; got {self.speculate}")
 
     def resolve_limits(self, max_position_embeddings: int) -> None:
         """Fill the limits left unset, the way TGI's launcher derives them."""

@@ -18,8 +18,11 @@ from genserve.server.request import Request, RequestStatus
 from genserve.server.sampler import SamplingRow, make_generator
 from genserve.server.sampling_params import SamplingParams
 from genserve.server.scheduler import Scheduler, SchedulerConfig
+from genserve.server.speculation import NgramProposer, num_accepted
 
 logger = logging.getLogger(__name__)
+
+MAX_SPECULATIVE_ROWS = 16
 
 
 @dataclass(slots=True)
@@ -43,6 +46,8 @@ class StepStats:
     duration_s: float
     batch_size: int
     num_tokens: int
+    num_accepted: list[int] = field(default_factory=list)  # per request that verified drafts: drafts kept
+    num_drafts: list[int] = field(default_factory=list)  # ... and drafts proposed
 
 
 @dataclass(slots=True)
@@ -91,6 +96,9 @@ class LLMEngine:
             ),
             self.kv_cache,
         )
+        self.proposer = NgramProposer(config.speculate) if config.speculate else None
+        # decode rows (drafts included) up to which drafting goes on; beyond, a step is bound by compute
+        self.max_speculative_rows = MAX_SPECULATIVE_ROWS
         self.states: dict[str, _RequestState] = {}
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
@@ -102,6 +110,9 @@ class LLMEngine:
         if self.config.use_transformers_fallback or get_model_class(getattr(hf_config, "architectures", None)) is None:
             from genserve.server.fallback_runner import FallbackRunner
 
+            if self.config.speculate:
+                raise ValueError("--speculate needs a native model implementation; the transformers fallback "
+                                 f"({getattr(hf_config, 'architectures', None)}) decodes one token at a time")
             if self.config.num_shard > 1:
                 raise ValueError("--num-shard > 1 needs a native model implementation; the transformers "
                                  f"fallback ({getattr(hf_config, 'architectures', None)}) runs on one device")
@@ -223,25 +234,62 @@ class LLMEngine:
             state.prompt_logprobs[first:first + len(values)] = values
             if tops:
                 state.prompt_top[first:first + len(tops)] = tops
-        sampled = {s.request.request_id: tok for s, tok in zip(order, result.token_ids, strict=True)} if result else {}
+        # a request with drafts has a sampled row after its last token and after each draft
+        first_rows, sampled, row = [], {}, 0
+        for s in order:
+            first_rows.append(row)
+            sampled[s.request.request_id] = result.token_ids[row:row + 1 + len(s.draft_token_ids)]
+            row += 1 + len(s.draft_token_ids)
+        num_tokens_before = [s.request.num_tokens for s in order]
         self.scheduler.update_from_output(out, sampled)
         stats = StepStats("prefill" if has_prefill else "decode", time.perf_counter() - started,
-                          len(out.scheduled), out.num_batched_tokens)
-        outputs = [self._process_token(s.request, i, result) for i, s in enumerate(order)]
-        self.num_generation_tokens_total += len(outputs)
+                          len(out.scheduled), out.num_batched_tokens,
+                          [num_accepted(s.draft_token_ids, sampled[s.request.request_id])
+                           for s in order if s.draft_token_ids],
+                          [len(s.draft_token_ids) for s in order if s.draft_token_ids])
+        outputs = [self._process_tokens(s.request, first, s.request.num_tokens - before, result)
+                   for s, first, before in zip(order, first_rows, num_tokens_before, strict=True)]
+        self.num_generation_tokens_total += sum(len(o.new_tokens) for o in outputs)
+        if self.proposer is not None:
+            self._propose_drafts()
         return outputs, stats
 
-    def _process_token(self, request: Request, index: int, result) -> RequestOutput:
+    def _propose_drafts(self) -> None:
+        """Draft the next tokens of running greedy decodes while the step stays small: verifying a draft
+        costs a row of compute, which is nearly free only while the step is bound by reading weights."""
+        num_rows = len(self.scheduler.running)
+        for request in self.scheduler.running:
+            room = min(request.max_new_tokens - request.num_output_tokens - 1,
+                       self.config.speculate, self.max_speculative_rows - num_rows)
+            if (room <= 0 or request.num_tokens - request.num_computed_tokens != 1
+                    or not request.sampling_params.is_greedy or self.states[request.request_id].row.grammar):
+                continue
+            request.spec_token_ids = self.proposer.propose(request.token_ids)[:room]
+            num_rows += len(request.spec_token_ids)
+
+    def _process_tokens(self, request: Request, first_row: int, num_tokens: int, result) -> RequestOutput:
+        """Detokenize the request's new tokens (rows first_row.. of the step's draws) and apply stop
+        sequences and grammars; a stop sequence drops the tokens after it."""
         state = self.states[request.request_id]
-        token_id = result.token_ids[index]
-        step = state.detokenizer.add_token(token_id)
-        tops = [TopToken(t, self.tokenizer.decode([t]), lp, t in self.special_ids) for t, lp in result.top_tokens[index]]
-        info = TokenInfo(token_id, step.token_text, result.logprobs[index], token_id in self.special_ids, tops)
-        if step.matched_stop is not None:
-            self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, "stop_sequence")
-            request.finish_reason = "stop_sequence"  # also when the same token hit the length limit
+        infos, text_delta, matched_stop = [], "", None
+        new_ids = request.token_ids[request.num_tokens - num_tokens:]
+        for j, token_id in enumerate(new_ids):
+            index = first_row + j
+            step = state.detokenizer.add_token(token_id)
+            text_delta += step.text_delta
+            tops = [TopToken(t, self.tokenizer.decode([t]), lp, t in self.special_ids)
+                    for t, lp in result.top_tokens[index]]
+            infos.append(TokenInfo(token_id, step.token_text, result.logprobs[index], token_id in self.special_ids,
+                                   tops))
+            if step.matched_stop is not None:
+                matched_stop = step.matched_stop
+                del request.token_ids[request.num_tokens - (len(new_ids) - 1 - j):]
+                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, "stop_sequence")
+                request.finish_reason = "stop_sequence"  # also when the same token hit the length limit
+                break
         grammar = state.row.grammar
         if grammar is not None and not request.is_finished:
+            token_id = new_ids[-1]  # a grammar request never drafts: one token per step
             if not grammar.accept(token_id):  # cannot happen with the mask applied; never loop on it
                 logger.error("grammar rejected token %d: %s", token_id, grammar.error,
                              extra={"request_id": request.request_id})
@@ -250,8 +298,8 @@ class LLMEngine:
                 self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, "eos_token")
         output = RequestOutput(
             request_id=request.request_id,
-            new_tokens=[info],
-            text_delta=step.text_delta,
+            new_tokens=infos,
+            text_delta=text_delta,
             num_prompt_tokens=request.num_prompt_tokens,
             num_generated_tokens=request.num_output_tokens,
             num_cached_tokens=request.num_cached_prompt_tokens,
@@ -266,12 +314,12 @@ class LLMEngine:
                 [TopToken(t, self.tokenizer.decode([t]), lp, t in self.special_ids) for t, lp in position]
                 for position in (state.prompt_top or [[] for _ in range(request.num_prompt_tokens)])]
         if request.is_finished:
-            if step.matched_stop is None:
+            if matched_stop is None:
                 output.text_delta += state.detokenizer.flush()
             output.finished = True
             output.finish_reason = request.finish_reason
             output.generated_text = state.detokenizer.output_text
-            output.matched_stop = step.matched_stop
+            output.matched_stop = matched_stop
             output.finished_time = time.monotonic()
             del self.states[request.request_id]
             self.runner.release(request.request_id)

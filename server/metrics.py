@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -19,6 +19,9 @@ from prometheus_client.registry import Collector
 DURATION_BUCKETS = tuple(0.0001 * 1.5**k for k in range(1, 36))
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+
+SKIPPED_BUCKETS = tuple(float(n) for n in range(0, 11))
+ACCEPTANCE_BUCKETS = tuple(k / 10 for k in range(0, 11))
 
 TGI_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tgi_request_count": ("Total number of requests", ()),
@@ -78,6 +81,19 @@ class Metrics:
             "genserve_inter_token_latency_seconds", "Time between two generated tokens of a request",
             buckets=ITL_BUCKETS, registry=r,
         )
+        # speculative decoding (--speculate): TGI's histogram, observed per request at each verification
+        self.request_skipped_tokens = Histogram(
+            "tgi_request_skipped_tokens", "Speculated tokens kept per request and verification step",
+            buckets=SKIPPED_BUCKETS, registry=r,
+        )
+        self.spec_acceptance = Histogram(
+            "genserve_spec_decode_acceptance_ratio", "Fraction of a verification step's draft tokens kept",
+            buckets=ACCEPTANCE_BUCKETS, registry=r,
+        )
+        self.spec_draft_tokens = Counter(
+            "genserve_spec_decode_draft_tokens", "Draft tokens verified", registry=r)
+        self.spec_accepted_tokens = Counter(
+            "genserve_spec_decode_accepted_tokens", "Draft tokens kept", registry=r)
         self._lock = threading.Lock()
         self._counters: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in TGI_COUNTERS}
         self._counters["tgi_request_count"][()] = 0
@@ -102,6 +118,11 @@ class Metrics:
         """Engine-thread callback after each forward pass."""
         self.batch_forward_duration.labels(step.method).observe(step.duration_s)
         self.inc("tgi_batch_inference_count", step.method)
+        for kept, drafted in zip(step.num_accepted, step.num_drafts, strict=True):
+            self.request_skipped_tokens.observe(kept)
+            self.spec_acceptance.observe(kept / drafted)
+            self.spec_draft_tokens.inc(drafted)
+            self.spec_accepted_tokens.inc(kept)
 
     def render(self) -> bytes:
         lines: list[str] = []

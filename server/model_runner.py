@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -145,9 +146,9 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Rank 0: flatten the step into one int64 tensor, broadcast it at tp > 1, and unpack it."""
-        # decodes (one new token) first: they share one batched attention call
-        decodes = [s for s in out.scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in out.scheduled if s.num_new_tokens > 1]
+        # decodes (one new token, or one plus drafts) first: they share one batched attention call
+        decodes = [s for s in out.scheduled if s.num_new_tokens == 1 or s.draft_token_ids]
+        prefills = [s for s in out.scheduled if s.num_new_tokens > 1 and not s.draft_token_ids]
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -156,24 +157,29 @@ class ModelRunner:
         context_lens: list[int] = []
         prompt_rows: list[int] = []
         prompt_targets: list[PromptTarget] = []
-        for i, s in enumerate(decodes):
+        decode_block_ids: list[list[int]] = []
+        for s in decodes:
             req = s.request
             pos = req.num_computed_tokens
-            input_ids.append(req.token_ids[pos])
-            positions.append(pos)
-            context_lens.append(pos + 1)
             # a one-token prompt chunk (the budget's last token) rides with the decodes
             if (target := prompt_target(req, pos, pos + 1)) is not None:
-                prompt_rows.append(i)
+                prompt_rows.append(len(input_ids))
                 prompt_targets.append(target)
             if s.is_sampling:
-                sample_rows.append(i)
                 sampling_order.append(s)
+            # each draft is a decode row of its own, seeing the context up to itself
+            for i, token_id in enumerate([req.token_ids[pos], *s.draft_token_ids]):
+                if s.is_sampling:
+                    sample_rows.append(len(input_ids))
+                input_ids.append(token_id)
+                positions.append(pos + i)
+                context_lens.append(pos + i + 1)
+                decode_block_ids.append(req.block_ids)
         max_len = max(context_lens, default=0)
         max_blocks = -(-max_len // bs)
         tables: list[int] = []
-        for s in decodes:
-            blocks = s.request.block_ids[:max_blocks]
+        for block_ids in decode_block_ids:
+            blocks = block_ids[:max_blocks]
             tables += blocks
             tables += [0] * (max_blocks - len(blocks))
         begins: list[int] = []
@@ -193,7 +199,7 @@ class ModelRunner:
                 sample_rows.append(len(input_ids) - 1)
                 sampling_order.append(s)
         payload = input_ids + positions + sample_rows + context_lens + begins + ends + tables + prompt_rows
-        header = [1, len(input_ids), len(decodes), max_blocks, len(prefills), len(sample_rows), max_len,
+        header = [1, len(input_ids), len(context_lens), max_blocks, len(prefills), len(sample_rows), max_len,
                   len(payload), len(prompt_rows)]
         payload_t = torch.tensor(payload, dtype=torch.long)
         if self.tp_size > 1:
@@ -288,7 +294,7 @@ class ModelRunner:
         if logits is None:
             return [], None, prompt_logprobs
         order = inputs.sampling_order
-        return order, self.sampler(logits.float(), [rows[s.request.request_id] for s in order]), prompt_logprobs
+        return order, self.sampler(logits.float(), sampling_rows(order, rows)), prompt_logprobs
 
     def shutdown(self) -> None:
         """Rank 0: tell the workers to stop, join them and leave the process group."""
@@ -300,6 +306,18 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         """Paged runners keep nothing per request; the fallback runner drops its cache here."""
+
+
+def sampling_rows(order: list[ScheduledRequest], rows: dict[str, SamplingRow]) -> list[SamplingRow]:
+    """One row per sampled position: a request with drafts samples after its last token and after each
+    draft, each with the history up to there (for penalties and min_tokens)."""
+    out = []
+    for s in order:
+        row = rows[s.request.request_id]
+        out.append(row)
+        drafts = s.draft_token_ids
+        out += [dataclasses.replace(row, token_ids=row.token_ids + drafts[:i]) for i in range(1, len(drafts) + 1)]
+    return out
 
 
 def prompt_target(request, begin: int, end: int) -> PromptTarget | None:

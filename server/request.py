@@ -40,6 +40,10 @@ class Request:
     finish_reason: str | None = None  # TGI's names: "length", "eos_token", "stop_sequence"
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # draft tokens to verify in the next decode step (speculative decoding); never in token_ids
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0  # drafts verified so far
+    num_accepted_tokens: int = 0  # of those, kept
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from genserve.server.kv_cache import KVCacheManager
 from genserve.server.request import Request, RequestStatus
+from genserve.server.speculation import num_accepted
 
 
 @dataclass(slots=True)
@@ -33,12 +34,14 @@ class SchedulerConfig:
 @dataclass(slots=True)
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # drafts included
+    draft_token_ids: list[int] = field(default_factory=list)  # after the last known token
 
     @property
     def is_sampling(self) -> bool:
         """The chunk reaches the last known token, so its logits give the next one."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        num_known = self.num_new_tokens - len(self.draft_token_ids)
+        return self.request.num_computed_tokens + num_known == self.request.num_tokens
 
 
 @dataclass(slots=True)
@@ -81,6 +84,14 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            drafts = request.spec_token_ids[:budget - 1] if num_new == 1 else []
+            request.spec_token_ids = []
+            # drafts are optional: a pool too full for them runs the plain decode instead of preempting
+            if drafts and self.kv_cache.allocate_slots(request, 1 + len(drafts)) is not None:
+                out.scheduled.append(ScheduledRequest(request, 1 + len(drafts), drafts))
+                budget -= 1 + len(drafts)
+                index += 1
+                continue
             while self.kv_cache.allocate_slots(request, num_new) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -130,34 +141,53 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
+        request.spec_token_ids = []
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance each scheduled request; append its sampled token; finish on EOS or length."""
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+        """Advance each scheduled request; append its sampled tokens (one, or the drafts kept and the
+        token after them); finish on EOS, a stop token or length, dropping what follows."""
         finished = []
         for item in out.scheduled:
             request = item.request
-            request.num_computed_tokens += item.num_new_tokens
+            token_ids = sampled.get(request.request_id)
+            drafts = item.draft_token_ids
+            num_kept = 0
+            if drafts:
+                num_kept = num_accepted(drafts, token_ids)
+                token_ids = token_ids[:num_kept + 1]
+                request.num_draft_tokens += len(drafts)
+                request.num_accepted_tokens += num_kept
+            # the KV of rejected drafts stays in the tail blocks, overwritten by the next step
+            request.num_computed_tokens += item.num_new_tokens - len(drafts) + num_kept
+            stop = None
+            for token_id in token_ids or ():
+                request.append_output_token(token_id)
+                if request.first_token_time is None:
+                    request.first_token_time = time.monotonic()
+                if (stop := self._stop_reason(request, token_id)) is not None:
+                    break
+            # stopped on a kept draft: its KV is computed, the drafts after it are dropped
+            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens)
             self.kv_cache.cache_full_blocks(request)
-            token_id = sampled.get(request.request_id)
-            if token_id is None:
-                continue
-            request.append_output_token(token_id)
-            if request.first_token_time is None:
-                request.first_token_time = time.monotonic()
-            if token_id in request.eos_token_ids and not request.sampling_params.ignore_eos:
-                self.finish_request(request, RequestStatus.FINISHED_STOPPED, "eos_token")
-            elif token_id in request.sampling_params.stop_token_ids:
-                self.finish_request(request, RequestStatus.FINISHED_STOPPED, "eos_token")
-            elif request.num_output_tokens >= request.max_new_tokens:
-                self.finish_request(request, RequestStatus.FINISHED_LENGTH, "length")
-            if request.is_finished:
+            if stop is not None:
+                self.finish_request(request, *stop)
                 finished.append(request)
         return finished
+
+    @staticmethod
+    def _stop_reason(request: Request, token_id: int) -> tuple[RequestStatus, str] | None:
+        if token_id in request.eos_token_ids and not request.sampling_params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED, "eos_token"
+        if token_id in request.sampling_params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, "eos_token"
+        if request.num_output_tokens >= request.max_new_tokens:
+            return RequestStatus.FINISHED_LENGTH, "length"
+        return None
 
     def finish_request(self, request: Request, status: RequestStatus, reason: str) -> None:
         """Finish or abort: blocks go back to the pool at once."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genserve.server.config import EngineConfig
+from genserve.server.engine import StepStats
 from genserve.server.outputs import RequestOutput, TokenInfo, TopToken
 
 SCRIPT = "Hello! I am a fake model. The answer is 42, and that is all."
@@ -26,14 +27,6 @@ class EngineStats:
     prefix_cache_hits_total: int = 0
     num_prompt_tokens_total: int = 0
     num_generation_tokens_total: int = 0
-
-
-@dataclass
-class StepStats:
-    method: str
-    duration_s: float
-    batch_size: int
-    num_tokens: int
 
 
 def load_tokenizer():

@@ -19,7 +19,7 @@ def make_request(rid, prompt_len, max_new=4, eos=(), first_token=100):
 
 def fake_step(scheduler, token=7):
     out = scheduler.schedule()
-    sampled = {s.request.request_id: token for s in out.scheduled if s.is_sampling}
+    sampled = {s.request.request_id: [token] for s in out.scheduled if s.is_sampling}
     finished = scheduler.update_from_output(out, sampled)
     return out, finished, sampled
 
