@@ -14,7 +14,7 @@ from genserve.server.cpu_env import configure_openmp_wait
 ENGINE_HELP = {
     "model_id": "a local folder, a Hub id or a .gguf file; default: the built-in SmolLM2-135M-Instruct",
     "revision": "Hub revision (branch, tag or commit) of --model-id",
-    "dtype": "float32, float16, bfloat16 or auto (float32 on CPU)",
+    "dtype": "float32, float16, bfloat16 or auto (on CPU: bfloat16 where it has AVX512-BF16 or AMX, else float32)",
     "device": "cpu, cuda, cuda:N or auto",
     "quantize": "weight-only quantization after loading: eetq (int8) or fp8; TGI's other values are rejected",
     "num_shard": "tensor-parallel shards (GPUs)",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from genserve.server import distributed, kernels
+from genserve.server import cpu_env, distributed, kernels
 from genserve.server.config import EngineConfig
 from genserve.server.layers.attention import Attention, AttentionMetadata, forward_context
 from genserve.server.layers.cpu_packing import pack_model_for_cpu
@@ -49,7 +49,7 @@ class StepInputs:
 def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
     if name in ("auto", None):
         if device.type == "cpu":
-            return torch.float32
+            return torch.bfloat16 if cpu_env.has_native_bf16() else torch.float32
         saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         saved = getattr(torch, saved, None) if isinstance(saved, str) else saved
         return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
