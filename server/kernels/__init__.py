@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled on first use (a few seconds) and cached per CPU and torch version.
 
-Only one so far: paged decode attention (paged_attention_cpu.cpp). It needs a C++ compiler and
-`ninja` at run time; without them, or with GENSERVE_CPU_KERNELS=0, attention falls back to the
-pure-PyTorch path (gather + SDPA), which gives the same results a little slower.
+Paged decode attention (paged_attention_cpu.cpp) and the fused elementwise ops of a layer
+(elementwise_cpu.cpp: silu * mul, residual add + RMSNorm). They need a C++ compiler and `ninja` at
+run time; without them, or with GENSERVE_CPU_KERNELS=0, the PyTorch paths run instead (gather +
+SDPA for attention), which give the same results to float rounding, slower.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp")]
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # -march=native: the build is tied to this CPU, hence the CPU flags in the cache key below.
 # -ffast-math on the compile only: it lets GCC vectorize exp() through libmvec; linking with it
@@ -44,8 +45,8 @@ def build_directory() -> Path:
     from genserve.server.model_files import cache_dir
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(),
-                 _cpu_fingerprint().encode()):
+    for part in (*(source.read_bytes() for source in SOURCES), " ".join(CFLAGS).encode(),
+                 torch.__version__.encode(), _cpu_fingerprint().encode()):
         key.update(part)
     return cache_dir() / "kernels" / f"paged_attention_cpu-{key.hexdigest()[:16]}"
 
@@ -65,11 +66,12 @@ def load_cpu_kernels() -> bool:
             torch.ops.load_library(str(library))
         else:
             _build(library)  # loads it too: a second dlopen would register the ops twice
-        _loaded = hasattr(torch.ops.genserve_cpu, "paged_decode_attention")
+        _loaded = all(hasattr(torch.ops.genserve_cpu, op) for op in ("paged_decode_attention", "silu_and_mul",
+                                                                     "rms_norm"))
     except Exception as exc:  # no compiler, no ninja, read-only cache...: the SDPA path still works
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch attention path", exc)
     if _loaded:
-        logger.info("native CPU paged decode attention loaded")
+        logger.info("native CPU kernels loaded (paged decode attention, silu_and_mul, rms_norm)")
     return _loaded
 
 
@@ -81,7 +83,7 @@ def _build(library: Path) -> None:
 
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent.parent, prefix=".build-") as scratch:
-        load(name=EXTENSION, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+        load(name=EXTENSION, sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
              build_directory=scratch, is_python_module=False, verbose=False)
         staged = Path(scratch) / "staged.so"
         shutil.copyfile(Path(scratch) / f"{EXTENSION}.so", staged)
@@ -94,3 +96,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """q [B, H, D]; caches [slots, KVH, D]; block_tables [B, max_blocks]; context_lens [B] -> [B, H, D]."""
     return torch.ops.genserve_cpu.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
                                                          block_size, scale)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2I] = gate | up -> silu(gate) * up [T, I]."""
+    return torch.ops.genserve_cpu.silu_and_mul(x)
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * rmsnorm(x) [T, H]; with `residual`, first residual += x (in place) and normalise that."""
+    return torch.ops.genserve_cpu.rms_norm(x, residual, weight, eps)

@@ -123,3 +123,30 @@ def test_attention_layer_kernel_path_equals_gather_path():
     gather_meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=len(lens),
                                     decode_gather_index=gather, decode_mask=mask)
     torch.testing.assert_close(run(kernel_meta), run(gather_meta), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_fused_elementwise_kernels_match_pytorch(dtype, rows):
+    from genserve.server.layers.norm import RMSNorm
+
+    if not kernels.load_cpu_kernels():
+        pytest.skip("no C++ compiler here: the native kernels cannot build")
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 2 * 1536, dtype=dtype) * 3
+    gate, up = x.float().view(rows, 2, -1).unbind(1)
+    expected = (torch.nn.functional.silu(gate.to(dtype)).float() * up).to(dtype)
+    torch.testing.assert_close(kernels.silu_and_mul(x), expected, atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    hidden, residual = torch.randn(rows, 576, dtype=dtype), torch.randn(rows, 576, dtype=dtype) * 4
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    norm.weight.data = (torch.rand(576) + 0.5).to(dtype)
+    expected_residual = residual.clone()
+    expected_out = norm._norm(expected_residual.add_(hidden))
+    ours_residual = residual.clone()
+    out = kernels.rms_norm(hidden, ours_residual, norm.weight, 1e-5)
+    assert torch.equal(ours_residual, expected_residual)  # the residual add rounds exactly as add_ does
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(out, expected_out, **tolerance)
+    torch.testing.assert_close(kernels.rms_norm(hidden, None, norm.weight, 1e-5), norm._norm(hidden), **tolerance)
+    with pytest.raises(RuntimeError, match="weight"):
+        kernels.rms_norm(hidden, None, norm.weight[:10], 1e-5)

@@ -1,0 +1,126 @@
+// Fused elementwise ops of a decoder layer (CPU): each replaces 2-6 PyTorch ops, and so as many
+// OpenMP regions, by one pass. On two cores a region costs more than the work of a decode-sized
+// tensor, and each one waits for the slowest thread. Same math as the PyTorch path: float32
+// inside, rounded to the tensor's dtype where PyTorch rounds.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace {
+
+// rows per task: a decode-sized tensor (one row per sequence) runs on one thread
+constexpr int64_t kElementsPerTask = 32768;
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+int64_t grain(int64_t row_size) { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(row_size, 1)); }
+
+template <typename scalar_t>
+void silu_and_mul_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t width) {
+  at::parallel_for(0, rows, grain(2 * width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* gate = x + r * 2 * width;
+      const scalar_t* up = gate + width;
+      scalar_t* o = out + r * width;
+      // PyTorch: silu(gate) rounded to the dtype, then times up, rounded again
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) {
+        const float g = to_float(gate[i]);
+        const scalar_t act = static_cast<scalar_t>(g / (1.f + std::exp(-g)));
+        o[i] = static_cast<scalar_t>(to_float(act) * to_float(up[i]));
+      }
+    }
+  });
+}
+
+// x: [T, 2I] holding gate | up -> silu(gate) * up, [T, I]
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && x.is_contiguous(), "silu_and_mul: contiguous [T, 2I]");
+  const int64_t rows = x.size(0), width = x.size(1) / 2;
+  auto out = at::empty({rows, width}, x.options());
+  switch (x.scalar_type()) {
+    case at::kFloat: silu_and_mul_rows(x.data_ptr<float>(), out.data_ptr<float>(), rows, width); break;
+    case at::kBFloat16:
+      silu_and_mul_rows(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), rows, width);
+      break;
+    case at::kHalf: silu_and_mul_rows(x.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), rows, width); break;
+    default: TORCH_CHECK(false, "silu_and_mul: float32, bfloat16 or float16 only");
+  }
+  return out;
+}
+
+template <typename scalar_t>
+void rms_norm_rows(const scalar_t* x, scalar_t* residual, const scalar_t* weight, scalar_t* out, int64_t rows,
+                   int64_t width, float eps) {
+  at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xr = x + r * width;
+      scalar_t* hr = residual ? residual + r * width : nullptr;
+      scalar_t* o = out + r * width;
+      float sum = 0.f;
+      if (hr) {  // residual += x, rounded to the dtype as PyTorch's add_ does; the norm reads the sum
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < width; ++i) {
+          const scalar_t h = static_cast<scalar_t>(to_float(hr[i]) + to_float(xr[i]));
+          hr[i] = h;
+          sum += to_float(h) * to_float(h);
+        }
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < width; ++i) sum += to_float(xr[i]) * to_float(xr[i]);
+      }
+      const scalar_t* src = hr ? hr : xr;
+      const float inv = 1.f / std::sqrt(sum / static_cast<float>(width) + eps);
+      // weight * normed.to(dtype): the normalised value is rounded before the weight multiplies it
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) {
+        const scalar_t normed = static_cast<scalar_t>(to_float(src[i]) * inv);
+        o[i] = static_cast<scalar_t>(to_float(weight[i]) * to_float(normed));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void rms_norm_typed(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
+                    at::Tensor& out, double eps) {
+  scalar_t* res = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
+  rms_norm_rows(x.data_ptr<scalar_t>(), res, weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), x.size(0),
+                x.size(1), static_cast<float>(eps));
+}
+
+// x: [T, H]; residual (optional, updated in place to residual + x); weight: [H] -> weight * rmsnorm(...)
+at::Tensor rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
+                    double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "rms_norm: contiguous [T, H]");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous() &&
+              weight.scalar_type() == x.scalar_type(), "rms_norm: weight [H] of the input's dtype");
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous() &&
+                residual->scalar_type() == x.scalar_type(), "rms_norm: residual like x");
+  }
+  auto out = at::empty_like(x);
+  switch (x.scalar_type()) {
+    case at::kFloat: rms_norm_typed<float>(x, residual, weight, out, eps); break;
+    case at::kBFloat16: rms_norm_typed<c10::BFloat16>(x, residual, weight, out, eps); break;
+    case at::kHalf: rms_norm_typed<c10::Half>(x, residual, weight, out, eps); break;
+    default: TORCH_CHECK(false, "rms_norm: float32, bfloat16 or float16 only");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(genserve_cpu, m) {
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor(a!)? residual, Tensor weight, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(genserve_cpu, CPU, m) {
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rms_norm", &rms_norm);
+}
