@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genserve.server.distributed import all_gather, all_reduce, get_tp_rank, get_tp_size
-from genserve.server.layers.cpu_packing import can_pack, pack_weight, packed_linear
+from genserve.server.layers.cpu_packing import pack_weight, packed_linear, should_pack
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -47,7 +47,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def pack_for_cpu(self) -> bool:
         """A packed copy for the matmul; the plain weight stays (tied embeddings look rows up in it)."""
-        if not can_pack(self.weight):
+        if not should_pack(self.weight):
             return False
         self.packed_weight = pack_weight(self.weight)
         return True

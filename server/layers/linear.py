@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genserve.server.distributed import all_reduce, get_tp_rank, get_tp_size
-from genserve.server.layers.cpu_packing import can_pack, pack_weight, packed_linear
+from genserve.server.layers.cpu_packing import pack_weight, packed_linear, should_pack
 
 
 def _check_shape(param: torch.Tensor, loaded: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ class LinearBase(nn.Module):
 
     def pack_for_cpu(self) -> bool:
         """Serve from oneDNN's blocked layout (see cpu_packing.py); the plain weight is not kept."""
-        if self.quant_method is not None or not can_pack(self.weight):
+        if self.quant_method is not None or not should_pack(self.weight):
             return False
         self.packed_weight = pack_weight(self.weight)
         self.weight = nn.Parameter(self.weight.data.new_empty(0), requires_grad=False)
