@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled on first use (a few seconds) and cached per CPU and torch version.
 
-Paged decode attention (paged_attention_cpu.cpp) and the fused elementwise ops of a layer
-(elementwise_cpu.cpp: silu * mul, residual add + RMSNorm). They need a C++ compiler and `ninja` at
+Paged decode attention (paged_attention_cpu.cpp), the fused elementwise ops of a layer
+(elementwise_cpu.cpp: silu * mul, residual add + RMSNorm) and a matmul over int8 / bf16 weights
+widened in registers (weight_only_linear_cpu.cpp). They need a C++ compiler and `ninja` at
 run time; without them, or with GENSERVE_CPU_KERNELS=0, the PyTorch paths run instead (gather +
 SDPA for attention), which give the same results to float rounding, slower.
 """
@@ -20,7 +21,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp", "weight_only_linear_cpu.cpp")]
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # -march=native: the build is tied to this CPU, hence the CPU flags in the cache key below.
 # -ffast-math on the compile only: it lets GCC vectorize exp() through libmvec; linking with it
@@ -66,12 +68,12 @@ def load_cpu_kernels() -> bool:
             torch.ops.load_library(str(library))
         else:
             _build(library)  # loads it too: a second dlopen would register the ops twice
-        _loaded = all(hasattr(torch.ops.genserve_cpu, op) for op in ("paged_decode_attention", "silu_and_mul",
-                                                                     "rms_norm"))
+        _loaded = all(hasattr(torch.ops.genserve_cpu, op)
+                      for op in ("paged_decode_attention", "silu_and_mul", "rms_norm", "weight_only_linear"))
     except Exception as exc:  # no compiler, no ninja, read-only cache...: the SDPA path still works
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch attention path", exc)
     if _loaded:
-        logger.info("native CPU kernels loaded (paged decode attention, silu_and_mul, rms_norm)")
+        logger.info("native CPU kernels loaded (paged decode attention, silu_and_mul, rms_norm, weight-only linear)")
     return _loaded
 
 
@@ -106,3 +108,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * rmsnorm(x) [T, H]; with `residual`, first residual += x (in place) and normalise that."""
     return torch.ops.genserve_cpu.rms_norm(x, residual, weight, eps)
+
+
+def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] fp32/bf16 @ weight [N, K] (bf16, or int8 with `scale` [N] per row)^T + bias -> [M, N]."""
+    return torch.ops.genserve_cpu.weight_only_linear(x, weight, scale, bias)
+
+
+def fits_weight_only_linear(weight: torch.Tensor) -> bool:
+    """The kernel's shape rule: K a multiple of 16 (any vector width), N of 4."""
+    return weight.dim() == 2 and weight.shape[1] % 16 == 0 and weight.shape[0] % 4 == 0

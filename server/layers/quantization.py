@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genserve.server import kernels
 from genserve.server.layers.linear import LinearBase
 
 # TGI's other values need pre-quantized checkpoints and GPU kernels (awq, gptq, marlin, exl2,
@@ -24,6 +25,10 @@ TGI_METHODS = ("awq", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4", "bit
 # up to this many rows torch's int8 x bf16 CPU kernel beats dequantize-then-matmul (decode batches);
 # above it (prefill) the dense bf16 GEMM wins (measured on SmolLM2 shapes, benchmarks/quantization.py)
 INT8PACK_MAX_ROWS = 16
+# float32 decode batches up to this size: our kernel widens int8 rows in registers (1 byte read per
+# weight instead of 4). AVX2 EPYC, one thread, 30 x [3072, 576]: batch 1 24 ms vs 36-39 ms fp32,
+# batch 8 35 vs 49 ms; beyond, the step is bound by compute and oneDNN's fp32 GEMM wins
+WEIGHT_ONLY_MAX_ROWS = 8
 
 
 def _absmax_scale(weight: torch.Tensor, qmax: float) -> torch.Tensor:
@@ -45,6 +50,10 @@ class Int8WeightOnly:
     def apply(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and rows <= WEIGHT_ONLY_MAX_ROWS
+                and kernels.fits_weight_only_linear(weight) and kernels.load_cpu_kernels()):
+            y = kernels.weight_only_linear(x.reshape(rows, -1), weight, scale, bias)
+            return y.view(*x.shape[:-1], -1)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows <= INT8PACK_MAX_ROWS:
             y = torch._weight_int8pack_mm(x.reshape(rows, -1).contiguous(), weight, scale)
             y = y.view(*x.shape[:-1], -1)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from model_helpers import CONFIGS, load_native, make_tiny_checkpoint
 from test_layers_tp import free_port, scenario_logits
 from torch import nn
@@ -203,3 +204,33 @@ def test_tp2_ranks_quantize_their_own_shards(tmp_path):
         mp.spawn(tp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     except mp.ProcessRaisedException as e:
         pytest.fail(str(e))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("weight_dtype", [torch.int8, torch.bfloat16], ids=["int8", "bf16"])
+def test_weight_only_kernel_equals_the_dequantized_matmul(rows, weight_dtype):
+    from genserve.server import kernels
+
+    if not kernels.load_cpu_kernels():
+        pytest.skip("no C++ compiler here: the native kernels cannot build")
+    torch.manual_seed(rows)
+    x, bias = torch.randn(rows, 576), torch.randn(1536)
+    if weight_dtype is torch.int8:
+        weight, scale = torch.randint(-127, 128, (1536, 576), dtype=torch.int8), torch.rand(1536) / 100
+        expected = F.linear(x, weight.float()) * scale + bias
+    else:
+        weight, scale = torch.randn(1536, 576).bfloat16(), None
+        expected = F.linear(x, weight.float(), bias)
+    torch.testing.assert_close(kernels.weight_only_linear(x, weight, scale, bias), expected, atol=1e-4, rtol=1e-4)
+    # bf16 activations come back in bf16
+    out = kernels.weight_only_linear(x.bfloat16(), weight, scale, None)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 1536)
+    with pytest.raises(RuntimeError, match="multiple"):
+        kernels.weight_only_linear(x[:, :570], weight[:, :570], scale, None)
+    # the eetq layer takes this path for float32 decode batches
+    layer = ReplicatedLinear(576, 1536, bias=True)
+    layer.weight.data.normal_()
+    layer.bias.data.copy_(bias)
+    layer.quantize(get_quant_method("eetq"))
+    reference = F.linear(x, layer.weight.float()) * layer.weight_scale + bias
+    torch.testing.assert_close(layer(x), reference, atol=1e-4, rtol=1e-4)
