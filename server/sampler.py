@@ -1,4 +1,9 @@
-"""Batched sampling for one engine step: penalties, warpers, per-request seeded draws."""
+"""Batched sampling for one engine step: penalties, warpers, per-request seeded draws, logprobs.
+
+A step's sampling copies to the device once (every row's parameters and token lists, in one
+HostBatch) and back once (ids, log-probabilities and top-n, packed by `PendingSample`); seeded
+draws stay on the device, one uniform per row from that row's own generator.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch
 
 from genserve.server.grammar import GrammarMatcher, allowed_token_mask, fill_bitmasks
 from genserve.server.sampling_params import SamplingParams
+from genserve.server.transfer import HostBatch, to_host
 
 
 @dataclass(slots=True)
@@ -31,6 +37,20 @@ class SampleResult:
     top_tokens: list[list[tuple[int, float]]]  # top_n_tokens (id, logprob) per row, [] when 0
 
 
+@dataclass(slots=True)
+class PendingSample:
+    """A step's draws still on the device: packed [N, 2 + 2k] = id, logprob, k top ids, k top logprobs."""
+
+    packed: torch.Tensor
+    top_n: list[int]
+
+    def result(self, rows: list[list[float]]) -> SampleResult:
+        k = (len(rows[0]) - 2) // 2 if rows else 0
+        tops = [list(zip(map(int, r[2:2 + n]), r[2 + k:2 + k + n], strict=True)) for r, n in
+                zip(rows, self.top_n, strict=True)]
+        return SampleResult(token_ids=[int(r[0]) for r in rows], logprobs=[r[1] for r in rows], top_tokens=tops)
+
+
 def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(seed % 2**64)
@@ -45,18 +65,82 @@ def _has_output_penalty(p: SamplingParams) -> bool:
     return p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
+class SamplerInputs:
+    """Every row's host-side sampling inputs, copied to the device in one transfer.
+
+    Index pairs are (row, token id) with ids beyond the logits' vocab dropped (padded embeddings);
+    per-row values are indexed by row on the device.
+    """
+
+    def __init__(self, rows: list[SamplingRow], vocab: int, device: torch.device) -> None:
+        params = [r.params for r in rows]
+        batch = HostBatch()
+        parts: dict[str, int] = {}
+
+        def add(name: str, values: list, dtype: torch.dtype = torch.float32) -> None:
+            parts[name] = batch.add(values, dtype)
+
+        if any(p.logit_bias for p in params):
+            add("bias_rows", [i for i, p in enumerate(params) for _ in p.logit_bias], torch.long)
+            add("bias_ids", [t for p in params for t in p.logit_bias], torch.long)
+            add("bias_values", [b for p in params for b in p.logit_bias.values()])
+        stops = [(i, t) for i, r in enumerate(rows) if r.holds_back_stops
+                 for t in sorted(r.eos_token_ids | set(r.params.stop_token_ids)) if t < vocab]
+        if stops:
+            add("stop_rows", [i for i, _ in stops], torch.long)
+            add("stop_ids", [t for _, t in stops], torch.long)
+        rep = [(i, r.token_ids) for i, r in enumerate(rows) if _has_repetition_penalty(r.params)]
+        if rep:
+            add("rep_rows", [i for i, tokens in rep for t in tokens if t < vocab], torch.long)
+            add("rep_ids", [t for _, tokens in rep for t in tokens if t < vocab], torch.long)
+            add("repetition", [p.repetition_penalty for p in params])
+        out = [(i, r.token_ids[r.num_prompt_tokens:]) for i, r in enumerate(rows) if _has_output_penalty(r.params)]
+        if out:
+            add("out_rows", [i for i, tokens in out for t in tokens if t < vocab], torch.long)
+            add("out_ids", [t for _, tokens in out for t in tokens if t < vocab], torch.long)
+            add("frequency", [p.frequency_penalty for p in params])
+            add("presence", [p.presence_penalty for p in params])
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+        if constrained and len(constrained) < len(rows):
+            add("grammar_rows", constrained, torch.long)
+        self.sampled = [i for i, p in enumerate(params) if not p.is_greedy]
+        if self.sampled:
+            warped = [params[i] for i in self.sampled]
+            self.top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in warped]
+            add("sampled_rows", self.sampled, torch.long)
+            add("temperature", [p.temperature for p in warped])
+            add("top_k_values", self.top_k, torch.long)
+            add("top_p", [p.top_p for p in warped])
+            add("typical_p", [p.typical_p for p in warped])
+        tensors = batch.to(device)
+        for name, index in parts.items():
+            setattr(self, name, tensors[index])
+        self.names = frozenset(parts)
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         """Pick one token per row of `logits` [N, V]; a row's draw depends only on its logits and generator."""
+        pending = self.sample(logits, rows)
+        return pending.result(to_host([pending.packed])[0])
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample:
+        """As __call__, leaving the result on the device for the step's one transfer back."""
         assert logits.shape[0] == len(rows)
         raw = logits.float()
-        if any(r.params.logit_bias for r in rows):
-            raw = apply_logit_bias(raw, rows)
-        if any(r.holds_back_stops for r in rows):
-            raw = hold_back_stops(raw, rows)
+        inputs = SamplerInputs(rows, raw.shape[-1], raw.device)
+        if inputs.has("bias_rows"):
+            # OpenAI's logit_bias: -100 bans a token, +100 all but forces it
+            raw = raw.index_put((inputs.bias_rows, inputs.bias_ids), inputs.bias_values, accumulate=True)
+        if inputs.has("stop_rows"):
+            # EOS and stop_token_ids held back in rows still short of min_tokens (as HF's min_new_tokens)
+            raw = raw.index_put((inputs.stop_rows, inputs.stop_ids), raw.new_full(inputs.stop_rows.shape, float("-inf")))
         if any(r.grammar is not None for r in rows):
             # masked first: penalties, warpers, greedy and the reported logprobs all see the constrained logits
-            raw = apply_grammars(raw, rows)
+            raw = apply_grammars(raw, rows, inputs.grammar_rows if inputs.has("grammar_rows") else None)
         params = [r.params for r in rows]
         lse = torch.logsumexp(raw, dim=-1)
 
@@ -64,62 +148,37 @@ class Sampler:
             # (logit_bias and grammars are already in `raw`)
             ids = raw.argmax(dim=-1)
         else:
-            ids = self._choose(raw, rows)
+            ids = self._choose(raw, rows, inputs)
 
         logprobs = raw.gather(1, ids[:, None]).squeeze(1) - lse
-        max_top_n = max(p.top_n_tokens for p in params)
-        top_tokens: list[list[tuple[int, float]]] = [[] for _ in rows]
+        columns = [ids[:, None].to(torch.float64), logprobs[:, None].to(torch.float64)]
+        max_top_n = min(max(p.top_n_tokens for p in params), raw.shape[-1])
         if max_top_n > 0:
-            top_values, top_ids = (raw - lse[:, None]).topk(min(max_top_n, raw.shape[-1]), dim=-1)
-            top_values, top_ids = top_values.tolist(), top_ids.tolist()
-            for i, p in enumerate(params):
-                n = p.top_n_tokens
-                top_tokens[i] = list(zip(top_ids[i][:n], top_values[i][:n], strict=True))
-        return SampleResult(token_ids=ids.tolist(), logprobs=logprobs.tolist(), top_tokens=top_tokens)
+            top_values, top_ids = (raw - lse[:, None]).topk(max_top_n, dim=-1)
+            columns += [top_ids.to(torch.float64), top_values.to(torch.float64)]
+        return PendingSample(torch.cat(columns, dim=1), [p.top_n_tokens for p in params])
 
-    def _choose(self, raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        scores = apply_penalties(raw, rows)
+    def _choose(self, raw: torch.Tensor, rows: list[SamplingRow], inputs: SamplerInputs) -> torch.Tensor:
+        scores = _penalized(raw, inputs)
         ids = scores.argmax(dim=-1)
-        sampled = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-        if sampled:
-            idx = torch.tensor(sampled, device=raw.device)
-            sub_rows = [rows[i] for i in sampled]
-            probs = _warped_probs(scores[idx], [r.params for r in sub_rows])
-            ids[idx] = _draw(probs, [r.generator for r in sub_rows])
+        if inputs.sampled:
+            idx = inputs.sampled_rows
+            probs = _warped_probs(scores[idx], [rows[i].params for i in inputs.sampled], inputs)
+            ids[idx] = _draw(probs, [rows[i].generator for i in inputs.sampled])
         return ids
 
 
-def apply_logit_bias(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """OpenAI's logit_bias: each listed token's logit moves by its bias (-100 bans it, +100 all but forces it)."""
-    row_idx = [i for i, r in enumerate(rows) for _ in r.params.logit_bias]
-    token_ids = [t for r in rows for t in r.params.logit_bias]
-    biases = [b for r in rows for b in r.params.logit_bias.values()]
-    biased = raw.clone()
-    biased.index_put_((torch.tensor(row_idx, device=raw.device), torch.tensor(token_ids, device=raw.device)),
-                      raw.new_tensor(biases), accumulate=True)
-    return biased
-
-
-def hold_back_stops(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """-inf for EOS and stop_token_ids in rows still short of min_tokens (as HF's min_new_tokens)."""
-    pairs = [(i, t) for i, r in enumerate(rows) if r.holds_back_stops
-             for t in sorted(r.eos_token_ids | set(r.params.stop_token_ids)) if t < raw.shape[-1]]
-    if not pairs:
-        return raw
-    held = raw.clone()
-    held[torch.tensor([i for i, _ in pairs]), torch.tensor([t for _, t in pairs])] = float("-inf")
-    return held
-
-
-def apply_grammars(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """-inf for every token a row's grammar does not allow next; rows without a grammar are untouched."""
+def apply_grammars(raw: torch.Tensor, rows: list[SamplingRow], index: torch.Tensor | None = None) -> torch.Tensor:
+    """-inf for every token a row's grammar does not allow next; rows without a grammar are untouched
+    (`index`: the constrained rows on the device, when not every row is)."""
     constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
     bitmask = torch.zeros(len(constrained), rows[constrained[0]].grammar.num_words, dtype=torch.int32)
     fill_bitmasks([rows[i].grammar for i in constrained], bitmask)
-    disallowed = ~allowed_token_mask(bitmask, raw.shape[-1]).to(raw.device)
+    disallowed = ~allowed_token_mask(bitmask, raw.shape[-1]).to(raw.device, non_blocking=True)
     if len(constrained) == len(rows):  # every row constrained: one masked copy, no gather/scatter
         return raw.masked_fill(disallowed, float("-inf"))
-    index = torch.tensor(constrained, device=raw.device)
+    if index is None:
+        index = torch.tensor(constrained, device=raw.device)
     masked = raw.clone()
     masked[index] = raw[index].masked_fill(disallowed, float("-inf"))
     return masked
@@ -127,77 +186,63 @@ def apply_grammars(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
 def apply_penalties(raw: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Repetition (HF, prompt + output) then frequency/presence (OpenAI, output only); touches only seen ids."""
+    return _penalized(raw, SamplerInputs(rows, raw.shape[-1], raw.device))
+
+
+def _penalized(raw: torch.Tensor, inputs: SamplerInputs) -> torch.Tensor:
     scores = raw
-    rep = [(i, r.token_ids) for i, r in enumerate(rows) if _has_repetition_penalty(r.params)]
-    if rep:
+    if inputs.has("rep_rows"):
         scores = scores.clone()
-        row_idx, ids = _flat_positions(raw, rep)
-        penalty = raw.new_tensor([r.params.repetition_penalty for r in rows])[row_idx]
+        row_idx, ids = inputs.rep_rows, inputs.rep_ids
+        penalty = inputs.repetition[row_idx]
         # duplicates all write the same value, so each seen id is penalised once
         seen = scores[row_idx, ids]
         scores[row_idx, ids] = torch.where(seen < 0, seen * penalty, seen / penalty)
-    out = [(i, r.token_ids[r.num_prompt_tokens :]) for i, r in enumerate(rows) if _has_output_penalty(r.params)]
-    if out:
+    if inputs.has("out_rows"):
         if scores is raw:
             scores = scores.clone()
-        row_idx, ids = _flat_positions(raw, out)
-        frequency = raw.new_tensor([r.params.frequency_penalty for r in rows])[row_idx]
-        presence = raw.new_tensor([r.params.presence_penalty for r in rows])[row_idx]
-        scores.index_put_((row_idx, ids), -frequency, accumulate=True)
-        scores[row_idx, ids] = scores[row_idx, ids] - presence
+        row_idx, ids = inputs.out_rows, inputs.out_ids
+        scores.index_put_((row_idx, ids), -inputs.frequency[row_idx], accumulate=True)
+        scores[row_idx, ids] = scores[row_idx, ids] - inputs.presence[row_idx]
     return scores
 
 
-def _flat_positions(raw: torch.Tensor, token_lists: list[tuple[int, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, token id) pairs for every token, dropping ids beyond the logits' vocab (padded embeddings)."""
-    ids = torch.tensor([t for _, tokens in token_lists for t in tokens], dtype=torch.long)
-    row_idx = torch.tensor([i for i, tokens in token_lists for _ in tokens], dtype=torch.long)
-    keep = ids < raw.shape[-1]
-    return row_idx[keep].to(raw.device), ids[keep].to(raw.device)
-
-
-def _warped_probs(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def _warped_probs(scores: torch.Tensor, params: list[SamplingParams], inputs: SamplerInputs) -> torch.Tensor:
     """Temperature, top_k, top_p, typical_p in TGI/HF order, then softmax. scores: [S, V]."""
-    temperature = scores.new_tensor([p.temperature for p in params])[:, None]
-    scores = scores / temperature
+    scores = scores / inputs.temperature[:, None]
     if any(p.top_p < 1.0 for p in params):
-        scores = _top_k_top_p(scores, params)
+        scores = _top_k_top_p(scores, inputs)
     elif any(p.top_k > 0 for p in params):
-        scores = _top_k(scores, params)
+        scores = _top_k(scores, inputs)
     if any(p.typical_p < 1.0 for p in params):
-        scores = _typical(scores, params)
+        scores = _typical(scores, inputs.typical_p[:, None])
     return scores.softmax(dim=-1)
 
 
-def _top_k(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def _top_k(scores: torch.Tensor, inputs: SamplerInputs) -> torch.Tensor:
     # a partial topk is much cheaper than the full sort top_p needs
-    vocab = scores.shape[-1]
-    top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
-    values = scores.topk(max(top_k), dim=-1).values
-    kth = values.gather(1, torch.tensor(top_k, device=scores.device)[:, None] - 1)
+    values = scores.topk(max(inputs.top_k), dim=-1).values
+    kth = values.gather(1, inputs.top_k_values[:, None] - 1)
     return scores.masked_fill(scores < kth, float("-inf"))
 
 
-def _top_k_top_p(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    vocab = scores.shape[-1]
+def _top_k_top_p(scores: torch.Tensor, inputs: SamplerInputs) -> torch.Tensor:
     sorted_scores, order = scores.sort(dim=-1, descending=True)
-    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=scores.device)
     # like HF, ties with the k-th value stay in
-    kth = sorted_scores.gather(1, (top_k - 1)[:, None])
+    kth = sorted_scores.gather(1, inputs.top_k_values[:, None] - 1)
     sorted_scores = sorted_scores.masked_fill(sorted_scores < kth, float("-inf"))
-    top_p = scores.new_tensor([p.top_p for p in params])[:, None]
+    top_p = inputs.top_p[:, None]
     probs = sorted_scores.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     # HF drops a token when the mass strictly above it already reaches top_p; the first token always stays
     drop = (mass_before >= top_p) & (top_p < 1.0)
-    drop[:, 0] = False
+    drop[:, 0].fill_(False)
     sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
     return torch.empty_like(scores).scatter_(1, order, sorted_scores)
 
 
-def _typical(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """HF TypicalLogitsWarper, per-row mass; rows with typical_p == 1 pass through."""
-    mass = scores.new_tensor([p.typical_p for p in params])[:, None]
+def _typical(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """HF TypicalLogitsWarper, per-row mass [S, 1]; rows with typical_p == 1 pass through."""
     normalized = scores.log_softmax(dim=-1)
     entropy = -(normalized * normalized.exp()).nansum(dim=-1, keepdim=True)
     shifted = (-normalized - entropy).abs()
@@ -205,16 +250,18 @@ def _typical(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor
     cumulative = scores.gather(1, order).softmax(dim=-1).cumsum(dim=-1)
     last = (cumulative < mass).sum(dim=1, keepdim=True).clamp_(max=scores.shape[-1] - 1)
     drop = sorted_shifted > sorted_shifted.gather(1, last)
-    drop[:, 0] = False
+    drop[:, 0].fill_(False)
     drop &= mass < 1.0
     return scores.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), float("-inf"))
 
 
 def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Inverse-CDF draw: one uniform per row from that row's own generator, so batching never changes it."""
-    # 1 - U[0,1) lies in (0, 1], so the chosen id always has nonzero probability
-    uniforms = [1.0 - torch.rand(1, generator=g, device=g.device if g else "cpu").item() for g in generators]
+    """Inverse-CDF draw: one uniform per row from that row's own generator, so batching never changes it.
+    The uniforms stay on the device: no host round trip per row."""
+    uniforms = torch.cat([torch.rand(1, generator=g, device=g.device if g is not None else probs.device)
+                          for g in generators]).to(probs.device)
+    # 1 - U[0,1) lies in (0, 1], so the chosen id always has nonzero probability (exact in float32)
     cdf = probs.cumsum(dim=-1)
-    target = probs.new_tensor(uniforms)[:, None] * cdf[:, -1:]
+    target = (1.0 - uniforms)[:, None] * cdf[:, -1:]
     ids = torch.searchsorted(cdf, target).squeeze(1)
     return ids.clamp_(max=probs.shape[-1] - 1)
