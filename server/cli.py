@@ -38,6 +38,8 @@ ENGINE_HELP = {
     "load_format": "auto or safetensors: read the weights; dummy: random weights, the model folder needs only "
                    "config.json and a tokenizer (benchmarks of a model's shape without its weights)",
     "speculate": "n-gram (prompt-lookup) draft tokens verified per decode step of greedy requests; 0 = off",
+    "cuda_graphs": "decode batch sizes captured as CUDA graphs (steps padded up to the next one); 0 = off; "
+                   "default 1,2,4,8,16,32 on CUDA, ignored without CUDA",
 }
 ENGINE_ALIASES = {"max_input_tokens": ["--max-input-length"]}
 

@@ -7,6 +7,17 @@ from dataclasses import dataclass
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
+def parse_batch_sizes(spec: str) -> list[int]:
+    """`--cuda-graphs`: comma-separated batch sizes, or 0 for none."""
+    try:
+        sizes = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        sizes = [-1]
+    if any(size < 0 for size in sizes) or (0 in sizes and len(sizes) > 1):
+        raise ValueError(f"`--cuda-graphs` must be comma-separated batch sizes (e.g. 1,2,4,8) or 0; got {spec!r}")
+    return sorted(set(sizes) - {0})
+
+
 @dataclass(slots=True)
 class EngineConfig:
     model_id: str | None = None
@@ -41,12 +52,16 @@ class EngineConfig:
     load_format: str = "auto"
     # TGI's --speculate: n-gram draft tokens verified per decode step of greedy requests (0: off)
     speculate: int = 0
+    # TGI's --cuda-graphs: decode batch sizes captured as CUDA graphs (None: 1,2,4,8,16,32 on CUDA; "0": off)
+    cuda_graphs: str | None = None
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"`--load-format` must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         if self.speculate < 0:
             raise ValueError(f"`--speculate` must be >= 0; got {self.speculate}")
+        if self.cuda_graphs is not None:
+            parse_batch_sizes(self.cuda_graphs)
 
     def resolve_limits(self, max_position_embeddings: int) -> None:
         """Fill the limits left unset, the way TGI's launcher derives them."""

@@ -10,8 +10,9 @@ import torch
 
 from genserve.server.config import EngineConfig
 from genserve.server.layers.quantization import quantize_model
-from genserve.server.model_runner import PromptScores, StepOutput, prompt_target, score_prompt_tokens
+from genserve.server.model_runner import StepOutput
 from genserve.server.models.hf_fallback import TransformersCausalLM
+from genserve.server.prompt_scores import PromptScores, prompt_target, score_prompt_tokens
 from genserve.server.sampler import Sampler, SamplingRow
 from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
 

@@ -1,4 +1,9 @@
-"""Turn a scheduled step into tensors, run the model over the paged KV cache, and sample."""
+"""Turn a scheduled step into tensors, run the model over the paged KV cache, and sample.
+
+A step crosses between host and device once each way: the payload below goes to the device in one
+copy, and everything the host reads back (draws, log-probabilities, prompt scores) comes back in
+one (genserve.server.transfer).
+"""
 
 from __future__ import annotations
 
@@ -9,30 +14,36 @@ from dataclasses import dataclass
 
 import torch
 
-from genserve.server import cpu_env, distributed, kernels
+from genserve.server import cpu_env, distributed, warmup
 from genserve.server.config import EngineConfig
-from genserve.server.layers.attention import Attention, AttentionMetadata, forward_context
+from genserve.server.graphs import DecodeGraphs, graph_batch_sizes
+from genserve.server.layers.attention import (
+    STATIC_DECODE_BACKENDS,
+    Attention,
+    AttentionMetadata,
+    choose_decode_backend,
+    flash_attention_usable,
+    forward_context,
+    set_decode_metadata,
+)
 from genserve.server.layers.cpu_packing import pack_model_for_cpu
 from genserve.server.layers.quantization import quantize_model
 from genserve.server.models import get_model_class
+from genserve.server.prompt_scores import (
+    PromptScores,
+    PromptTarget,
+    prompt_scores_on_device,
+    unpack_prompt_scores,
+)
 from genserve.server.sampler import Sampler, SampleResult, SamplingRow
 from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
+from genserve.server.step_payload import HEADER_SIZE, pack_step
+from genserve.server.transfer import to_device, to_host
 
 logger = logging.getLogger(__name__)
 
-# step header: [is_step, num_tokens, num_decodes, max_blocks, num_prefills, num_samples, max_len, payload_len,
-#               num_prompt_logprob_rows]
-HEADER_SIZE = 9
-
-
-# (request id, prompt position of the first scored token, the scored token ids, top-n alternatives wanted)
-PromptTarget = tuple[str, int, list[int], int]
-# per request: (prompt position of the first scored token, log-probabilities, top-n (id, logprob) lists)
-PromptScores = tuple[int, list[float], list[list[tuple[int, float]]]]
 # what a runner's execute() returns: sampling requests in order, their draws, and the prompt scores
 StepOutput = tuple[list[ScheduledRequest], SampleResult | None, dict[str, PromptScores]]
-# rows of prompt logits turned into log-probabilities at a time: [rows, vocab] float copies stay small
-SCORE_ROWS = 256
 
 
 @dataclass(slots=True)
@@ -43,7 +54,11 @@ class StepInputs:
     sample_indices: torch.Tensor  # [N] row of each sampling request's last token
     sampling_order: list[ScheduledRequest]  # rank 0 only
     prompt_rows: torch.Tensor | None = None  # [R] rows whose logits score the next prompt token
+    prompt_token_ids: torch.Tensor | None = None  # [R] the prompt token each of those rows scores
     prompt_targets: list[PromptTarget] | None = None  # rank 0 only
+    graph_bucket: int | None = None  # a decode-only step run by DecodeGraphs, padded to this many rows
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] (graph steps)
+    decode_context_lens: torch.Tensor | None = None  # [B] (graph steps)
 
 
 def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
@@ -101,15 +116,45 @@ class ModelRunner:
         logger.info("rank %d/%d holds %.1f MiB of weights", distributed.get_tp_rank(), self.tp_size,
                     self.weight_bytes / 2**20)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        # decode reads the paged pool in place on CPU when the native kernel builds here
-        self.use_paged_kernel = (device.type == "cpu"
-                                 and self.attention_layers[0].head_dim in kernels.SUPPORTED_HEAD_DIMS
-                                 and kernels.load_cpu_kernels())
+        first = self.attention_layers[0]
         self.block_size = config.block_size
-        self.block_offsets = torch.arange(self.block_size, device=device)
-        self.num_blocks = self._num_kv_blocks(hf_config)
-        self._allocate_kv_cache()
+        self.decode_backend, self.decode_flash = choose_decode_backend(device, dtype, first.head_dim, self.block_size)
+        self.prefill_flash = flash_attention_usable(device, dtype, first.head_dim)
+        logger.info("decode attention: %s%s; prefill: %s", self.decode_backend,
+                    " (FlashAttention)" if self.decode_flash else "",
+                    "FlashAttention varlen" if self.prefill_flash else "SDPA per sequence")
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None
+        # the largest step, run before sizing the pool: its peak is memory the pool must leave free
+        self.activation_bytes = 0
+        if config.max_batch_total_tokens is None or device.type == "cuda":
+            self.activation_bytes = warmup.profile_max_step(self)
+        self.num_blocks = self._num_kv_blocks(hf_config)
+        self.scratch_block = self.num_blocks  # one block past the manager's: padding rows write only there
+        self._allocate_kv_cache()
+        buckets = graph_batch_sizes(config.cuda_graphs, device, config.max_batch_size)
+        if buckets:
+            self.enable_decode_graphs(buckets, capture=device.type == "cuda")
+
+    @property
+    def use_paged_kernel(self) -> bool:
+        return self.decode_backend == "kernel"
+
+    @use_paged_kernel.setter
+    def use_paged_kernel(self, value: bool) -> None:
+        self.decode_backend, self.decode_flash = ("kernel", False) if value else ("gather", False)
+
+    def enable_decode_graphs(self, buckets: list[int], capture: bool) -> None:
+        """Run decode-only steps of up to max(buckets) rows padded to a bucket on static buffers; captured as
+        CUDA graphs when `capture` (CUDA only), run eagerly on the same buffers otherwise (tests on CPU)."""
+        if self.decode_backend not in STATIC_DECODE_BACKENDS:
+            logger.warning("CUDA graphs off: decode attention %r has no static shapes (with FlashAttention, a "
+                           "--block-size that is a multiple of 256 reads the pool in place and can be captured)",
+                           self.decode_backend)
+            return
+        max_blocks = -(-self.config.max_total_tokens // self.block_size)
+        self.graphs = DecodeGraphs(self.model, buckets, max_blocks, self.block_size, self.scratch_block,
+                                   self.decode_backend, self.decode_flash, self.device, capture)
 
     def _num_kv_blocks(self, hf_config) -> int:
         first = self.attention_layers[0]
@@ -121,10 +166,11 @@ class ModelRunner:
             if self.device.type == "cpu":
                 # the host runs everything else too: never take more than a quarter of free RAM
                 fraction = min(fraction, 0.25) / self.tp_size
-            tokens = int(available_memory(self.device) * fraction) // per_token
+            budget = int(available_memory(self.device) * fraction) - self.activation_bytes
+            tokens = self._tokens_within(budget, per_token // hf_config.num_hidden_layers)
             # more than every slot of a full batch at max length is wasted memory
             tokens = min(tokens, self.config.max_batch_size * self.config.max_total_tokens)
-        num_blocks = tokens // self.block_size
+        num_blocks = max(tokens, 0) // self.block_size
         if self.tp_size > 1:
             # every rank must hold the same blocks: the smallest cache wins
             num_blocks = distributed.all_reduce_min_cpu(num_blocks)
@@ -137,8 +183,18 @@ class ModelRunner:
                     num_blocks * self.block_size * per_token / 2**20)
         return num_blocks
 
+    def _tokens_within(self, budget: int, per_layer_token: int) -> int:
+        """Pool tokens that fit in `budget` bytes beside the copies decode attention makes of one layer's
+        contexts: padded to the longest (gather), or packed, at most the pool's share of a layer (varlen)."""
+        per_token = per_layer_token * len(self.attention_layers)
+        if self.decode_backend == "gather":
+            budget -= self.config.max_batch_size * self.config.max_total_tokens * per_layer_token
+        elif self.decode_backend == "varlen":
+            per_token += per_layer_token
+        return budget // per_token
+
     def _allocate_kv_cache(self) -> None:
-        num_slots = self.num_blocks * self.block_size
+        num_slots = (self.num_blocks + 1) * self.block_size  # + the scratch block
         for layer in self.attention_layers:
             shape = (num_slots, layer.num_kv_heads, layer.head_dim)
             layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -146,68 +202,21 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Rank 0: flatten the step into one int64 tensor, broadcast it at tp > 1, and unpack it."""
-        # decodes (one new token, or one plus drafts) first: they share one batched attention call
-        decodes = [s for s in out.scheduled if s.num_new_tokens == 1 or s.draft_token_ids]
-        prefills = [s for s in out.scheduled if s.num_new_tokens > 1 and not s.draft_token_ids]
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        sample_rows: list[int] = []
-        sampling_order: list[ScheduledRequest] = []
-        context_lens: list[int] = []
-        prompt_rows: list[int] = []
-        prompt_targets: list[PromptTarget] = []
-        decode_block_ids: list[list[int]] = []
-        for s in decodes:
-            req = s.request
-            pos = req.num_computed_tokens
-            # a one-token prompt chunk (the budget's last token) rides with the decodes
-            if (target := prompt_target(req, pos, pos + 1)) is not None:
-                prompt_rows.append(len(input_ids))
-                prompt_targets.append(target)
-            if s.is_sampling:
-                sampling_order.append(s)
-            # each draft is a decode row of its own, seeing the context up to itself
-            for i, token_id in enumerate([req.token_ids[pos], *s.draft_token_ids]):
-                if s.is_sampling:
-                    sample_rows.append(len(input_ids))
-                input_ids.append(token_id)
-                positions.append(pos + i)
-                context_lens.append(pos + i + 1)
-                decode_block_ids.append(req.block_ids)
-        max_len = max(context_lens, default=0)
-        max_blocks = -(-max_len // bs)
-        tables: list[int] = []
-        for block_ids in decode_block_ids:
-            blocks = block_ids[:max_blocks]
-            tables += blocks
-            tables += [0] * (max_blocks - len(blocks))
-        begins: list[int] = []
-        ends: list[int] = []
-        for s in prefills:
-            req = s.request
-            begin, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
-            if (target := prompt_target(req, begin, end)) is not None:
-                prompt_rows.extend(range(len(input_ids), len(input_ids) + len(target[2])))
-                prompt_targets.append(target)
-            input_ids.extend(req.token_ids[begin:end])
-            positions.extend(range(begin, end))
-            begins.append(begin)
-            ends.append(end)
-            tables += req.block_ids[:-(-end // bs)]
-            if s.is_sampling:
-                sample_rows.append(len(input_ids) - 1)
-                sampling_order.append(s)
-        payload = input_ids + positions + sample_rows + context_lens + begins + ends + tables + prompt_rows
-        header = [1, len(input_ids), len(context_lens), max_blocks, len(prefills), len(sample_rows), max_len,
-                  len(payload), len(prompt_rows)]
-        payload_t = torch.tensor(payload, dtype=torch.long)
+        header, values, sampling_order, prompt_targets = pack_step(out, self.block_size)
+        payload = torch.tensor(values, dtype=torch.long)
         if self.tp_size > 1:
             distributed.broadcast_cpu(torch.tensor(header, dtype=torch.long))
-            distributed.broadcast_cpu(payload_t)
-        inputs = self._unpack(header, payload_t)
+            distributed.broadcast_cpu(payload)
+        inputs = self._unpack(header, values, payload)
         inputs.sampling_order = sampling_order
         inputs.prompt_targets = prompt_targets
+        return inputs
+
+    def local_inputs(self, out: SchedulerOutput) -> StepInputs:
+        """A step's inputs on this rank alone, never broadcast (the warm-up steps every rank runs itself)."""
+        header, values, sampling_order, prompt_targets = pack_step(out, self.block_size)
+        inputs = self._unpack(header, values)
+        inputs.sampling_order, inputs.prompt_targets = sampling_order, prompt_targets
         return inputs
 
     def receive(self) -> StepInputs | None:
@@ -215,59 +224,77 @@ class ModelRunner:
         header = distributed.broadcast_cpu(torch.empty(HEADER_SIZE, dtype=torch.long)).tolist()
         if header[0] == 0:
             return None
-        return self._unpack(header, distributed.broadcast_cpu(torch.empty(header[7], dtype=torch.long)))
+        payload = distributed.broadcast_cpu(torch.empty(header[7], dtype=torch.long))
+        return self._unpack(header, payload.tolist(), payload)
 
-    def _unpack(self, header: list[int], payload: torch.Tensor) -> StepInputs:
+    def _unpack(self, header: list[int], values: list[int], payload: torch.Tensor | None = None) -> StepInputs:
         # payload: [input_ids T | positions T | sample rows S | decode context lens B | prefill begins P |
-        #           prefill ends P | decode block tables B*max_blocks | each prefill's blocks | prompt rows R]
+        #           prefill ends P | decode block tables B*max_blocks | each prefill's blocks | prompt rows R |
+        #           prompt token ids R]; `values` is the same on the host, so nothing here reads the device
         _, num_tokens, num_decodes, max_blocks, num_prefills, num_samples, max_len, _, num_prompt_rows = header
         bs = self.block_size
-        t = payload.to(self.device, non_blocking=True)
+        t = to_device(payload if payload is not None else values, self.device)  # the step's one copy in
         o = 2 * num_tokens + num_samples
-        lens = t[o:o + num_decodes]
+        lens, host_lens = t[o:o + num_decodes], values[o:o + num_decodes]
         o += num_decodes
-        begins = payload[o:o + num_prefills].tolist()
-        ends = payload[o + num_prefills:o + 2 * num_prefills].tolist()
+        begins, ends = values[o:o + num_prefills], values[o + num_prefills:o + 2 * num_prefills]
+        o_begins = o
         o += 2 * num_prefills
-        meta = AttentionMetadata(slot_mapping=t[:0], num_decode_tokens=num_decodes)
-        slots = []
+        inputs = StepInputs(
+            input_ids=t[:num_tokens],
+            positions=t[num_tokens:2 * num_tokens],
+            meta=AttentionMetadata(slot_mapping=t[:0], num_decode_tokens=num_decodes),
+            sample_indices=t[2 * num_tokens:2 * num_tokens + num_samples],
+            sampling_order=[],
+        )
+        if num_prompt_rows:
+            end = t.shape[0]
+            inputs.prompt_rows = t[end - 2 * num_prompt_rows:end - num_prompt_rows]
+            inputs.prompt_token_ids = t[end - num_prompt_rows:]
+        meta, slots = inputs.meta, []
         if num_decodes:
             table = t[o:o + num_decodes * max_blocks].view(num_decodes, max_blocks)
             o += num_decodes * max_blocks
+            if self.graphs is not None and num_decodes == num_tokens:
+                inputs.graph_bucket = self.graphs.bucket_for(num_decodes, max_blocks)
+            if inputs.graph_bucket is not None:  # DecodeGraphs builds the metadata from its own buffers
+                inputs.decode_block_tables, inputs.decode_context_lens = table, lens
+                return inputs
             last = lens - 1
             slots.append(table[torch.arange(num_decodes, device=self.device), last // bs] * bs + last % bs)
-            if self.use_paged_kernel:
-                meta.decode_block_tables, meta.decode_context_lens, meta.block_size = table, lens, bs
-            else:
-                gather = (table[:, :, None] * bs + self.block_offsets).view(num_decodes, -1)[:, :max_len]
-                mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]
-                meta.decode_gather_index = gather
-                meta.decode_mask = mask.view(num_decodes, 1, 1, max_len)
-        starts = [0]
+            set_decode_metadata(meta, self.decode_backend, table, lens, bs, max_len, host_lens, self.decode_flash)
+        offsets = torch.arange(bs, device=self.device) if num_prefills else None
+        starts, contexts = [0], []
         for begin, end in zip(begins, ends, strict=True):
             num_blocks = -(-end // bs)
-            context_slots = (t[o:o + num_blocks, None] * bs + self.block_offsets).view(-1)[:end]
+            context_slots = (t[o:o + num_blocks, None] * bs + offsets).view(-1)[:end]
             o += num_blocks
             slots.append(context_slots[begin:])
             starts.append(starts[-1] + end - begin)
             meta.prefill_context_lens.append(end)
             meta.prefill_gather_index.append(context_slots if begin > 0 else None)
+            contexts.append(context_slots)
         meta.prefill_starts = starts
+        if self.prefill_flash and num_prefills:
+            meta.prefill_flash = True
+            meta.prefill_slots = torch.cat(contexts) if len(contexts) > 1 else contexts[0]
+            spans = t[o_begins:o_begins + 2 * num_prefills].view(2, num_prefills)
+            meta.prefill_cu_queries = t.new_zeros(num_prefills + 1, dtype=torch.int32)
+            meta.prefill_cu_queries[1:] = (spans[1] - spans[0]).cumsum(0)
+            meta.prefill_cu_lens = t.new_zeros(num_prefills + 1, dtype=torch.int32)
+            meta.prefill_cu_lens[1:] = spans[1].cumsum(0)
         meta.slot_mapping = torch.cat(slots) if len(slots) > 1 else slots[0] if slots else t[:0]
-        return StepInputs(
-            input_ids=t[:num_tokens],
-            positions=t[num_tokens:2 * num_tokens],
-            meta=meta,
-            sample_indices=t[2 * num_tokens:2 * num_tokens + num_samples],
-            sampling_order=[],
-            prompt_rows=t[t.shape[0] - num_prompt_rows:] if num_prompt_rows else None,
-        )
+        return inputs
 
     def forward(self, inputs: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Every rank: the model over this rank's shard; logits [N, vocab] for the sampling rows, and
         [R, vocab] for the prompt rows whose log-probabilities were asked for."""
-        with forward_context(inputs.meta):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+        if inputs.graph_bucket is not None:
+            hidden = self.graphs.run(inputs.graph_bucket, inputs.input_ids, inputs.positions,
+                                     inputs.decode_block_tables, inputs.decode_context_lens)
+        else:
+            with forward_context(inputs.meta):
+                hidden = self.model(inputs.input_ids, inputs.positions)
         prompt_logits = None
         if inputs.prompt_rows is not None:
             prompt_logits = self.model.compute_logits(hidden[inputs.prompt_rows])
@@ -290,11 +317,15 @@ class ModelRunner:
     def _execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepOutput:
         inputs = self.prepare(out)
         logits, prompt_logits = self.forward(inputs)
-        prompt_logprobs = score_prompt_tokens(prompt_logits, inputs.prompt_targets or [])
-        if logits is None:
-            return [], None, prompt_logprobs
-        order = inputs.sampling_order
-        return order, self.sampler(logits.float(), sampling_rows(order, rows)), prompt_logprobs
+        targets = inputs.prompt_targets or []
+        scores = prompt_scores_on_device(prompt_logits, inputs.prompt_token_ids, targets)
+        order = inputs.sampling_order if logits is not None else []
+        pending = self.sampler.sample(logits.float(), sampling_rows(order, rows)) if order else None
+        parts = [p for p in (pending.packed if pending else None, scores) if p is not None]
+        host = to_host(parts) if parts else []  # the step's one copy out
+        result = pending.result(host.pop(0)) if pending else None
+        prompt_logprobs = unpack_prompt_scores(host.pop(0), targets) if scores is not None else {}
+        return order, result, prompt_logprobs
 
     def shutdown(self) -> None:
         """Rank 0: tell the workers to stop, join them and leave the process group."""
@@ -318,42 +349,6 @@ def sampling_rows(order: list[ScheduledRequest], rows: dict[str, SamplingRow]) -
         drafts = s.draft_token_ids
         out += [dataclasses.replace(row, token_ids=row.token_ids + drafts[:i]) for i in range(1, len(drafts) + 1)]
     return out
-
-
-def prompt_target(request, begin: int, end: int) -> PromptTarget | None:
-    """What a chunk of positions [begin, end) scores when the request asked for prompt log-probabilities:
-    position j's logits score prompt token j + 1 (the last prompt position's logits sample instead)."""
-    if not request.sampling_params.prompt_logprobs:  # every decode row asks, every step: answer cheaply
-        return None
-    scored_end = min(end, request.num_prompt_tokens - 1)
-    if begin >= scored_end:
-        return None
-    return (request.request_id, begin + 1, request.token_ids[begin + 1:scored_end + 1],
-            request.sampling_params.top_n_tokens)
-
-
-def score_prompt_tokens(logits: torch.Tensor | None, targets: list[PromptTarget]) -> dict[str, PromptScores]:
-    """Log-probability of each scored prompt token (and its top-n alternatives when asked), per request."""
-    if logits is None:
-        return {}
-    token_ids = torch.tensor([t for _, _, ids, _ in targets for t in ids], device=logits.device)
-    max_top = max(top_n for *_, top_n in targets)
-    values: list[float] = []
-    tops: list[list[tuple[int, float]]] = []
-    for start in range(0, logits.shape[0], SCORE_ROWS):
-        rows = logits[start:start + SCORE_ROWS].float()
-        lse = rows.logsumexp(-1)
-        values += (rows.gather(1, token_ids[start:start + SCORE_ROWS, None]).squeeze(1) - lse).tolist()
-        if max_top:
-            top_values, top_ids = rows.topk(max_top, dim=-1)
-            top_values = (top_values - lse[:, None]).tolist()
-            tops += [list(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), top_values, strict=True)]
-    scored, offset = {}, 0
-    for request_id, first, ids, top_n in targets:
-        alternatives = [t[:top_n] for t in tops[offset:offset + len(ids)]] if top_n else []
-        scored[request_id] = (first, values[offset:offset + len(ids)], alternatives)
-        offset += len(ids)
-    return scored
 
 
 def configure_threads(num_threads: int | None) -> None:
