@@ -85,7 +85,7 @@ def test_idle_service_scales_to_zero_and_a_held_request_wakes_it(operator, api, 
     core.patch_namespaced_pod_status("chat-activator-0", namespace, {"status": {
         "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}})
     activator.text = activator.text.replace("waiting 0", "waiting 2")
-    wait_for(lambda: replicas(cluster, namespace) == 1, timeout=5, what="the wake-up")
+    wait_for(lambda: replicas(cluster, namespace) == 1, timeout=60, what="the wake-up")
     assert tgs_status(api, namespace)["lastScaleDecision"]["reason"] == "WakeUp"
     add_ready_pod(api, namespace, "chat", "chat-1", server.port)
     set_deployment_status(api, namespace, ready=1)
