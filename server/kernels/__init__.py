@@ -21,6 +21,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+HEADER = Path(__file__).with_name("simd.h")  # included by the sources: part of the cache key
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp", "weight_only_linear_cpu.cpp")]
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -47,7 +48,7 @@ def build_directory() -> Path:
     from genserve.server.model_files import cache_dir
 
     key = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in SOURCES), " ".join(CFLAGS).encode(),
+    for part in (*(source.read_bytes() for source in (*SOURCES, HEADER)), " ".join(CFLAGS).encode(),
                  torch.__version__.encode(), _cpu_fingerprint().encode()):
         key.update(part)
     return cache_dir() / "kernels" / f"paged_attention_cpu-{key.hexdigest()[:16]}"

@@ -18,42 +18,11 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-// One native SIMD register of floats: 16 with AVX-512, 8 otherwise (AVX2, NEON pairs). A wider generic
-// vector than the ISA has is split by the compiler, and its arrays spill to the stack.
-#if defined(__AVX512F__)
-constexpr int W = 16;
-#else
-constexpr int W = 8;
-#endif
-typedef float vfloat __attribute__((vector_size(W * 4)));
-typedef uint16_t vu16 __attribute__((vector_size(W * 2)));
-typedef uint32_t vu32 __attribute__((vector_size(W * 4)));
-
-inline vfloat loadv(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline vfloat loadv(const c10::BFloat16* p) {  // bf16 is the top half of a float
-  vu16 bits;
-  std::memcpy(&bits, p, sizeof(bits));
-  vu32 wide = __builtin_convertvector(bits, vu32) << 16;
-  vfloat v;
-  std::memcpy(&v, &wide, sizeof(v));
-  return v;
-}
-inline vfloat loadv(const c10::Half* p) {
-  float tmp[W];
-  for (int i = 0; i < W; ++i) tmp[i] = static_cast<float>(p[i]);
-  return loadv(tmp);
-}
-inline float hsum(vfloat v) {
-  float total = 0.f;
-  for (int i = 0; i < W; ++i) total += v[i];
-  return total;
-}
+using namespace genserve_simd;
 
 // One sequence and one KV head: its `group` query heads against the whole context. One query head
 // at a time, so the query (scores pass) or the output row (values pass) stays in registers; the

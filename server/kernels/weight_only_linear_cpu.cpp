@@ -11,52 +11,12 @@
 
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+
+#include "simd.h"
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int W = 16;
-#else
-constexpr int W = 8;
-#endif
-typedef float vfloat __attribute__((vector_size(W * 4)));
-typedef uint16_t vu16 __attribute__((vector_size(W * 2)));
-typedef uint32_t vu32 __attribute__((vector_size(W * 4)));
-typedef int8_t vi8 __attribute__((vector_size(W)));
-typedef int32_t vi32 __attribute__((vector_size(W * 4)));
-
-inline vfloat widen(const c10::BFloat16* p) {
-  vu16 bits;
-  std::memcpy(&bits, p, sizeof(bits));
-  vu32 wide = __builtin_convertvector(bits, vu32) << 16;
-  vfloat v;
-  std::memcpy(&v, &wide, sizeof(v));
-  return v;
-}
-inline vfloat widen(const int8_t* p) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<vfloat>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
-#elif defined(__AVX2__)
-  return reinterpret_cast<vfloat>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
-#else
-  vi8 bytes;
-  std::memcpy(&bytes, p, sizeof(bytes));
-  return __builtin_convertvector(__builtin_convertvector(bytes, vi32), vfloat);
-#endif
-}
-inline vfloat loadf(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline float hsum(vfloat v) {
-  float total = 0.f;
-  for (int i = 0; i < W; ++i) total += v[i];
-  return total;
-}
+using namespace genserve_simd;
 
 constexpr int kRows = 4;  // weight rows per inner loop: each x vector loaded once feeds 4 FMAs
 constexpr int kCols = 2;  // activation rows per inner loop: each widened weight vector feeds 2 FMAs
@@ -73,9 +33,9 @@ inline void tile(const float* x, const weight_t* w, int64_t K, int64_t n0, int64
   for (int c = 0; c < cols; ++c) xs[c] = x + (m0 + c) * K;
   for (int64_t k = 0; k < K; k += W) {
     vfloat xv[cols];
-    for (int c = 0; c < cols; ++c) xv[c] = loadf(xs[c] + k);
+    for (int c = 0; c < cols; ++c) xv[c] = loadv(xs[c] + k);
     for (int r = 0; r < kRows; ++r) {
-      const vfloat wv = widen(rows[r] + k);
+      const vfloat wv = loadv(rows[r] + k);
       for (int c = 0; c < cols; ++c) acc[r][c] += wv * xv[c];
     }
   }

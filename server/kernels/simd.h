@@ -1,0 +1,65 @@
+// Float vectors of the CPU's native width for genserve's kernels, and loads that widen to float32.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace genserve_simd {
+
+// One native SIMD register of floats: 16 with AVX-512, 8 otherwise (AVX2, NEON pairs). A wider generic
+// vector than the ISA has is split by the compiler, and its arrays spill to the stack.
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#else
+constexpr int W = 8;
+#endif
+typedef float vfloat __attribute__((vector_size(W * 4)));
+typedef uint16_t vu16 __attribute__((vector_size(W * 2)));
+typedef uint32_t vu32 __attribute__((vector_size(W * 4)));
+typedef int8_t vi8 __attribute__((vector_size(W)));
+typedef int32_t vi32 __attribute__((vector_size(W * 4)));
+
+inline vfloat loadv(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vfloat loadv(const c10::BFloat16* p) {  // bf16 is the top half of a float
+  vu16 bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  vu32 wide = __builtin_convertvector(bits, vu32) << 16;
+  vfloat v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+inline vfloat loadv(const c10::Half* p) {
+  float tmp[W];
+  for (int i = 0; i < W; ++i) tmp[i] = static_cast<float>(p[i]);
+  return loadv(tmp);
+}
+inline vfloat loadv(const int8_t* p) {  // GCC scalarizes the generic int8 -> float conversion on x86
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  return reinterpret_cast<vfloat>(
+      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  vi8 bytes;
+  std::memcpy(&bytes, p, sizeof(bytes));
+  return __builtin_convertvector(__builtin_convertvector(bytes, vi32), vfloat);
+#endif
+}
+inline float hsum(vfloat v) {
+  float total = 0.f;
+  for (int i = 0; i < W; ++i) total += v[i];
+  return total;
+}
+
+}  // namespace genserve_simd
