@@ -7,12 +7,11 @@ arguments the CUDA branch builds are checked on CPU too.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from model_helpers import save_tiny_llama
 from test_engine import make_engine, run_staggered
+from test_paged_kernel import paged_case, reference
 from transformers import AutoTokenizer
 
 from genserve.server import kernels
@@ -28,37 +27,6 @@ from genserve.server.sampling_params import SamplingParams
 
 BS = 16
 SHAPES = [(9, 3, 64), (4, 4, 128), (8, 2, 64), (6, 1, 32)]  # (heads, kv heads, head_dim): GQA, MHA, MQA
-
-
-def paged_pool(context_lens, num_heads, num_kv_heads, head_dim, dtype, block_size=BS, seed=0):
-    """K/V pools whose blocks are handed out in shuffled order, as a busy cache would."""
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    needed = [-(-n // block_size) for n in context_lens]
-    free = list(range(sum(needed) + 3))
-    rng.shuffle(free)
-    width = max(needed)
-    tables = []
-    for n in needed:
-        tables.append(free[:n] + [0] * (width - n))
-        free = free[n:]
-    slots = (sum(needed) + 3) * block_size
-    k_cache = torch.randn(slots, num_kv_heads, head_dim, generator=gen).to(dtype)
-    v_cache = torch.randn(slots, num_kv_heads, head_dim, generator=gen).to(dtype)
-    q = torch.randn(len(context_lens), num_heads, head_dim, generator=gen).to(dtype)
-    return q, k_cache, v_cache, torch.tensor(tables), torch.tensor(context_lens)
-
-
-def reference(q, k_cache, v_cache, tables, lens, scale, block_size=BS):
-    group = q.shape[1] // k_cache.shape[1]
-    out = torch.empty(q.shape, dtype=torch.float64)
-    for b, n in enumerate(lens.tolist()):
-        slots = [tables[b, t // block_size].item() * block_size + t % block_size for t in range(n)]
-        keys = k_cache[slots].double().repeat_interleave(group, dim=1)
-        values = v_cache[slots].double().repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,thd->ht", q[b].double(), keys) * scale
-        out[b] = torch.einsum("ht,thd->hd", scores.softmax(-1), values)
-    return out
 
 
 def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
@@ -113,7 +81,7 @@ LENS = [1, 15, 16, 17, 33, 100, 228, 5, 64]
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}")
 def test_every_backend_matches_the_reference(dtype, tol, shape, fake_flash):
-    q, k_cache, v_cache, tables, lens = paged_pool(LENS, *shape, dtype)
+    q, k_cache, v_cache, tables, lens = paged_case(LENS, *shape, dtype)
     expected = reference(q, k_cache, v_cache, tables, lens, shape[2] ** -0.5)
     outputs = {
         "gather": decode("gather", q, k_cache, v_cache, tables, lens),
@@ -131,7 +99,7 @@ def test_every_backend_matches_the_reference(dtype, tol, shape, fake_flash):
 
 def test_flash_paged_reads_the_pool_in_place_through_pages_of_256(fake_flash):
     block = 256
-    q, k_cache, v_cache, tables, lens = paged_pool([1, 255, 256, 257, 700, 40], 8, 2, 64, torch.bfloat16,
+    q, k_cache, v_cache, tables, lens = paged_case([1, 255, 256, 257, 700, 40], 8, 2, 64, torch.bfloat16,
                                                    block_size=block, seed=3)
     expected = reference(q, k_cache, v_cache, tables, lens, 64 ** -0.5, block_size=block)
     out = decode("flash_paged", q, k_cache, v_cache, tables, lens, block_size=block, flash=True)
@@ -139,7 +107,7 @@ def test_flash_paged_reads_the_pool_in_place_through_pages_of_256(fake_flash):
 
 
 def test_packed_index_lists_every_context_slot_in_order():
-    _, _, _, tables, lens = paged_pool([3, 17, 1, 32], 2, 1, 32, torch.float32)
+    _, _, _, tables, lens = paged_case([3, 17, 1, 32], 2, 1, 32, torch.float32)
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long))
     set_decode_metadata(meta, "varlen", tables, lens, BS, 32, lens.tolist())
     expected = [tables[b, t // BS].item() * BS + t % BS for b, n in enumerate(lens.tolist()) for t in range(n)]
@@ -150,7 +118,7 @@ def test_packed_index_lists_every_context_slot_in_order():
 
 
 def test_varlen_ignores_slots_past_the_contexts():
-    q, k_cache, v_cache, tables, lens = paged_pool([20, 40, 7], 6, 2, 64, torch.float32)
+    q, k_cache, v_cache, tables, lens = paged_case([20, 40, 7], 6, 2, 64, torch.float32)
     before = decode("varlen", q, k_cache, v_cache, tables, lens)
     used = {tables[b, t // BS].item() * BS + t % BS for b, n in enumerate(lens.tolist()) for t in range(n)}
     for slot in set(range(k_cache.shape[0])) - used:
@@ -161,7 +129,7 @@ def test_varlen_ignores_slots_past_the_contexts():
 def test_the_layer_gives_the_same_output_through_every_backend(fake_flash):
     # a whole Attention.forward: new K/V written by slot, then read back by each backend
     lens = [5, 40, 17]
-    q, k_cache, v_cache, tables, context_lens = paged_pool(lens, 9, 3, 64, torch.float32, seed=5)
+    q, k_cache, v_cache, tables, context_lens = paged_case(lens, 9, 3, 64, torch.float32, seed=5)
     gen = torch.Generator().manual_seed(1)
     new_k, new_v = torch.randn(3, 3 * 64, generator=gen), torch.randn(3, 3 * 64, generator=gen)
     last = context_lens - 1
@@ -229,7 +197,7 @@ def test_cuda_backends_match_the_reference(backend, block_size):
     if flash and not attention.flash_attention_usable(cuda, torch.bfloat16, 128):
         pytest.skip("no FlashAttention on this GPU")
     lens = [*LENS, 1000, 2047, 4096]
-    q, k_cache, v_cache, tables, context_lens = paged_pool(lens, 32, 8, 128, torch.bfloat16, block_size=block_size)
+    q, k_cache, v_cache, tables, context_lens = paged_case(lens, 32, 8, 128, torch.bfloat16, block_size=block_size)
     expected = reference(q, k_cache, v_cache, tables, context_lens, 128 ** -0.5, block_size=block_size)
     out = decode(backend, q.to(cuda), k_cache.to(cuda), v_cache.to(cuda), tables.to(cuda), context_lens.to(cuda),
                  block_size=block_size, flash=flash)

@@ -15,11 +15,12 @@ pytestmark = pytest.mark.skipif(not kernels.load_cpu_kernels(), reason="no C++ t
 BLOCK_SIZE = 16
 
 
-def paged_case(context_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, dtype, seed: int = 0):
+def paged_case(context_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, dtype, seed: int = 0,
+               block_size: int = BLOCK_SIZE):
     """Random K/V pools whose blocks are handed out in shuffled order, as a busy cache would."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    needed = [-(-n // BLOCK_SIZE) for n in context_lens]
+    needed = [-(-n // block_size) for n in context_lens]
     free = list(range(sum(needed) + 3))
     rng.shuffle(free)
     width = max(needed)
@@ -27,18 +28,18 @@ def paged_case(context_lens: list[int], num_heads: int, num_kv_heads: int, head_
     for n in needed:
         tables.append(free[:n] + [0] * (width - n))
         free = free[n:]
-    slots = (sum(needed) + 3) * BLOCK_SIZE
+    slots = (sum(needed) + 3) * block_size
     k_cache = torch.randn(slots, num_kv_heads, head_dim, generator=gen).to(dtype)
     v_cache = torch.randn(slots, num_kv_heads, head_dim, generator=gen).to(dtype)
     q = torch.randn(len(context_lens), num_heads, head_dim, generator=gen).to(dtype)
     return q, k_cache, v_cache, torch.tensor(tables), torch.tensor(context_lens)
 
 
-def reference(q, k_cache, v_cache, tables, lens, scale):
+def reference(q, k_cache, v_cache, tables, lens, scale, block_size: int = BLOCK_SIZE):
     group = q.shape[1] // k_cache.shape[1]
     out = torch.empty(q.shape, dtype=torch.float64)
     for b, n in enumerate(lens.tolist()):
-        slots = [tables[b, t // BLOCK_SIZE].item() * BLOCK_SIZE + t % BLOCK_SIZE for t in range(n)]
+        slots = [tables[b, t // block_size].item() * block_size + t % block_size for t in range(n)]
         keys = k_cache[slots].double().repeat_interleave(group, dim=1)  # [n, H, D]
         values = v_cache[slots].double().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,thd->ht", q[b].double(), keys) * scale
