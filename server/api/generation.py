@@ -14,7 +14,10 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel
+
 from genserve.server.api.errors import APIError, generation_error, overloaded, validation_error
+from genserve.server.api.protocol import unknown_fields
 from genserve.server.api.settings import ServerSettings
 from genserve.server.metrics import Metrics
 from genserve.server.outputs import RequestOutput, TokenInfo, TopToken
@@ -28,6 +31,14 @@ INLINE_TOKENIZE_CHARS = 4096
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def warn_unknown_fields(route: str, body: BaseModel, request_id: str | None = None) -> None:
+    """One warning line naming the fields the body carried that genserve ignores (as vLLM does)."""
+    names = unknown_fields(body)
+    if names:
+        logger.warning("%s: ignoring unknown fields: %s", route, ", ".join(names),
+                       extra={"request_id": request_id, "fields": {"ignored_fields": names}})
 
 
 @dataclass(slots=True)
@@ -129,10 +140,12 @@ class GenerationService:
 
     # ---- admission -------------------------------------------------------------------------
 
-    def begin(self, route: str, request_id: str | None = None) -> RequestRecord:
+    def begin(self, route: str, request_id: str | None = None, body: BaseModel | None = None) -> RequestRecord:
         """Count the request and take a concurrency slot, or raise 429 (`--max-concurrent-requests`)."""
         self.metrics.inc("tgi_request_count")
         record = RequestRecord(request_id=request_id or new_request_id(), route=route)
+        if body is not None:
+            warn_unknown_fields(route, body, record.request_id)
         if self.num_in_flight >= self.settings.max_concurrent_requests:
             self.fail(record, overloaded(), counted_slot=False)
             raise overloaded()

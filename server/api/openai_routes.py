@@ -205,9 +205,9 @@ def _envelope(svc: GenerationService, kind: str, rid: str, created: int) -> dict
             "system_fingerprint": f"{server_version()}-native"}
 
 
-async def _prepared(request: Request, route: str, prepare) -> tuple[GenerationService, RequestRecord, list[Job], list]:
+async def _prepared(request: Request, route: str, body, prepare) -> tuple[GenerationService, RequestRecord, list[Job], list]:
     svc = service(request)
-    record = svc.begin(route, request.headers.get("x-request-id"))
+    record = svc.begin(route, request.headers.get("x-request-id"), body)
     with svc.guard(record):
         await svc.wait_ready()
         jobs, extra = await prepare(svc, record)
@@ -235,7 +235,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         await svc.validate(record, ids, params[0])
         return [Job(ids, p) for p in params], [len(ids), plan]
 
-    svc, record, jobs, (num_prompt, plan) = await _prepared(request, "/v1/chat/completions", prepare)
+    svc, record, jobs, (num_prompt, plan) = await _prepared(request, "/v1/chat/completions", body, prepare)
     # with a tool grammar the output is a call to parse, not text to show as it comes
     calls = plan if plan is not None and plan.grammar is not None else None
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -374,7 +374,7 @@ async def completions(body: CompletionRequest, request: Request):
         record.num_prompt_tokens = sum(len(ids) for _, ids in prompts)
         return [Job(ids, p) for _, ids in prompts for p in params], [prompts, len(params)]
 
-    svc, record, jobs, (prompts, n) = await _prepared(request, "/v1/completions", prepare)
+    svc, record, jobs, (prompts, n) = await _prepared(request, "/v1/completions", body, prepare)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     num_prompt = record.num_prompt_tokens
     if body.stream:

@@ -8,8 +8,24 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Strict(BaseModel):
-    # serde-like: unknown fields and wrong JSON types are 422s, not silently coerced
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # serde-like: wrong JSON types are 422s, not silently coerced; unknown fields are kept aside
+    # (TGI's serde ignores them, vLLM warns) so `unknown_fields` can name them in a log line
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted paths of every field the client sent that no model declares (nested models and lists too).
+
+    Free-form models (`ContentPart`, `ResponseFormat`) read their extras, so they are not reported."""
+    names = [] if getattr(model, "_free_form", False) else [prefix + k for k in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name, None)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, BaseModel):
+                where = f"{prefix}{name}[{i}]." if isinstance(value, list) else f"{prefix}{name}."
+                names += unknown_fields(item, where)
+    return names
 
 
 # ---- TGI ---------------------------------------------------------------------------------------
@@ -140,12 +156,14 @@ class Info(BaseModel):
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
+    _free_form = True
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # SDKs echo back assistant turns with `refusal`, `audio`, `annotations`: kept aside, not refused
+    model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -159,6 +177,7 @@ class StreamOptions(_Strict):
 
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
+    _free_form = True
     type: str
 
 

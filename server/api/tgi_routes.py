@@ -9,7 +9,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from genserve.server.api.errors import APIError, incomplete_generation, validation_error
-from genserve.server.api.generation import GenerationService, Job, RequestRecord, SequenceResult
+from genserve.server.api.generation import (
+    GenerationService,
+    Job,
+    RequestRecord,
+    SequenceResult,
+    warn_unknown_fields,
+)
 from genserve.server.api.protocol import (
     ErrorResponse,
     GenerateParameters,
@@ -157,7 +163,7 @@ async def prepare(svc: GenerationService, record: RequestRecord, req: GenerateRe
 
 async def _generate(request: Request, req: GenerateRequest, route: str) -> tuple[dict, dict[str, str]]:
     svc = service(request)
-    record = svc.begin(route, request.headers.get("x-request-id"))
+    record = svc.begin(route, request.headers.get("x-request-id"), req)
     with svc.guard(record):
         await svc.wait_ready()
         ids, params, best_of = await prepare(svc, record, req, stream=False)
@@ -180,7 +186,7 @@ async def _generate(request: Request, req: GenerateRequest, route: str) -> tuple
 
 async def _generate_stream(request: Request, req: GenerateRequest, route: str) -> SSEResponse:
     svc = service(request)
-    record = svc.begin(route, request.headers.get("x-request-id"))
+    record = svc.begin(route, request.headers.get("x-request-id"), req)
     with svc.guard(record):
         await svc.wait_ready()
         ids, params, _ = await prepare(svc, record, req, stream=True)
@@ -259,6 +265,7 @@ async def compat_generate(req: GenerateRequest, request: Request) -> Response:
 async def tokenize(req: GenerateRequest, request: Request) -> JSONResponse:
     """Tokenize `inputs`: ids with their character offsets."""
     svc = service(request)
+    warn_unknown_fields("/tokenize", req)
     try:
         req.inputs.encode("utf-8")
     except UnicodeEncodeError as e:

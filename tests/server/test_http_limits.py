@@ -42,7 +42,7 @@ BAD = [
     (b'{"inputs": ["Hi"]}', 422, "inputs"),
     (b'{"inputs": "Hi", "parameters": {"max_new_tokens": "lots"}}', 422, "max_new_tokens"),
     (b'{"parameters": {"max_new_tokens": 5}}', 422, "inputs: Field required"),
-    (b'{"inputs": "Hi", "parameters": {"maximum_tokens": 5}}', 422, "unknown field"),
+    (b'{"inputs": "Hi", "parameters": {"max_new_tokens": 5, "stop": "x"}}', 422, "parameters.stop"),
     (b'{"inputs": "Hi", "parameters": {"max_new_tokens": -1}}', 422, "`max_new_tokens` must be strictly positive"),
     (b'{"inputs": "Hi", "parameters": {"max_new_tokens": 100000000}}', 422, "must be <= 200"),
     (b'{"inputs": "Hi", "parameters": {"stop": ["a","b","c","d","e"]}}', 422, "`stop` supports up to 4"),
