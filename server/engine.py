@@ -43,11 +43,15 @@ class EngineStats:
 @dataclass(slots=True)
 class StepStats:
     method: str  # "prefill" when any prompt chunk ran, else "decode"
-    duration_s: float
+    duration_s: float  # the forward pass and sampling (TGI's tgi_batch_forward_duration)
     batch_size: int
     num_tokens: int
     num_accepted: list[int] = field(default_factory=list)  # per request that verified drafts: drafts kept
     num_drafts: list[int] = field(default_factory=list)  # ... and drafts proposed
+    filter_s: float = 0.0  # updating the batch: finished requests leave, blocks return (tgi_batch_filter_duration)
+    decode_s: float = 0.0  # detokenizing and stop checks (tgi_batch_decode_duration)
+    next_batch_size: int = 0  # requests still running after the step (tgi_batch_next_size)
+    joined_running_batch: bool = False  # new requests started beside running decodes (tgi_batch_concat)
 
 
 @dataclass(slots=True)
@@ -223,6 +227,8 @@ class LLMEngine:
         self.num_computed_prompt_tokens_total += sum(
             min(s.num_new_tokens, max(s.request.num_prompt_tokens - s.request.num_computed_tokens, 0))
             for s in out.scheduled)
+        joined = (any(s.request.num_computed_tokens == 0 for s in out.scheduled)
+                  and any(s.request.num_computed_tokens >= s.request.num_prompt_tokens for s in out.scheduled))
         rows = {s.request.request_id: self.states[s.request.request_id].row for s in out.scheduled}
         order, result, prompt_logprobs = self.runner.execute(out, rows)
         for request_id, (first, values, tops) in prompt_logprobs.items():
@@ -241,14 +247,18 @@ class LLMEngine:
             sampled[s.request.request_id] = result.token_ids[row:row + 1 + len(s.draft_token_ids)]
             row += 1 + len(s.draft_token_ids)
         num_tokens_before = [s.request.num_tokens for s in order]
+        forwarded = time.perf_counter()
         self.scheduler.update_from_output(out, sampled)
-        stats = StepStats("prefill" if has_prefill else "decode", time.perf_counter() - started,
+        stats = StepStats("prefill" if has_prefill else "decode", forwarded - started,
                           len(out.scheduled), out.num_batched_tokens,
                           [num_accepted(s.draft_token_ids, sampled[s.request.request_id])
                            for s in order if s.draft_token_ids],
                           [len(s.draft_token_ids) for s in order if s.draft_token_ids])
+        filtered = time.perf_counter()
         outputs = [self._process_tokens(s.request, first, s.request.num_tokens - before, result)
                    for s, first, before in zip(order, first_rows, num_tokens_before, strict=True)]
+        stats.filter_s, stats.decode_s = filtered - forwarded, time.perf_counter() - filtered
+        stats.next_batch_size, stats.joined_running_batch = len(self.scheduler.running), joined
         self.num_generation_tokens_total += sum(len(o.new_tokens) for o in outputs)
         if self.proposer is not None:
             self._propose_drafts()

@@ -20,6 +20,8 @@ DURATION_BUCKETS = tuple(0.0001 * 1.5**k for k in range(1, 36))
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 
+# TGI: one bucket per batch size up to 1024
+BATCH_SIZE_BUCKETS = tuple(float(n) for n in range(1, 1025))
 SKIPPED_BUCKETS = tuple(float(n) for n in range(0, 11))
 ACCEPTANCE_BUCKETS = tuple(k / 10 for k in range(0, 11))
 
@@ -28,10 +30,14 @@ TGI_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tgi_request_success": ("Number of successful requests", ()),
     "tgi_request_failure": ("Number of failed requests", ("err",)),
     "tgi_batch_inference_count": ("Inference calls per method (prefill or decode)", ("method",)),
+    "tgi_batch_inference_success": ("Number of successful inference calls per method (prefill or decode)",
+                                    ("method",)),
+    # TGI counts a new batch joining a running one; here requests join the running batch in any step
+    "tgi_batch_concat": ("Steps where waiting requests joined a running batch", ("reason",)),
 }
 
 
-def _linear(maximum: int, n: int = 20) -> tuple[float, ...]:
+def _linear(maximum: int, n: int = 100) -> tuple[float, ...]:
     step = max(maximum, n) / n
     return tuple(round(step * (i + 1), 3) for i in range(n))
 
@@ -72,6 +78,22 @@ class Metrics:
         self.batch_forward_duration = Histogram(
             "tgi_batch_forward_duration", "Batch forward duration per method (prefill or decode)", ["method"],
             buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.batch_decode_duration = Histogram(
+            "tgi_batch_decode_duration", "Time spent decoding a batch per method (prefill or decode)", ["method"],
+            buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.batch_filter_duration = Histogram(
+            "tgi_batch_filter_duration",
+            "Time spent filtering batches and sending generated tokens per method (prefill or decode)", ["method"],
+            buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.batch_inference_duration = Histogram(
+            "tgi_batch_inference_duration", "Batch inference duration", ["method"],
+            buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.batch_next_size = Histogram(
+            "tgi_batch_next_size", "Batch size of the next batch", buckets=BATCH_SIZE_BUCKETS, registry=r,
         )
         self.time_to_first_token = Histogram(
             "genserve_time_to_first_token_seconds", "Time from request arrival to its first generated token",
@@ -117,7 +139,14 @@ class Metrics:
     def observe_step(self, step) -> None:
         """Engine-thread callback after each forward pass."""
         self.batch_forward_duration.labels(step.method).observe(step.duration_s)
+        self.batch_filter_duration.labels(step.method).observe(step.filter_s)
+        self.batch_decode_duration.labels(step.method).observe(step.decode_s)
+        self.batch_inference_duration.labels(step.method).observe(step.duration_s + step.filter_s + step.decode_s)
+        self.batch_next_size.observe(step.next_batch_size)
         self.inc("tgi_batch_inference_count", step.method)
+        self.inc("tgi_batch_inference_success", step.method)
+        if step.joined_running_batch:
+            self.inc("tgi_batch_concat", "backpressure")
         for kept, drafted in zip(step.num_accepted, step.num_drafts, strict=True):
             self.request_skipped_tokens.observe(kept)
             self.spec_acceptance.observe(kept / drafted)
