@@ -95,10 +95,16 @@ def _build(library: Path) -> None:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                           scale: float) -> torch.Tensor:
-    """q [B, H, D]; caches [slots, KVH, D]; block_tables [B, max_blocks]; context_lens [B] -> [B, H, D]."""
+                           scale: float, sliding_window: int | None = None, logit_softcap: float | None = None,
+                           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, D]; caches [slots, KVH, D]; block_tables [B, max_blocks]; context_lens [B] -> [B, H, D].
+
+    sliding_window: read only each context's last `sliding_window` tokens (blocks before them may be
+    gone); logit_softcap: scores = c * tanh(scores / c); alibi_slopes [H] float32: scores[h] +=
+    slope[h] * (key position - query position)."""
     return torch.ops.genserve_cpu.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
-                                                         block_size, scale)
+                                                         block_size, scale, sliding_window or 0,
+                                                         logit_softcap or 0.0, alibi_slopes)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "simd.h"
@@ -24,48 +25,63 @@ namespace {
 
 using namespace genserve_simd;
 
-// One sequence and one KV head: its `group` query heads against the whole context. One query head
-// at a time, so the query (scores pass) or the output row (values pass) stays in registers; the
-// context's K/V rows come from memory for the first head and from cache for the others.
+// What a layer changes in its scores: a sliding window, soft-capping, ALiBi (0 / nullptr: off).
+struct ScoreMods {
+  int64_t window = 0;             // keys at positions (p - window, p] only
+  float softcap = 0.f;            // s = softcap * tanh(s / softcap)
+  const float* slopes = nullptr;  // [H]: s += slope * (key position - query position)
+};
+
+// One sequence and one KV head: its `group` query heads against the context (its last `window` tokens
+// with a sliding window). One query head at a time, so the query (scores pass) or the output row
+// (values pass) stays in registers; the K/V rows come from memory for the first head and from cache
+// for the others.
 template <int D, typename scalar_t>
 void decode_one(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table,
                 int64_t context_len, scalar_t* out, int64_t num_kv_heads, int64_t kv_head, int64_t group,
-                int64_t block_size, float scale, std::vector<float>& scores, std::vector<int64_t>& rows) {
+                int64_t block_size, float scale, const ScoreMods& mods, std::vector<float>& scores,
+                std::vector<int64_t>& rows) {
   constexpr int V = D / W;
   const int64_t row_stride = num_kv_heads * D;
-  const int64_t num_blocks = (context_len + block_size - 1) / block_size;
-  rows.resize(context_len);  // offset of each context token's row for this KV head (K and V alike)
-  for (int64_t blk = 0, t = 0; blk < num_blocks; ++blk) {
-    int64_t row = (table[blk] * block_size * num_kv_heads + kv_head) * D;
-    const int64_t n = std::min(block_size, context_len - t);
-    for (int64_t j = 0; j < n; ++j, ++t, row += row_stride) rows[t] = row;
+  const int64_t first = mods.window > 0 ? std::max<int64_t>(0, context_len - mods.window) : 0;
+  const int64_t count = context_len - first;
+  rows.resize(count);  // offset of each visible token's row for this KV head (K and V alike)
+  for (int64_t t = first; t < context_len;) {  // one block (or the window's part of one) at a time
+    const int64_t offset = t % block_size;
+    int64_t row = ((table[t / block_size] * block_size + offset) * num_kv_heads + kv_head) * D;
+    const int64_t n = std::min(block_size - offset, context_len - t);
+    for (int64_t j = 0; j < n; ++j, ++t, row += row_stride) rows[t - first] = row;
   }
-  scores.resize(context_len);
+  scores.resize(count);
+  const float query_pos = static_cast<float>(context_len - 1);
   for (int64_t g = 0; g < group; ++g) {
     vfloat qv[V];
     for (int i = 0; i < V; ++i) qv[i] = loadv(q + g * D + i * W) * scale;
+    const float slope = mods.slopes ? mods.slopes[kv_head * group + g] : 0.f;
     float row_max = -std::numeric_limits<float>::max();
-    for (int64_t t = 0; t < context_len; ++t) {
-      const scalar_t* key = k_cache + rows[t];
+    for (int64_t i = 0; i < count; ++i) {
+      const scalar_t* key = k_cache + rows[i];
       vfloat acc = qv[0] * loadv(key);
-      for (int i = 1; i < V; ++i) acc += qv[i] * loadv(key + i * W);
-      const float s = hsum(acc);
-      scores[t] = s;
+      for (int j = 1; j < V; ++j) acc += qv[j] * loadv(key + j * W);
+      float s = hsum(acc);
+      if (mods.softcap > 0.f) s = mods.softcap * std::tanh(s / mods.softcap);
+      if (mods.slopes) s += slope * (static_cast<float>(first + i) - query_pos);
+      scores[i] = s;
       row_max = std::max(row_max, s);
     }
     float sum = 0.f;
     float* s = scores.data();
 #pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < context_len; ++t) {
-      s[t] = std::exp(s[t] - row_max);
-      sum += s[t];
+    for (int64_t i = 0; i < count; ++i) {
+      s[i] = std::exp(s[i] - row_max);
+      sum += s[i];
     }
     vfloat ov[V];
     for (int i = 0; i < V; ++i) ov[i] = vfloat{};
-    for (int64_t t = 0; t < context_len; ++t) {
-      const scalar_t* value = v_cache + rows[t];
-      const float p = s[t];
-      for (int i = 0; i < V; ++i) ov[i] += p * loadv(value + i * W);
+    for (int64_t i = 0; i < count; ++i) {
+      const scalar_t* value = v_cache + rows[i];
+      const float p = s[i];
+      for (int j = 0; j < V; ++j) ov[j] += p * loadv(value + j * W);
     }
     const float inv = 1.f / sum;
     float row[D];
@@ -80,7 +96,7 @@ void decode_one(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_ca
 template <int D, typename scalar_t>
 void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const at::Tensor& tables, const at::Tensor& lens, at::Tensor& out, int64_t block_size,
-                float scale) {
+                float scale, const ScoreMods& mods) {
   const int64_t batch = q.size(0), num_heads = q.size(1), num_kv_heads = k_cache.size(1);
   const int64_t group = num_heads / num_kv_heads, max_blocks = tables.size(1);
   const scalar_t* q_ptr = q.data_ptr<scalar_t>();
@@ -89,12 +105,14 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   const int64_t* table_ptr = tables.data_ptr<int64_t>();
   const int64_t* len_ptr = lens.data_ptr<int64_t>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
-  // a wrong table would read outside the pool: check every block the contexts use (a few hundred ints)
+  // a wrong table would read outside the pool: check every block the contexts read (a few hundred ints);
+  // blocks wholly before a sliding window are never read, and may be gone
   const int64_t pool_blocks = k_cache.size(0) / block_size;
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK(len_ptr[b] >= 1 && len_ptr[b] <= max_blocks * block_size,
                 "paged_decode_attention: context length ", len_ptr[b], " outside 1..", max_blocks * block_size);
-    for (int64_t blk = 0; blk * block_size < len_ptr[b]; ++blk) {
+    const int64_t first = mods.window > 0 ? std::max<int64_t>(0, len_ptr[b] - mods.window) : 0;
+    for (int64_t blk = first / block_size; blk * block_size < len_ptr[b]; ++blk) {
       const int64_t id = table_ptr[b * max_blocks + blk];
       TORCH_CHECK(id >= 0 && id < pool_blocks, "paged_decode_attention: block ", id, " outside the pool");
     }
@@ -106,7 +124,7 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
       const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
       const int64_t offset = (b * num_heads + h * group) * D;
       decode_one<D, scalar_t>(q_ptr + offset, k_ptr, v_ptr, table_ptr + b * max_blocks, len_ptr[b],
-                              out_ptr + offset, num_kv_heads, h, group, block_size, scale, scores, rows);
+                              out_ptr + offset, num_kv_heads, h, group, block_size, scale, mods, scores, rows);
     }
   });
 }
@@ -114,20 +132,22 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
 template <typename scalar_t>
 void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& tables, const at::Tensor& lens, at::Tensor& out, int64_t block_size,
-                       float scale) {
+                       float scale, const ScoreMods& mods) {
   switch (q.size(2)) {
-    case 64: decode_all<64, scalar_t>(q, k_cache, v_cache, tables, lens, out, block_size, scale); break;
-    case 128: decode_all<128, scalar_t>(q, k_cache, v_cache, tables, lens, out, block_size, scale); break;
-    case 256: decode_all<256, scalar_t>(q, k_cache, v_cache, tables, lens, out, block_size, scale); break;
+    case 64: decode_all<64, scalar_t>(q, k_cache, v_cache, tables, lens, out, block_size, scale, mods); break;
+    case 128: decode_all<128, scalar_t>(q, k_cache, v_cache, tables, lens, out, block_size, scale, mods); break;
+    case 256: decode_all<256, scalar_t>(q, k_cache, v_cache, tables, lens, out, block_size, scale, mods); break;
     default: TORCH_CHECK(false, "paged_decode_attention: head_dim must be 64, 128 or 256");
   }
 }
 
 // q: [B, H, D]; k_cache, v_cache: [slots, KVH, D]; block_tables: [B, max_blocks] int64;
-// context_lens: [B] int64 (each >= 1) -> [B, H, D]
+// context_lens: [B] int64 (each >= 1); window: 0 or a sliding window in tokens; softcap: 0 or the cap;
+// alibi_slopes: None or [H] float32 -> [B, H, D]
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens,
-                                  int64_t block_size, double scale) {
+                                  int64_t block_size, double scale, int64_t window, double softcap,
+                                  const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q [B,H,D], caches [slots,KVH,D]");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong, "int64 tables");
@@ -136,16 +156,29 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) && context_lens.dim() == 1 &&
               context_lens.size(0) == q.size(0), "one block-table row and one context length per query");
   TORCH_CHECK(block_size > 0 && k_cache.size(0) % block_size == 0, "the pool holds whole blocks of block_size");
+  TORCH_CHECK(window >= 0 && softcap >= 0, "paged_decode_attention: window and softcap must be >= 0");
   const int64_t head_dim = q.size(2);
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0 && k_cache.size(2) == head_dim, "head shapes");
+  ScoreMods mods;
+  mods.window = window;
+  mods.softcap = static_cast<float>(softcap);
+  at::Tensor slopes;
+  if (alibi_slopes.has_value()) {
+    slopes = alibi_slopes->contiguous();
+    TORCH_CHECK(slopes.scalar_type() == at::kFloat && slopes.dim() == 1 && slopes.size(0) == q.size(1),
+                "paged_decode_attention: alibi_slopes must be float32 [num_heads]");
+    mods.slopes = slopes.data_ptr<float>();
+  }
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
   auto out = at::empty_like(q);
   const float s = static_cast<float>(scale);
   switch (q.scalar_type()) {
-    case at::kFloat: dispatch_head_dim<float>(q, k_cache, v_cache, tables, lens, out, block_size, s); break;
-    case at::kBFloat16: dispatch_head_dim<c10::BFloat16>(q, k_cache, v_cache, tables, lens, out, block_size, s); break;
-    case at::kHalf: dispatch_head_dim<c10::Half>(q, k_cache, v_cache, tables, lens, out, block_size, s); break;
+    case at::kFloat: dispatch_head_dim<float>(q, k_cache, v_cache, tables, lens, out, block_size, s, mods); break;
+    case at::kBFloat16:
+      dispatch_head_dim<c10::BFloat16>(q, k_cache, v_cache, tables, lens, out, block_size, s, mods);
+      break;
+    case at::kHalf: dispatch_head_dim<c10::Half>(q, k_cache, v_cache, tables, lens, out, block_size, s, mods); break;
     default: TORCH_CHECK(false, "paged_decode_attention: float32, bfloat16 or float16 only");
   }
   return out;
@@ -155,7 +188,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 
 TORCH_LIBRARY(genserve_cpu, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, int block_size, float scale) -> Tensor");
+        "Tensor context_lens, int block_size, float scale, int window=0, float softcap=0.0, "
+        "Tensor? alibi_slopes=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(genserve_cpu, CPU, m) {

@@ -15,6 +15,15 @@ Decode reads every sequence's context with one of four backends (AttentionMetada
 
 Prefill runs SDPA per sequence; with FlashAttention (CUDA), one varlen call covers every chunk of
 the step, cached prefixes included (causal, aligned to the end of each context).
+
+Per layer, optionally (transformers' semantics):
+
+    sliding_window w   a query at position p sees the keys at positions (p - w, p]
+    logit_softcap c    scores = c * tanh(scores / c), before any mask (Gemma 2)
+    alibi_slopes m     scores[h] += m[h] * (key position - query position) (BLOOM)
+
+FlashAttention applies a window itself (window_size=(w - 1, 0)) but cannot change the scores, so
+layers with soft-capping or ALiBi run SDPA / the scores path and the native kernel, never it.
 """
 
 from __future__ import annotations
@@ -66,6 +75,9 @@ class AttentionMetadata:
     prefill_cu_lens: torch.Tensor | None = None
     # [B * KVH * L] rows of the cache viewed as [slots * KVH, D], head-major; built once per step
     decode_head_rows: torch.Tensor | None = None
+    # gather: [B, L] key position - query position, and each window's [B, 1, 1, L] mask; built once per step
+    decode_relative_pos: torch.Tensor | None = None
+    decode_window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def head_major_rows(self, num_kv_heads: int) -> torch.Tensor:
         if self.decode_head_rows is None:
@@ -73,6 +85,23 @@ class AttentionMetadata:
             rows = self.decode_gather_index[:, None, :] * num_kv_heads + heads[None, :, None]
             self.decode_head_rows = rows.reshape(-1)
         return self.decode_head_rows
+
+    def relative_positions(self) -> torch.Tensor:
+        if self.decode_relative_pos is None:
+            width = self.decode_gather_index.shape[1]
+            positions = torch.arange(width, device=self.decode_gather_index.device)
+            self.decode_relative_pos = positions[None, :] - (self.decode_context_lens[:, None] - 1)
+        return self.decode_relative_pos
+
+    def gather_mask(self, window: int | None) -> torch.Tensor:
+        """The gather backend's mask [B, 1, 1, L]: the real context, cut to the last `window` keys."""
+        if window is None:
+            return self.decode_mask
+        mask = self.decode_window_masks.get(window)
+        if mask is None:
+            mask = self.decode_mask & (self.relative_positions() > -window).view(self.decode_mask.shape)
+            self.decode_window_masks[window] = mask
+        return mask
 
 
 def set_decode_metadata(meta: AttentionMetadata, backend: str, tables: torch.Tensor, lens: torch.Tensor,
@@ -93,6 +122,7 @@ def set_decode_metadata(meta: AttentionMetadata, backend: str, tables: torch.Ten
         offsets = torch.arange(block_size, device=device)
         meta.decode_gather_index = (tables[:, :, None] * block_size + offsets).view(num_rows, -1)[:, :max_len]
         meta.decode_mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None]).view(num_rows, 1, 1, max_len)
+        meta.decode_context_lens = lens
         return
     cu_lens = torch.zeros(num_rows + 1, dtype=torch.int32, device=device)
     cu_lens[1:] = lens.cumsum(0)
@@ -119,14 +149,15 @@ def flash_attention_usable(device: torch.device, dtype: torch.dtype, head_dim: i
     return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def choose_decode_backend(device: torch.device, dtype: torch.dtype, head_dim: int,
-                          block_size: int) -> tuple[str, bool]:
+def choose_decode_backend(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int,
+                          score_mods: bool = False) -> tuple[str, bool]:
     """(decode backend, whether it runs through FlashAttention); GENSERVE_DECODE_ATTENTION overrides.
 
     CPU: the native kernel when it builds, else gather (varlen's per-row SDPA is about as fast on CPU).
     CUDA: FlashAttention in place when the block size allows, else over packed contexts; gather
-    without FlashAttention (float32, older GPUs)."""
-    flash = flash_attention_usable(device, dtype, head_dim)
+    without FlashAttention (float32, older GPUs). `score_mods`: some layer soft-caps its scores or adds
+    ALiBi, which FlashAttention cannot do, so it is never chosen."""
+    flash = flash_attention_usable(device, dtype, head_dim) and not score_mods
     in_place = flash and block_size % FLASH_PAGE_MULTIPLE == 0
     kernel = device.type == "cpu" and head_dim in kernels.SUPPORTED_HEAD_DIMS
     wanted = os.environ.get("GENSERVE_DECODE_ATTENTION", "auto")
@@ -140,10 +171,39 @@ def choose_decode_backend(device: torch.device, dtype: torch.dtype, head_dim: in
     if wanted == "kernel" and not (kernel and kernels.load_cpu_kernels()):
         raise ValueError("GENSERVE_DECODE_ATTENTION=kernel needs a CPU device, a head_dim of "
                          f"{SUPPORTED_HEAD_DIMS_TEXT} and a C++ compiler to build the kernel")
+    if wanted == "flash_paged" and score_mods:
+        raise ValueError("GENSERVE_DECODE_ATTENTION=flash_paged cannot serve this model: FlashAttention has no "
+                         "attention logit soft-capping or ALiBi; use kernel (CPU), gather or varlen")
     if wanted == "flash_paged" and not in_place:
         raise ValueError("GENSERVE_DECODE_ATTENTION=flash_paged needs FlashAttention (CUDA sm80+, fp16/bf16) and "
                          f"a --block-size that is a multiple of {FLASH_PAGE_MULTIPLE}")
     return wanted, flash and wanted in ("varlen", "flash_paged")
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, visible: torch.Tensor | None,
+           bias: torch.Tensor | None = None, softcap: float | None = None, is_causal: bool = False) -> torch.Tensor:
+    """SDPA over 4-D [N, heads, len, D] inputs (keys may have fewer heads: grouped query attention).
+
+    visible: bool, True where a key counts; bias: added to the scores (ALiBi); softcap: c * tanh(s / c)
+    on the scores before either, which SDPA cannot do, so that case runs matmul + softmax."""
+    group = q.shape[1] // keys.shape[1]
+    if softcap is None:
+        mask = visible
+        if bias is not None:
+            mask = bias.to(q.dtype) if visible is None else bias.to(q.dtype).masked_fill(~visible, float("-inf"))
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=group > 1)
+    if group > 1:
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
+    if is_causal:
+        visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), values)
 
 
 _context: AttentionMetadata | None = None
@@ -165,16 +225,37 @@ def get_forward_context() -> AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """Attention over this rank's heads; the runner attaches `k_cache`/`v_cache` [slots, kv_heads, head_dim]."""
+    """Attention over this rank's heads; the runner attaches `k_cache`/`v_cache` [slots, kv_heads, head_dim].
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    sliding_window: keys at positions (p - w, p] for a query at p (None: every earlier key);
+    logit_softcap: scores = c * tanh(scores / c); alibi_slopes: [num_heads] slopes of this rank's heads."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logit_softcap: float | None = None,
+                 alibi_slopes: torch.Tensor | None = None) -> None:
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive number of tokens, got {sliding_window}")
+        if logit_softcap is not None and logit_softcap <= 0:
+            raise ValueError(f"logit_softcap must be positive, got {logit_softcap}")
+        if alibi_slopes is not None and tuple(alibi_slopes.shape) != (num_heads,):
+            raise ValueError(f"alibi_slopes must hold one slope per head ({num_heads}), got {tuple(alibi_slopes.shape)}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
+        self.alibi_slopes: torch.Tensor | None
+        # not a parameter: computed from the config, never in a checkpoint
+        self.register_buffer("alibi_slopes", None if alibi_slopes is None else alibi_slopes.float(), persistent=False)
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+
+    @property
+    def has_score_mods(self) -> bool:
+        """Soft-capping or ALiBi: changes to the scores FlashAttention cannot make."""
+        return self.logit_softcap is not None or self.alibi_slopes is not None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H*D]; k, v: [T, KVH*D] -> [T, H*D]
@@ -200,38 +281,62 @@ class Attention(nn.Module):
                                            meta.prefill_gather_index[i])
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
+    def _flash_window(self) -> tuple[int, int]:
+        return (-1, 0) if self.sliding_window is None else (self.sliding_window - 1, 0)
+
+    def _refuse_flash(self, what: str) -> None:
+        if self.has_score_mods:
+            raise RuntimeError(f"{what} through FlashAttention cannot apply logit soft-capping or ALiBi; "
+                               "the runner must pick another attention path for this model")
+
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         backend = meta.decode_backend or ("kernel" if meta.decode_block_tables is not None else "gather")
         if backend == "kernel":
             return kernels.paged_decode_attention(q.contiguous(), self.k_cache, self.v_cache,
                                                   meta.decode_block_tables, meta.decode_context_lens,
-                                                  meta.block_size, self.scale)
+                                                  meta.block_size, self.scale, self.sliding_window,
+                                                  self.logit_softcap, self.alibi_slopes)
         if backend == "flash_paged":
+            self._refuse_flash("decode")
             pages = self.k_cache.shape[0] // meta.block_size
             shape = (pages, meta.block_size, self.num_kv_heads, self.head_dim)
             return varlen_attn(q, self.k_cache.view(shape), self.v_cache.view(shape), meta.decode_cu_queries,
                                meta.decode_cu_lens, 1, meta.decode_max_len, scale=self.scale, enable_gqa=True,
-                               seqused_k=meta.decode_context_lens, block_table=meta.decode_block_tables)
+                               window_size=self._decode_flash_window(), seqused_k=meta.decode_context_lens,
+                               block_table=meta.decode_block_tables)
         if backend == "varlen":
             keys = self.k_cache.index_select(0, meta.decode_slots)  # [S, KVH, D], no padding
             values = self.v_cache.index_select(0, meta.decode_slots)
             if meta.decode_flash:
+                self._refuse_flash("decode")
                 return varlen_attn(q, keys, values, meta.decode_cu_queries, meta.decode_cu_lens, 1,
-                                   meta.decode_max_len, scale=self.scale, enable_gqa=True)
+                                   meta.decode_max_len, scale=self.scale, enable_gqa=True,
+                                   window_size=self._decode_flash_window())
             return self._packed_decode(q, keys, values, meta.decode_host_cu_lens)
         return self._gather_decode(q, meta)
+
+    def _decode_flash_window(self) -> tuple[int, int]:
+        # one query per row: without a window every key counts
+        return (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
 
     def _packed_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        cu_lens: list[int]) -> torch.Tensor:
         """What FlashAttention's varlen kernel computes, one SDPA call per row over its slice of the packed
         contexts: q [B, H, D]; keys, values [S, KVH, D] -> [B, H, D]."""
-        shape = (1, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        group = self.num_heads // self.num_kv_heads
+        shape = (1, self.num_kv_heads, group, self.head_dim)  # a KV group's heads as the query length
         out = torch.empty_like(q)
         for b in range(q.shape[0]):
             start, end = cu_lens[b], cu_lens[b + 1]
-            out[b] = F.scaled_dot_product_attention(q[b].view(shape), keys[start:end].transpose(0, 1)[None],
-                                                    values[start:end].transpose(0, 1)[None],
-                                                    scale=self.scale).view(self.num_heads, self.head_dim)
+            if self.sliding_window is not None:
+                start = max(start, end - self.sliding_window)
+            bias = None
+            if self.alibi_slopes is not None:
+                relative = torch.arange(start - end + 1, 1, device=q.device)
+                bias = (self.alibi_slopes[:, None] * relative[None, :]).view(1, self.num_kv_heads, group, -1)
+            out[b] = attend(q[b].view(shape), keys[start:end].transpose(0, 1)[None],
+                            values[start:end].transpose(0, 1)[None], self.scale, None, bias,
+                            self.logit_softcap).view(self.num_heads, self.head_dim)
         return out
 
     def _gather_decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -246,34 +351,50 @@ class Attention(nn.Module):
         # a KV group's query heads act as SDPA's query length: one fused kernel, no KV-head expansion
         # (27% faster on CPU than matmul + softmax + matmul, which beat SDPA with enable_gqa)
         qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=meta.decode_mask, scale=self.scale)
+        mask = meta.gather_mask(self.sliding_window)
+        bias = None
+        if self.alibi_slopes is not None:  # [B, KVH, G, L]: query head kvh * G + g
+            slopes = self.alibi_slopes.view(1, self.num_kv_heads, group, 1)
+            bias = slopes * meta.relative_positions()[:, None, None, :]
+        out = attend(qg, keys, values, self.scale, mask, bias, self.logit_softcap)
         return out.reshape(batch, self.num_heads, self.head_dim)
 
     def _flash_prefill(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Every prefill chunk in one FlashAttention call over the chunks' whole contexts, packed (the new
         tokens' K/V are in the cache already); causal aligns each chunk's queries to the end of its context."""
+        self._refuse_flash("prefill")
         keys = self.k_cache.index_select(0, meta.prefill_slots)
         values = self.v_cache.index_select(0, meta.prefill_slots)
         starts = meta.prefill_starts
         max_query = max(starts[i + 1] - starts[i] for i in range(len(starts) - 1))
         return varlen_attn(q, keys, values, meta.prefill_cu_queries, meta.prefill_cu_lens, max_query,
-                           max(meta.prefill_context_lens), scale=self.scale, window_size=(-1, 0), enable_gqa=True)
+                           max(meta.prefill_context_lens), scale=self.scale, window_size=self._flash_window(),
+                           enable_gqa=True)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int,
                  gather_index: torch.Tensor | None) -> torch.Tensor:
         num_new = q.shape[0]
+        window = self.sliding_window
+        first_key = 0 if window is None else max(0, ctx_len - num_new - window + 1)  # older keys are out of reach
         if gather_index is None:
-            keys, values, mask, causal = k, v, None, True
+            keys, values = k, v
         else:
+            gather_index = gather_index[first_key:]
             keys, values = self.k_cache.index_select(0, gather_index), self.v_cache.index_select(0, gather_index)
-            # query j sits at position ctx_len - num_new + j and sees keys up to there
+        mask, bias, causal = None, None, False
+        if gather_index is None and window is None and not self.has_score_mods:
+            causal = True
+        else:
+            # query j sits at position ctx_len - num_new + j and sees keys up to there (and within the window)
             query_pos = torch.arange(ctx_len - num_new, ctx_len, device=q.device)
-            mask = torch.arange(ctx_len, device=q.device)[None, :] <= query_pos[:, None]
-            causal = False
+            key_pos = torch.arange(ctx_len - keys.shape[0], ctx_len, device=q.device)
+            relative = key_pos[None, :] - query_pos[:, None]  # [Q, L]
+            mask = relative <= 0
+            if window is not None:
+                mask &= relative > -window
+            if self.alibi_slopes is not None:
+                bias = self.alibi_slopes[None, :, None, None] * relative
         # 4-D inputs: with 3-D ones CPU SDPA falls back to the math kernel (S x S scores, 3-4x slower)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-            attn_mask=mask, is_causal=causal, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+        out = attend(q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                     self.scale, mask, bias, self.logit_softcap, is_causal=causal)
         return out[0].transpose(0, 1)
