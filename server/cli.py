@@ -34,12 +34,16 @@ ENGINE_HELP = {
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "num_threads": "CPU threads for torch",
     "use_transformers_fallback": "run the model with transformers instead of genserve's own implementation",
+    "trust_remote_code": "run the checkpoint's own Python code (`auto_map` in its config) through transformers",
     "disable_grammar_support": "reject `grammar` (TGI) and JSON `response_format` (OpenAI) with 422",
     "load_format": "auto or safetensors: read the weights; dummy: random weights, the model folder needs only "
                    "config.json and a tokenizer (benchmarks of a model's shape without its weights)",
     "speculate": "n-gram (prompt-lookup) draft tokens verified per decode step of greedy requests; 0 = off",
     "cuda_graphs": "decode batch sizes captured as CUDA graphs (steps padded up to the next one); 0 = off; "
                    "default 1,2,4,8,16,32 on CUDA, ignored without CUDA",
+    "rope_scaling": "linear: scale rotary positions by --rope-factor (dynamic is refused: see docs/api.md)",
+    "rope_factor": "rotary position scaling factor (alone: linear); the accepted context grows by it",
+    "tokenizer_config_path": "a tokenizer_config.json whose chat_template replaces the model's",
 }
 ENGINE_ALIASES = {"max_input_tokens": ["--max-input-length"]}
 
@@ -84,9 +88,11 @@ def _add_server_flags(group: argparse._ArgumentGroup) -> None:
                            help=help_text + (f" [env: {env}]" if env else "")
                            + (f" (default: {default})" if default is not None else ""))
 
-    add("--port", 8080, int, "port to listen on")
-    # HOSTNAME is not read: shells and Kubernetes export it as the machine's own name
-    add("--hostname", "0.0.0.0", str, "address to bind", env=None)
+    group.add_argument("-p", "--port", type=int, default=_env("PORT", 8080), metavar="PORT",
+                       help="port to listen on [env: PORT] (default: 8080)")
+    # TGI reads HOSTNAME, which shells and Kubernetes set to the machine's own name: see resolve_hostname
+    add("--hostname", None, str, "address to bind (default: HOSTNAME when it is an IP address, else 0.0.0.0)",
+        env=None)
     add("--max-concurrent-requests", 128, int, "requests in flight before new ones get 429 `overloaded`")
     add("--max-client-batch-size", 4, int, "most prompts in one /v1/completions request")
     add("--validation-workers", 2, int, "reported in /info (tokenisation runs on the event loop)")
@@ -95,6 +101,9 @@ def _add_server_flags(group: argparse._ArgumentGroup) -> None:
     add("--cors-allow-origin", None, str, "comma-separated allowed CORS origins; default any")
     add("--graceful-termination-timeout", 90, int, "seconds to let in-flight requests finish after SIGTERM")
     add("--huggingface-hub-cache", None, str, "where Hub downloads go (HF_HUB_CACHE)")
+    add("--prometheus-port", None, int, "also serve /metrics on this port (TGI's separate metrics listener)")
+    add("--otlp-endpoint", None, str, "send OpenTelemetry traces (OTLP over HTTP) to this collector URL")
+    add("--otlp-service-name", "genserve", str, "service.name of the traces")
     group.add_argument("--json-output", action=argparse.BooleanOptionalAction, default=_bool(_env("JSON_OUTPUT", False)),
                        help="one JSON object per log line, one line per request with its timings [env: JSON_OUTPUT]")
 
@@ -113,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_engine_flags(serve.add_argument_group("model and engine"))
     _add_server_flags(serve.add_argument_group("HTTP server"))
+    from genserve.server.launcher_flags import add_launcher_flags
+
+    add_launcher_flags(serve.add_argument_group("TGI launcher compatibility"))
     operator = sub.add_parser("operator", help="run the Kubernetes operator (kopf run -m genserve.operator.main ...)",
                               add_help=False)
     operator.add_argument("kopf_args", nargs=argparse.REMAINDER, help="passed on to `kopf run`")
@@ -130,8 +142,10 @@ def server_settings(args: argparse.Namespace):
     from genserve.server.api.settings import ServerSettings
 
     origins = [o.strip() for o in (args.cors_allow_origin or "").split(",") if o.strip()]
+    from genserve.server.launcher_flags import resolve_hostname
+
     return ServerSettings(
-        hostname=args.hostname,
+        hostname=resolve_hostname(args.hostname),
         port=args.port,
         max_concurrent_requests=args.max_concurrent_requests,
         max_client_batch_size=args.max_client_batch_size,
@@ -155,6 +169,12 @@ def serve(args: argparse.Namespace) -> int:
     from genserve.server.logging_setup import configure_logging
 
     configure_logging(args.json_output)
+    from genserve.server.launcher_flags import apply_launcher_flags
+
+    try:
+        apply_launcher_flags(args)
+    except ValueError as exc:
+        raise SystemExit(f"genserve serve: error: {exc}") from None
     if args.huggingface_hub_cache:
         os.environ["HF_HUB_CACHE"] = args.huggingface_hub_cache
     from genserve.server.async_engine import AsyncEngine
@@ -169,6 +189,14 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a flag the model or machine cannot honour: one line, not a traceback
         raise SystemExit(f"genserve serve: error: {exc}") from None
     app = create_app(engine, settings)
+    if args.prometheus_port:
+        from genserve.server.metrics import serve_metrics
+
+        serve_metrics(app.state.metrics, settings.hostname, args.prometheus_port)
+    if args.otlp_endpoint:
+        from genserve.server.tracing import configure_tracing
+
+        configure_tracing(args.otlp_endpoint, args.otlp_service_name)
     logging.getLogger(__name__).info("serving %s on http://%s:%d", engine.model_id, settings.hostname, settings.port)
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal: exit 0 after a clean drain
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

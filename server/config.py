@@ -46,6 +46,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None
     use_transformers_fallback: bool = False
+    # transformers' trust_remote_code: run a checkpoint's own modelling code (its config's `auto_map`)
+    trust_remote_code: bool = False
     # TGI's flag: refuse `grammar` / `response_format` instead of constraining decoding
     disable_grammar_support: bool = False
     # vLLM's --load-format: "dummy" fills the weights at random (the folder needs only config + tokenizer)
@@ -54,8 +56,16 @@ class EngineConfig:
     speculate: int = 0
     # TGI's --cuda-graphs: decode batch sizes captured as CUDA graphs (None: 1,2,4,8,16,32 on CUDA; "0": off)
     cuda_graphs: str | None = None
+    # TGI's --rope-scaling / --rope-factor: linear position scaling over the checkpoint's context
+    rope_scaling: str | None = None
+    rope_factor: float | None = None
+    # TGI's --tokenizer-config-path: a tokenizer_config.json whose chat_template replaces the model's
+    tokenizer_config_path: str | None = None
 
     def __post_init__(self) -> None:
+        from genserve.server.model_overrides import validate_rope_flags
+
+        validate_rope_flags(self.rope_scaling, self.rope_factor)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"`--load-format` must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         if self.speculate < 0:

@@ -70,6 +70,7 @@ class LLMEngine:
         from transformers import AutoConfig, AutoTokenizer
 
         from genserve.server.model_files import resolve_model
+        from genserve.server.model_overrides import apply_rope_flags, apply_tokenizer_config
         from genserve.server.model_runner import configure_threads, resolve_device, resolve_dtype
 
         self.config = config
@@ -77,8 +78,10 @@ class LLMEngine:
         self.model_dir = resolve_model(config.model_id, config.revision)
         self.model_id = config.model_id or "HuggingFaceTB/SmolLM2-135M-Instruct"
         hf_config = AutoConfig.from_pretrained(self.model_dir)
+        apply_rope_flags(hf_config, config.rope_scaling, config.rope_factor)
         self.hf_config = hf_config
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        apply_tokenizer_config(self.tokenizer, config.tokenizer_config_path)
         config.resolve_limits(getattr(hf_config, "max_position_embeddings", 4096))
         self.device = resolve_device(config.device)
         self.torch_dtype = resolve_dtype(config.dtype, hf_config, self.device)

@@ -15,10 +15,11 @@ def test_serve_defaults(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOSTNAME", "pod-abc")  # exported by shells and Kubernetes; must not be the bind address
     args = cli.build_parser().parse_args(["serve"])
-    assert args.port == 8080 and args.hostname == "0.0.0.0" and args.model_id is None
+    assert args.port == 8080 and args.model_id is None
     assert args.max_concurrent_requests == 128 and args.payload_limit == 2_000_000
     assert args.graceful_termination_timeout == 90 and args.json_output is False
     settings = cli.server_settings(args)
+    assert settings.hostname == "0.0.0.0"
     assert settings.max_concurrent_requests == 128 and settings.api_key is None and settings.cors_allow_origin == []
     config = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
     assert config == EngineConfig()
