@@ -34,3 +34,38 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         residual = residual.add_(x)
         return self._norm(residual), residual
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the checkpoint stores w - 1, the weight is (1 + w), and the product is taken in float32
+    before casting back (Llama casts first); `forward(x, residual)` adds as RMSNorm does."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        self.weight.data.zero_()
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self._norm(x)
+        residual = residual.add_(x)
+        return self._norm(residual), residual
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with a bias (GPT-2, GPT-NeoX, BLOOM); `forward(x, residual)` adds as RMSNorm does."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        residual = residual.add_(x)
+        return F.layer_norm(residual, (x.shape[-1],), self.weight, self.bias, self.eps), residual

@@ -14,6 +14,7 @@ from torch import nn
 def rope_parameters(config) -> dict:
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     params.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
     return params
 
@@ -58,9 +59,11 @@ def _yarn_inv_freq(dim: int, base: float, params: dict, max_positions: int) -> t
     return inv_freq, attention_factor
 
 
-def compute_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
-    """-> (inv_freq [rotary_dim / 2] float32, attention scaling applied to cos/sin)."""
-    params = rope_parameters(config)
+def compute_inv_freq(config, head_dim: int, params: dict | None = None) -> tuple[torch.Tensor, float]:
+    """-> (inv_freq [rotary_dim / 2] float32, attention scaling applied to cos/sin).
+
+    params: one layer type's rope parameters (Gemma 3 keeps one set per layer type); the config's by default."""
+    params = normalized_params(params) if params is not None else rope_parameters(config)
     rope_type, base = params["rope_type"], float(params["rope_theta"])
     dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
     max_positions = config.max_position_embeddings
@@ -72,20 +75,54 @@ def compute_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
     elif rope_type == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, params, max_positions)
     # "dynamic" NTK equals the default inside max_position_embeddings, the only positions we cache
+    elif rope_type in ("longrope", "su"):
+        raise ValueError(f"rope_type {rope_type!r} has a short and a long set of frequencies: see longrope_freqs")
     elif rope_type not in ("default", "dynamic"):
         raise ValueError(f"rope_type {rope_type!r} is not supported")
     return inv_freq, 1.0
 
 
+def normalized_params(params: dict) -> dict:
+    params = dict(params)
+    params.setdefault("rope_theta", 10000.0)
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def longrope_freqs(config, head_dim: int, params: dict, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE ("su"): per-frequency divisors, the short set inside the pretraining length and the long
+    set beyond it -> (angles [positions, rotary_dim / 2], attention scaling).
+
+    Chosen per position: transformers switches every position of a sequence to the long set once the sequence
+    outgrows original_max_position_embeddings (re-rotating the prompt); inside that length the two agree."""
+    base = float(params["rope_theta"])
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    original = params.get("original_max_position_embeddings") or config.original_max_position_embeddings
+    factor = params.get("factor") or config.max_position_embeddings / original
+    scaling = params.get("attention_factor")
+    if scaling is None:
+        scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    short = 1.0 / (torch.tensor(params["short_factor"], dtype=torch.float32) * base**exponents)
+    long = 1.0 / (torch.tensor(params["long_factor"], dtype=torch.float32) * base**exponents)
+    is_long = (positions >= original)[:, None]
+    return positions.float()[:, None] * torch.where(is_long, long, short), scaling
+
+
 class RotaryEmbedding(nn.Module):
     """Rotates q and k in place by each token's position; cos/sin cached for max_position_embeddings."""
 
-    def __init__(self, config, head_dim: int, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, config, head_dim: int, dtype: torch.dtype | None = None, params: dict | None = None) -> None:
         super().__init__()
-        inv_freq, scaling = compute_inv_freq(config, head_dim)
+        params = normalized_params(params) if params is not None else rope_parameters(config)
+        positions = torch.arange(config.max_position_embeddings)
+        if params["rope_type"] in ("longrope", "su"):
+            freqs, scaling = longrope_freqs(config, head_dim, params, positions)
+        else:
+            inv_freq, scaling = compute_inv_freq(config, head_dim, params)
+            freqs = torch.outer(positions.float(), inv_freq)
         self.head_dim = head_dim
-        self.rotary_dim = 2 * inv_freq.shape[0]
-        freqs = torch.outer(torch.arange(config.max_position_embeddings, dtype=torch.float), inv_freq)
+        self.rotary_dim = 2 * freqs.shape[1]
         cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * scaling
         # HF casts cos/sin to the activation dtype before rotating; so do we, once
         self.register_buffer("cos_sin_cache", cos_sin.to(dtype or torch.get_default_dtype()), persistent=False)

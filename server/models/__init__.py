@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from genserve.server.models import qwen3
 from genserve.server.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    **qwen3.ARCHITECTURES,
 }
 
 

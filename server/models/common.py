@@ -1,0 +1,79 @@
+"""Pieces every decoder-only family shares: the paged attention it builds, the window of each layer, and the
+causal-LM shell (model dtype, vocab-parallel LM head, tied embeddings, final logit soft-capping)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from genserve.server.distributed import get_tp_size
+from genserve.server.layers.attention import Attention
+from genserve.server.layers.embedding import ParallelLMHead
+from genserve.server.models.llama import config_dtype, default_dtype
+
+
+def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, *,
+                    sliding_window: int | None = None, logit_softcap: float | None = None,
+                    alibi_slopes: torch.Tensor | None = None) -> Attention:
+    options = {"sliding_window": sliding_window, "logit_softcap": logit_softcap, "alibi_slopes": alibi_slopes}
+    # only the options a layer uses, so a layer without them builds on any Attention
+    return Attention(num_heads, num_kv_heads, head_dim, scale, **{k: v for k, v in options.items() if v is not None})
+
+
+def layer_sliding_window(config, layer_idx: int) -> int | None:
+    """The window of layer `layer_idx`: per `layer_types` where the config has them, else the config's one
+    window on every layer (None: full attention)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+class CausalLM(nn.Module):
+    """A body (`body_name`, built by `build_body`) whose `embedding()` feeds it, and an LM head (`head_name`).
+
+    Subclasses name the attributes after the checkpoint (model/lm_head, transformer/lm_head, gpt_neox/embed_out)
+    so checkpoint names need no renaming."""
+
+    body_name = "model"
+    head_name = "lm_head"
+    packed_modules_mapping: dict = {}
+
+    def __init__(self, config, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype or config_dtype(config)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.tp_size = get_tp_size()
+        self.final_logit_softcap = getattr(config, "final_logit_softcapping", None)
+        with default_dtype(self.dtype):
+            setattr(self, self.body_name, self.build_body(config))
+            setattr(self, self.head_name, ParallelLMHead(config.vocab_size, config.hidden_size))
+        if self.tie_word_embeddings:
+            self.head.weight = self.body.embedding().weight
+
+    def build_body(self, config) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def body(self) -> nn.Module:
+        return getattr(self, self.body_name)
+
+    @property
+    def head(self) -> ParallelLMHead:
+        return getattr(self, self.head_name)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T] for all sequences' new tokens, flat -> hidden [T, hidden]."""
+        return self.body(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] rows that need a next token -> logits [N, vocab] in the model dtype."""
+        return softcap(self.head(hidden), self.final_logit_softcap)
