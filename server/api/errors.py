@@ -6,8 +6,10 @@ import json
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from genserve.server.api.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected
 
 
 class APIError(Exception):
@@ -83,7 +85,12 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     )
 
 
+async def _client_gone(_: Request, __: ClientDisconnected) -> Response:
+    return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it: the connection is closed
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ClientDisconnected, _client_gone)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from genserve.server.api.disconnect import ClientDisconnected
 from genserve.server.api.errors import APIError, generation_error, overloaded, validation_error
 from genserve.server.api.protocol import unknown_fields
 from genserve.server.api.settings import ServerSettings
@@ -211,7 +212,7 @@ class GenerationService:
         except APIError as e:
             self.fail(record, e)
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ClientDisconnected):
             self.fail(record, None)
             raise
         except Exception as e:

@@ -10,6 +10,7 @@ from dataclasses import replace
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from genserve.server.api.disconnect import unless_disconnected
 from genserve.server.api.errors import APIError, not_supported, validation_error
 from genserve.server.api.generation import GenerationService, Job, RequestRecord, SequenceResult, derive_seeds
 from genserve.server.api.protocol import (
@@ -214,9 +215,9 @@ async def _prepared(request: Request, route: str, body, prepare) -> tuple[Genera
     return svc, record, jobs, extra
 
 
-async def _finish(svc: GenerationService, record: RequestRecord, jobs: list[Job]) -> list[SequenceResult]:
+async def _finish(request: Request, svc: GenerationService, record: RequestRecord, jobs: list[Job]) -> list[SequenceResult]:
     with svc.guard(record):
-        results = await svc.run_many(record, jobs)
+        results = await unless_disconnected(request.receive, svc.run_many(record, jobs))
     record.num_generated_tokens = sum(r.num_generated_tokens for r in results)
     record.finish_reason = results[0].finish_reason
     svc.succeed(record)
@@ -248,7 +249,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                              calls))
         return SSEResponse(events, headers={"x-compute-type": svc.compute_type, "x-request-id": record.request_id},
                            on_close=lambda: svc.fail(record, None))
-    results = await _finish(svc, record, jobs)
+    results = await _finish(request, svc, record, jobs)
     return JSONResponse({
         **_envelope(svc, "chat.completion", rid, created),
         "choices": [_chat_choice(i, r, calls, chat_logprobs(r.tokens, top_n) if body.logprobs else None)
@@ -384,7 +385,7 @@ async def completions(body: CompletionRequest, request: Request):
                                 _completion_events(svc, record, jobs, envelope, body, prompts, n, include_usage))
         return SSEResponse(events, headers={"x-compute-type": svc.compute_type, "x-request-id": record.request_id},
                            on_close=lambda: svc.fail(record, None))
-    results = await _finish(svc, record, jobs)
+    results = await _finish(request, svc, record, jobs)
     choices = []
     for i, r in enumerate(results):
         prompt_text, prompt_ids = prompts[i // n]

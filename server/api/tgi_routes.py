@@ -8,6 +8,7 @@ from dataclasses import replace
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from genserve.server.api.disconnect import unless_disconnected
 from genserve.server.api.errors import APIError, incomplete_generation, validation_error
 from genserve.server.api.generation import (
     GenerationService,
@@ -168,7 +169,7 @@ async def _generate(request: Request, req: GenerateRequest, route: str) -> tuple
         await svc.wait_ready()
         ids, params, best_of = await prepare(svc, record, req, stream=False)
         jobs = [Job(ids, params if best_of == 1 else replace(params, seed=None)) for _ in range(best_of)]
-        results = await svc.run_many(record, jobs)
+        results = await unless_disconnected(request.receive, svc.run_many(record, jobs))
     best = max(results, key=lambda s: s.mean_logprob) if best_of > 1 else results[0]
     record.num_generated_tokens = best.num_generated_tokens
     record.finish_reason = best.finish_reason
@@ -318,6 +319,7 @@ def info_json(request: Request) -> dict:
         sha=s.sha,
         docker_label=s.docker_label,
         load_format=cfg.load_format,
+        model_path_kind=getattr(engine, "model_path_kind", None),
     ).model_dump()
 
 
