@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genserve.server.models import qwen3
+from genserve.server.models import gemma2, gemma3, qwen3
 from genserve.server.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type] = {
@@ -10,6 +10,8 @@ MODEL_REGISTRY: dict[str, type] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     **qwen3.ARCHITECTURES,
+    **gemma2.ARCHITECTURES,
+    **gemma3.ARCHITECTURES,
 }
 
 
