@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from genserve.server.api import openai_routes, tgi_routes
+from genserve.server.api import openai_routes, platform_routes, tgi_routes, tokenize_routes
 from genserve.server.api.errors import APIError, install_error_handlers
 from genserve.server.api.generation import GenerationService
 from genserve.server.api.settings import ServerSettings, server_version
@@ -129,6 +129,8 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(tgi_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(platform_routes.router)
+    app.include_router(tokenize_routes.router)
 
     @app.get("/api-doc/openapi.json", include_in_schema=False)
     async def tgi_openapi() -> JSONResponse:

@@ -135,7 +135,30 @@ def _message_text(m: ChatMessage) -> str | None:
     return "\n".join(parts)
 
 
-def chat_prompt(svc: GenerationService, body: ChatCompletionRequest, plan: ToolPlan | None = None) -> str:
+# apply_chat_template's own arguments: chat_template_kwargs may not set them
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tokenize", "add_generation_prompt",
+                                      "continue_final_message", "chat_template", "return_dict", "tools",
+                                      "documents", "tokenizer_kwargs", "return_assistant_tokens_mask"})
+
+
+def chat_template_options(body) -> dict:
+    """vLLM's add_generation_prompt / continue_final_message / chat_template_kwargs, checked."""
+    if body.continue_final_message and body.add_generation_prompt:
+        raise validation_error("Cannot set both `continue_final_message` and `add_generation_prompt` to true; "
+                               "set `add_generation_prompt` to false to continue the final message")
+    if body.continue_final_message and body.messages[-1].role != "assistant":
+        raise validation_error("`continue_final_message` needs the last message to be the assistant's")
+    extra = dict(body.chat_template_kwargs or {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(extra))
+    if reserved:
+        raise validation_error(f"`chat_template_kwargs` cannot set {', '.join(reserved)}")
+    return {"add_generation_prompt": body.add_generation_prompt,
+            "continue_final_message": body.continue_final_message, **extra}
+
+
+def chat_prompt(svc: GenerationService, body, plan: ToolPlan | None = None) -> str:
+    """The prompt text of a chat body (a ChatCompletionRequest or TokenizeChatRequest)."""
+    options = chat_template_options(body)
     template = svc.tokenizer.chat_template if isinstance(svc.tokenizer.chat_template, str) else ""
     messages = []
     for m in body.messages:
@@ -148,7 +171,7 @@ def chat_prompt(svc: GenerationService, body: ChatCompletionRequest, plan: ToolP
     if plan is not None:
         messages, kwargs = tool_messages(messages, plan, body.tool_prompt, template)
     try:
-        return svc.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        return svc.tokenizer.apply_chat_template(messages, tokenize=False, **options, **kwargs)
     except Exception as e:  # jinja2 errors, raise_exception() in templates, missing template
         raise APIError(422, f"Template error: {e}", "template_error") from None
 
@@ -445,7 +468,9 @@ async def models(request: Request) -> JSONResponse:
     """The one served model."""
     svc = service(request)
     return JSONResponse({"object": "list", "data": [
-        {"id": str(svc.engine.model_id), "object": "model", "created": request.app.state.created, "owned_by": "genserve"}
+        # as TGI: the model id is its owner
+        {"id": str(svc.engine.model_id), "object": "model", "created": request.app.state.created,
+         "owned_by": str(svc.engine.model_id)}
     ]})
 
 

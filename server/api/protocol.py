@@ -149,6 +149,7 @@ class Info(BaseModel):
     sha: str | None = None
     docker_label: str | None = None
     load_format: str = "auto"  # genserve's: "dummy" when the weights are random (--load-format dummy)
+    model_path_kind: str | None = None  # genserve's: "native" or "transformers" (the fallback) serves the model
 
 
 # ---- OpenAI ------------------------------------------------------------------------------------
@@ -207,15 +208,23 @@ class _SamplingFields(_Strict):
                           "`json` / `regex` ({value}); on /v1/completions an extension, as in vLLM")
 
 
-class ChatCompletionRequest(_SamplingFields):
+class _ChatTemplateFields(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Any] | None = Field(None, description="OpenAI function tools; the call is held to their schemas")
+    tool_choice: Any = None
+    tool_prompt: str | None = None
+    add_generation_prompt: bool = Field(True, description="Extension (vLLM): end the prompt with the assistant's turn")
+    continue_final_message: bool = Field(
+        False, description="Extension (vLLM): continue the last (assistant) message instead of opening a new turn")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extension (vLLM): extra variables for the chat template")
+
+
+class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    tools: list[Any] | None = Field(None, description="OpenAI function tools; the call is held to their schemas")
-    tool_choice: Any = None
-    tool_prompt: str | None = None
     parallel_tool_calls: bool | None = None
 
 
@@ -226,6 +235,29 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
+
+
+class TokenizeChatRequest(_ChatTemplateFields):
+    """vLLM's /v1/tokenize with `messages`: the chat template rendered, then tokenized."""
+
+    model: str | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeCompletionRequest(_Strict):
+    """vLLM's /v1/tokenize with `prompt`."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
 
 
 class Usage(BaseModel):

@@ -162,7 +162,7 @@ async def prepare(svc: GenerationService, record: RequestRecord, req: GenerateRe
     return ids, params, best_of
 
 
-async def _generate(request: Request, req: GenerateRequest, route: str) -> tuple[dict, dict[str, str]]:
+async def generate_json(request: Request, req: GenerateRequest, route: str) -> tuple[dict, dict[str, str]]:
     svc = service(request)
     record = svc.begin(route, request.headers.get("x-request-id"), req)
     with svc.guard(record):
@@ -243,7 +243,7 @@ async def _tgi_events(
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS, response_model_exclude_none=True)
 async def generate(req: GenerateRequest, request: Request) -> JSONResponse:
     """Generate text for `inputs`; `details` adds tokens, log-probabilities and the finish reason."""
-    body, headers = await _generate(request, req, "/generate")
+    body, headers = await generate_json(request, req, "/generate")
     return JSONResponse(body, headers=headers)
 
 
@@ -258,7 +258,7 @@ async def compat_generate(req: GenerateRequest, request: Request) -> Response:
     """`/generate` (answer wrapped in a list) or `/generate_stream` when `stream` is true."""
     if req.stream:
         return await _generate_stream(request, req, "/")
-    body, headers = await _generate(request, req, "/")
+    body, headers = await generate_json(request, req, "/")
     return JSONResponse([body], headers=headers)
 
 
