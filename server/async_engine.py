@@ -33,6 +33,7 @@ class AsyncEngine:
         self.model_dir = engine.model_dir
         self.dtype = engine.dtype
         self.device = engine.device.type
+        self.model_path_kind = engine.model_path_kind
         self.is_ready = False
         self.step_observers: list[Callable[[StepStats], None]] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

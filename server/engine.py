@@ -67,17 +67,18 @@ class _RequestState:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from genserve.server.model_files import resolve_model
         from genserve.server.model_overrides import apply_rope_flags, apply_tokenizer_config
         from genserve.server.model_runner import configure_threads, resolve_device, resolve_dtype
+        from genserve.server.models.hf_fallback import load_hf_config
 
         self.config = config
         configure_threads(config.num_threads)
         self.model_dir = resolve_model(config.model_id, config.revision)
         self.model_id = config.model_id or "HuggingFaceTB/SmolLM2-135M-Instruct"
-        hf_config = AutoConfig.from_pretrained(self.model_dir)
+        hf_config = load_hf_config(self.model_dir, config.trust_remote_code)  # one-line errors for bad configs
         apply_rope_flags(hf_config, config.rope_scaling, config.rope_factor)
         self.hf_config = hf_config
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -91,6 +92,8 @@ class LLMEngine:
         self.grammars = None if config.disable_grammar_support or not GrammarCompiler.available() \
             else GrammarCompiler(self.tokenizer)
         self.runner = self._make_runner(hf_config)
+        self.model_path_kind = getattr(self.runner, "model_path_kind", "native")  # /info: which path serves
+        logger.info("model path: %s (%s)", self.model_path_kind, getattr(hf_config, "architectures", None))
         # the fallback keeps K/V per request, so cached blocks elsewhere cannot stand in for them
         prefix_caching = config.enable_prefix_caching and self.runner.supports_prefix_caching
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, prefix_caching)
@@ -113,6 +116,10 @@ class LLMEngine:
 
     def _make_runner(self, hf_config):
         from genserve.server.models import get_model_class
+        from genserve.server.models.hf_fallback import check_safetensors_headers
+
+        if self.config.load_format != "dummy":
+            check_safetensors_headers(self.model_dir)  # before any worker or weight: a one-line error
 
         if self.config.use_transformers_fallback or get_model_class(getattr(hf_config, "architectures", None)) is None:
             from genserve.server.fallback_runner import FallbackRunner
