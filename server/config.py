@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 def parse_batch_sizes(spec: str) -> list[int]:
@@ -61,6 +62,8 @@ class EngineConfig:
     rope_factor: float | None = None
     # TGI's --tokenizer-config-path: a tokenizer_config.json whose chat_template replaces the model's
     tokenizer_config_path: str | None = None
+    # vLLM's --scheduling-policy: fcfs, or priority (waiting requests by their `priority`, lowest first)
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         from genserve.server.model_overrides import validate_rope_flags
@@ -68,6 +71,9 @@ class EngineConfig:
         validate_rope_flags(self.rope_scaling, self.rope_factor)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"`--load-format` must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"`--scheduling-policy` must be one of {', '.join(SCHEDULING_POLICIES)}; "
+                             f"got {self.scheduling_policy!r}")
         if self.speculate < 0:
             raise ValueError(f"`--speculate` must be >= 0; got {self.speculate}")
         if self.cuda_graphs is not None:

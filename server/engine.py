@@ -103,6 +103,7 @@ class LLMEngine:
                 max_batch_size=config.max_batch_size,
                 waiting_served_ratio=config.waiting_served_ratio,
                 max_waiting_tokens=config.max_waiting_tokens,
+                policy=config.scheduling_policy,
             ),
             self.kv_cache,
         )
@@ -181,6 +182,10 @@ class LLMEngine:
             raise ValueError(f"`logit_bias` token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise ValueError(f"`stop_token_ids` must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.allowed_token_ids or ()):
+            raise ValueError(f"`allowed_token_ids` must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for word in params.bad_words_token_ids for t in word):
+            raise ValueError(f"`bad_words` token ids must be in [0, {vocab})")
         if params.grammar is not None:
             if self.grammars is None:
                 raise ValueError("grammar is not supported")

@@ -29,6 +29,7 @@ class SchedulerConfig:
     max_batch_size: int
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
+    policy: str = "fcfs"  # "priority": waiting by (priority, arrival); preempt the lowest priority first
 
 
 @dataclass(slots=True)
@@ -74,7 +75,12 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        if self.config.policy == "priority":
+            # behind every waiting request of the same or a more urgent priority (lower value first)
+            ahead = sum(1 for r in self.waiting if r.sampling_params.priority <= request.sampling_params.priority)
+            self.waiting.insert(ahead, request)
+        else:
+            self.waiting.append(request)
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work. Mutates block tables, never `num_computed_tokens`."""
@@ -93,7 +99,7 @@ class Scheduler:
                 index += 1
                 continue
             while self.kv_cache.allocate_slots(request, num_new) is None:
-                victim = self.running.pop()
+                victim = self._pick_victim(index)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
@@ -106,6 +112,15 @@ class Scheduler:
             budget = self._admit_waiting(out, budget)
         self.steps_since_admission += 1
         return out
+
+    def _pick_victim(self, first: int) -> Request:
+        """The request to preempt among those not scheduled yet this step: the newest (fcfs), or the
+        least urgent, newest first (priority)."""
+        if self.config.policy != "priority":
+            return self.running.pop()
+        victim = max(self.running[first:], key=lambda r: (r.sampling_params.priority, r.arrival_time))
+        self.running.remove(victim)
+        return victim
 
     def _may_admit(self) -> bool:
         if not self.waiting:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genserve.server.models import gemma2, gemma3, qwen3
+from genserve.server.models import gemma2, gemma3, phi3, qwen3
 from genserve.server.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type] = {
@@ -12,6 +12,7 @@ MODEL_REGISTRY: dict[str, type] = {
     **qwen3.ARCHITECTURES,
     **gemma2.ARCHITECTURES,
     **gemma3.ARCHITECTURES,
+    **phi3.ARCHITECTURES,
 }
 
 

@@ -77,3 +77,39 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] rows that need a next token -> logits [N, vocab] in the model dtype."""
         return softcap(self.head(hidden), self.final_logit_softcap)
+
+
+class CheckpointView:
+    """Rows [offset, offset + num_rows) of a checkpoint tensor or safetensors slice, indexed as the linear loaders
+    index a whole one (`loaded[a:b]`, `loaded[:, a:b]`), so each rank still reads only its shard of a fused tensor.
+
+    transposed: the checkpoint stores [in, out] (GPT-2's Conv1D); rows are then its columns."""
+
+    def __init__(self, loaded, offset: int, num_rows: int, transposed: bool = False) -> None:
+        self.loaded, self.offset, self.num_rows, self.transposed = loaded, offset, num_rows, transposed
+
+    def _rows(self, key: slice) -> slice:
+        assert key.step is None, "strided loads are not supported"
+        start = 0 if key.start is None else key.start
+        stop = self.num_rows if key.stop is None else min(key.stop, self.num_rows)
+        return slice(self.offset + start, self.offset + stop)
+
+    def __getitem__(self, key):
+        rows, cols = key if isinstance(key, tuple) else (key, None)
+        rows = self._rows(rows)
+        if self.transposed:
+            return self.loaded[slice(None) if cols is None else cols, rows].t()
+        return self.loaded[rows] if cols is None else self.loaded[rows, cols]
+
+
+def load_fused(param: nn.Parameter, parts: list[tuple[object, int]], transposed: bool = False) -> None:
+    """Make `param` load a checkpoint tensor that holds its shards one after another: parts [(shard_id, rows)]."""
+    load_part = param.weight_loader
+
+    def weight_loader(target: nn.Parameter, loaded, shard_id=None) -> None:
+        offset = 0
+        for part_id, num_rows in parts:
+            load_part(target, CheckpointView(loaded, offset, num_rows, transposed), part_id)
+            offset += num_rows
+
+    param.weight_loader = weight_loader
