@@ -67,14 +67,17 @@ def load_weights(model: nn.Module, model_dir: str | Path, load_format: str = "au
     packed = getattr(model, "packed_modules_mapping", {})
     is_tied = getattr(model, "tie_word_embeddings", False)
     params = dict(model.named_parameters())
+    # a model's name for a checkpoint tensor, None for one that is not a weight (GPT-2's saved causal masks)
+    rename = getattr(model, "checkpoint_name", None) or (lambda name: name)
     loaded: dict[str, set] = defaultdict(set)
     unexpected = []
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name.endswith(IGNORED_SUFFIXES) or (is_tied and name == "lm_head.weight"):
+                target = rename(name)
+                if target is None or target.endswith(IGNORED_SUFFIXES) or (is_tied and target == "lm_head.weight"):
                     continue
-                param_name, shard_id = _map_name(name, packed)
+                param_name, shard_id = _map_name(target, packed)
                 param = params.get(param_name)
                 if param is None:
                     unexpected.append(name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genserve.server.models import gemma2, gemma3, phi3, qwen3
+from genserve.server.models import bloom, gemma2, gemma3, gpt2, gpt_neox, phi3, qwen3
 from genserve.server.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type] = {
@@ -13,6 +13,9 @@ MODEL_REGISTRY: dict[str, type] = {
     **gemma2.ARCHITECTURES,
     **gemma3.ARCHITECTURES,
     **phi3.ARCHITECTURES,
+    **gpt2.ARCHITECTURES,
+    **gpt_neox.ARCHITECTURES,
+    **bloom.ARCHITECTURES,
 }
 
 

@@ -113,3 +113,8 @@ def load_fused(param: nn.Parameter, parts: list[tuple[object, int]], transposed:
             offset += num_rows
 
     param.weight_loader = weight_loader
+
+
+def add_prefix(name: str, prefix: str, unprefixed: tuple[str, ...] = ("lm_head.",)) -> str:
+    """Checkpoints saved from the bare body (GPT-2, BLOOM on the Hub) name its tensors without `prefix`."""
+    return name if name.startswith(prefix) or name.startswith(unprefixed) else prefix + name

@@ -50,6 +50,17 @@ def family_configs() -> dict[str, tuple[str, dict]]:
         "phi4-mini-partial": ("Phi3Config", dict(rope_parameters={**_longrope(8), "partial_rotary_factor": 0.5},
                                                  original_max_position_embeddings=64, tie_word_embeddings=True,
                                                  num_key_value_heads=1)),
+        "gpt2": ("GPT2Config", dict(n_positions=128, n_embd=64, n_layer=2, n_head=4, activation_function="gelu_new")),
+        "gpt2-scaled-by-layer": ("GPT2Config", dict(n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=96,
+                                                    scale_attn_by_inverse_layer_idx=True, activation_function="gelu")),
+        "gpt-neox-parallel-residual": ("GPTNeoXConfig", dict(intermediate_size=128, rotary_pct=0.25,
+                                                             use_parallel_residual=True)),
+        "gpt-neox-sequential": ("GPTNeoXConfig", dict(intermediate_size=128, rotary_pct=0.5, rotary_emb_base=500.0,
+                                                      use_parallel_residual=False)),
+        **({"bloom": ("BloomConfig", dict(n_layer=2, n_head=4)),
+            "bloom-6-heads": ("BloomConfig", dict(hidden_size=96, n_layer=2, n_head=6,
+                                                  apply_residual_connection_post_layernorm=True))}
+           if HAS_ALIBI else {}),
     }
 
 

@@ -35,7 +35,7 @@ def hf_logits(hf, ids: list[int]) -> torch.Tensor:
 def test_registry_maps_architectures():
     assert get_model_class(["MistralForCausalLM"]) is LlamaForCausalLM
     assert get_model_class(["Qwen2ForCausalLM"]) is LlamaForCausalLM
-    assert get_model_class(["GPT2LMHeadModel"]) is None
+    assert get_model_class(["GPTJForCausalLM"]) is None
 
 
 def test_rope_reads_legacy_rope_theta_and_rope_scaling():
