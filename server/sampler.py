@@ -29,6 +29,18 @@ class SamplingRow:
     def holds_back_stops(self) -> bool:
         return len(self.token_ids) - self.num_prompt_tokens < self.params.min_tokens
 
+    def banned_token_ids(self) -> set[int]:
+        """vLLM's bad_words: a word's last token, where the output so far ends with the tokens before it."""
+        if not self.params.bad_words_token_ids:
+            return set()
+        output = self.token_ids[self.num_prompt_tokens:]
+        banned = set()
+        for word in self.params.bad_words_token_ids:
+            prefix = word[:-1]
+            if len(prefix) <= len(output) and output[len(output) - len(prefix):] == prefix:
+                banned.add(word[-1])
+        return banned
+
 
 @dataclass(slots=True)
 class SampleResult:
@@ -84,6 +96,16 @@ class SamplerInputs:
             add("bias_rows", [i for i, p in enumerate(params) for _ in p.logit_bias], torch.long)
             add("bias_ids", [t for p in params for t in p.logit_bias], torch.long)
             add("bias_values", [b for p in params for b in p.logit_bias.values()])
+        banned = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids() if t < vocab]
+        if banned:
+            add("ban_rows", [i for i, _ in banned], torch.long)
+            add("ban_ids", [t for _, t in banned], torch.long)
+        allowed = [(i, t) for i, p in enumerate(params) if p.allowed_token_ids for t in p.allowed_token_ids
+                   if t < vocab]
+        if allowed:
+            add("allow_rows", [i for i, _ in allowed], torch.long)
+            add("allow_ids", [t for _, t in allowed], torch.long)
+            add("restricted", [bool(p.allowed_token_ids) for p in params], torch.bool)
         stops = [(i, t) for i, r in enumerate(rows) if r.holds_back_stops
                  for t in sorted(r.eos_token_ids | set(r.params.stop_token_ids)) if t < vocab]
         if stops:
@@ -112,6 +134,7 @@ class SamplerInputs:
             add("top_k_values", self.top_k, torch.long)
             add("top_p", [p.top_p for p in warped])
             add("typical_p", [p.typical_p for p in warped])
+            add("min_p", [p.min_p for p in warped])
         tensors = batch.to(device)
         for name, index in parts.items():
             setattr(self, name, tensors[index])
@@ -135,6 +158,13 @@ class Sampler:
         if inputs.has("bias_rows"):
             # OpenAI's logit_bias: -100 bans a token, +100 all but forces it
             raw = raw.index_put((inputs.bias_rows, inputs.bias_ids), inputs.bias_values, accumulate=True)
+        if inputs.has("allow_rows"):
+            # vLLM's allowed_token_ids: every other token of a restricted row is -inf
+            keep = torch.zeros_like(raw, dtype=torch.bool)
+            keep[inputs.allow_rows, inputs.allow_ids] = True
+            raw = raw.masked_fill(~keep & inputs.restricted[:, None], float("-inf"))
+        if inputs.has("ban_rows"):
+            raw = raw.index_put((inputs.ban_rows, inputs.ban_ids), raw.new_full(inputs.ban_rows.shape, float("-inf")))
         if inputs.has("stop_rows"):
             # EOS and stop_token_ids held back in rows still short of min_tokens (as HF's min_new_tokens)
             raw = raw.index_put((inputs.stop_rows, inputs.stop_ids), raw.new_full(inputs.stop_rows.shape, float("-inf")))
@@ -208,12 +238,14 @@ def _penalized(raw: torch.Tensor, inputs: SamplerInputs) -> torch.Tensor:
 
 
 def _warped_probs(scores: torch.Tensor, params: list[SamplingParams], inputs: SamplerInputs) -> torch.Tensor:
-    """Temperature, top_k, top_p, typical_p in TGI/HF order, then softmax. scores: [S, V]."""
+    """Temperature, top_k, top_p, min_p, typical_p in HF's order, then softmax. scores: [S, V]."""
     scores = scores / inputs.temperature[:, None]
     if any(p.top_p < 1.0 for p in params):
         scores = _top_k_top_p(scores, inputs)
     elif any(p.top_k > 0 for p in params):
         scores = _top_k(scores, inputs)
+    if any(p.min_p > 0.0 for p in params):
+        scores = _min_p(scores, inputs.min_p[:, None])
     if any(p.typical_p < 1.0 for p in params):
         scores = _typical(scores, inputs.typical_p[:, None])
     return scores.softmax(dim=-1)
@@ -239,6 +271,13 @@ def _top_k_top_p(scores: torch.Tensor, inputs: SamplerInputs) -> torch.Tensor:
     drop[:, 0].fill_(False)
     sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
     return torch.empty_like(scores).scatter_(1, order, sorted_scores)
+
+
+def _min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """HF MinPLogitsWarper, per-row min_p [S, 1]: drop tokens below min_p x the top probability
+    (the top token always stays; rows with min_p 0 pass through)."""
+    probs = scores.softmax(dim=-1)
+    return scores.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
 def _typical(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:

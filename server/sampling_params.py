@@ -33,13 +33,20 @@ class SamplingParams:
     # OpenAI echo + logprobs); such a request computes its whole prompt (no prefix-cache hits)
     prompt_logprobs: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI: added to the logits, in [-100, 100]
+    min_p: float = 0.0  # vLLM/HF: drop tokens less likely than min_p x the most likely one (after top_p)
+    allowed_token_ids: list[int] | None = None  # vLLM: only these may be generated
+    # vLLM's bad_words, tokenized: a one-token word is never generated; a longer one's last token is
+    # banned right after the output ends with the tokens before it
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    priority: int = 0  # vLLM: with --scheduling-policy priority, lower values are scheduled first
 
     @property
     def is_greedy(self) -> bool:
         """TGI samples when asked to or when any warper is set; temperature 0 always means greedy."""
         if self.temperature == 0:
             return True
-        has_warpers = self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0
+        has_warpers = (self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0
+                       or self.min_p > 0.0)
         return not (self.do_sample or has_warpers)
 
     def validate(self, max_stop_sequences: int = 4, max_top_n_tokens: int = 5) -> None:
@@ -74,3 +81,9 @@ class SamplingParams:
             raise ValueError("`min_tokens` must be >= 0 and <= `max_new_tokens`")
         if any(not -100 <= bias <= 100 for bias in self.logit_bias.values()):
             raise ValueError("`logit_bias` values must be >= -100 and <= 100")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError("`min_p` must be >= 0.0 and <= 1.0")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("`allowed_token_ids` must not be empty")
+        if any(not word for word in self.bad_words_token_ids):
+            raise ValueError("`bad_words` must not contain empty words")

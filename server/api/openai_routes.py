@@ -34,6 +34,12 @@ from genserve.server.api.tools import (
     plan_tools,
     tool_messages,
 )
+from genserve.server.api.vllm_extensions import (
+    extension_params,
+    prompt_logprobs_json,
+    truncate_prompt,
+    with_stop_string,
+)
 from genserve.server.grammar import GrammarSpec
 from genserve.server.outputs import TokenInfo, TopToken
 from genserve.server.sampling_params import SamplingParams
@@ -101,6 +107,7 @@ def sampling_params(
         raise validation_error("`max_tokens` must be strictly positive")
     logit_bias = parse_logit_bias(body.logit_bias)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    extensions = extension_params(body, svc, top_n_tokens)
     base = SamplingParams(
         max_new_tokens=max_tokens,
         do_sample=temperature > 0,
@@ -112,13 +119,13 @@ def sampling_params(
         presence_penalty=body.presence_penalty or 0.0,
         seed=body.seed,
         stop=stop,
-        top_n_tokens=top_n_tokens,
         grammar=grammar or response_format_grammar(body.response_format),
         logit_bias=logit_bias,
         ignore_eos=body.ignore_eos,
         min_tokens=body.min_tokens,
         stop_token_ids=list(body.stop_token_ids or []),
         skip_special_tokens=body.skip_special_tokens,
+        **extensions,
     )
     svc.check_params(base)
     return [replace(base, seed=seed, stop=list(stop)) for seed in derive_seeds(body.seed, n)]
@@ -256,6 +263,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         top_n = (body.top_logprobs or 0) if body.logprobs else 0
         params = sampling_params(body, svc, max_tokens, top_n, plan.grammar if plan else None)
         ids = await svc.encode(chat_prompt(svc, body, plan), add_special_tokens=False)
+        ids = truncate_prompt(ids, body.truncate_prompt_tokens, svc.config.max_input_tokens)
         await svc.validate(record, ids, params[0])
         return [Job(ids, p) for p in params], [len(ids), plan]
 
@@ -269,20 +277,27 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         envelope = _envelope(svc, "chat.completion.chunk", rid, created)
         events = _openai_stream(svc, record, envelope, include_usage, num_prompt,
                                 _chat_events(svc, record, jobs, envelope, bool(body.logprobs), top_n, include_usage,
-                                             calls))
+                                             calls, body.include_stop_str_in_output))
         return SSEResponse(events, headers={"x-compute-type": svc.compute_type, "x-request-id": record.request_id},
                            on_close=lambda: svc.fail(record, None))
     results = await _finish(request, svc, record, jobs)
-    return JSONResponse({
+    answer = {
         **_envelope(svc, "chat.completion", rid, created),
-        "choices": [_chat_choice(i, r, calls, chat_logprobs(r.tokens, top_n) if body.logprobs else None)
+        "choices": [_chat_choice(i, r, calls, chat_logprobs(r.tokens, top_n) if body.logprobs else None,
+                                 body.include_stop_str_in_output)
                     for i, r in enumerate(results)],
         "usage": _usage(num_prompt, sum(r.num_generated_tokens for r in results)),
-    }, headers=record.headers(svc.compute_type))
+    }
+    if body.prompt_logprobs is not None:
+        answer["prompt_logprobs"] = prompt_logprobs_json(jobs[0].prompt_ids, results[0].prompt_logprobs,
+                                                         results[0].prompt_top_tokens, body.prompt_logprobs,
+                                                         svc.tokenizer)
+    return JSONResponse(answer, headers=record.headers(svc.compute_type))
 
 
-def _chat_choice(index: int, result: SequenceResult, calls: ToolPlan | None, logprobs: dict | None) -> dict:
-    message: dict = {"role": "assistant", "content": result.text}
+def _chat_choice(index: int, result: SequenceResult, calls: ToolPlan | None, logprobs: dict | None,
+                 include_stop: bool = False) -> dict:
+    message: dict = {"role": "assistant", "content": with_stop_string(result.text, result.matched_stop, include_stop)}
     reason = finish_reason(result.finish_reason)
     if calls is not None:
         answer = parse_tool_output(result.text, calls)
@@ -316,7 +331,7 @@ async def _openai_stream(svc: GenerationService, record: RequestRecord, envelope
 
 async def _chat_events(
     svc: GenerationService, record: RequestRecord, jobs: list[Job], envelope: dict,
-    logprobs: bool, top_n: int, include_usage: bool, calls: ToolPlan | None = None,
+    logprobs: bool, top_n: int, include_usage: bool, calls: ToolPlan | None = None, include_stop: bool = False,
 ) -> AsyncIterator[bytes]:
     extra = {"usage": None} if include_usage else {}
 
@@ -350,7 +365,14 @@ async def _chat_events(
                     yield chunk(i, {"tool_calls": [{"index": k, **c} for k, c in enumerate(answer.tool_calls)]}, lp)
                 else:
                     yield chunk(i, {"content": answer.content}, lp)
+            elif include_stop and out.matched_stop:
+                yield chunk(i, {"content": out.matched_stop})
             yield chunk(i, {}, None, reason)
+
+
+def truncated_prompt(svc: GenerationService, text: str, ids: list[int], k: int | None) -> tuple[str, list[int]]:
+    kept = truncate_prompt(ids, k, svc.config.max_input_tokens)
+    return (text, ids) if len(kept) == len(ids) else (svc.tokenizer.decode(kept), kept)
 
 
 async def completion_prompts(svc: GenerationService, body: CompletionRequest) -> list[tuple[str, list[int]]]:
@@ -392,7 +414,8 @@ async def completions(body: CompletionRequest, request: Request):
         params = sampling_params(body, svc, body.max_tokens, body.logprobs or 0)
         if body.echo and body.logprobs is not None:  # the echoed prompt gets its log-probabilities too
             params = [replace(p, prompt_logprobs=True) for p in params]
-        prompts = await completion_prompts(svc, body)
+        prompts = [truncated_prompt(svc, text, ids, body.truncate_prompt_tokens)
+                   for text, ids in await completion_prompts(svc, body)]
         for _, ids in prompts:
             await svc.validate(record, ids, params[0])
         record.num_prompt_tokens = sum(len(ids) for _, ids in prompts)
@@ -412,12 +435,16 @@ async def completions(body: CompletionRequest, request: Request):
     choices = []
     for i, r in enumerate(results):
         prompt_text, prompt_ids = prompts[i // n]
-        text = (prompt_text if body.echo else "") + r.text
+        text = (prompt_text if body.echo else "") + with_stop_string(r.text, r.matched_stop,
+                                                                       body.include_stop_str_in_output)
         lp = None
         if body.logprobs is not None:
             prefix = [svc.tokenizer.decode([t]) for t in prompt_ids] if body.echo else None
             lp = completion_logprobs(r.tokens, body.logprobs, 0, prefix, r.prompt_logprobs, r.prompt_top_tokens)
         choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish_reason(r.finish_reason)})
+        if body.prompt_logprobs is not None:
+            choices[-1]["prompt_logprobs"] = prompt_logprobs_json(prompt_ids, r.prompt_logprobs, r.prompt_top_tokens,
+                                                                  body.prompt_logprobs, svc.tokenizer)
     return JSONResponse({
         **_envelope(svc, "text_completion", rid, created), "choices": choices,
         "usage": _usage(num_prompt, sum(r.num_generated_tokens for r in results)),
@@ -460,6 +487,8 @@ async def _completion_events(
         if out.finished:
             record.num_generated_tokens += out.num_generated_tokens
             record.finish_reason = out.finish_reason
+            if body.include_stop_str_in_output and out.matched_stop:
+                yield chunk(i, out.matched_stop)
             yield chunk(i, "", None, finish_reason(out.finish_reason))
 
 

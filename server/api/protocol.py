@@ -206,6 +206,15 @@ class _SamplingFields(_Strict):
     response_format: ResponseFormat | None = Field(
         None, description="`text`, `json_object`, `json_schema` ({json_schema: {name, schema}}), or TGI's "
                           "`json` / `regex` ({value}); on /v1/completions an extension, as in vLLM")
+    min_p: float | None = Field(None, description="Extension (vLLM): drop tokens below min_p x the top probability")
+    include_stop_str_in_output: bool = Field(False, description="Extension (vLLM): keep the matched stop string")
+    allowed_token_ids: list[int] | None = Field(None, description="Extension (vLLM): only these tokens may be generated")
+    bad_words: list[str] | None = Field(None, description="Extension (vLLM): words that are never generated")
+    prompt_logprobs: int | None = Field(
+        None, description="Extension (vLLM): log-probabilities of the prompt tokens, with this many alternatives")
+    truncate_prompt_tokens: int | None = Field(
+        None, description="Extension (vLLM): keep only the last k prompt tokens (-1: as many as fit)")
+    priority: int = Field(0, description="Extension (vLLM): lower first, with --scheduling-policy priority")
 
 
 class _ChatTemplateFields(_Strict):

@@ -262,3 +262,59 @@ def test_min_tokens_holds_back_eos_and_stop_ids_until_reached():
     assert Sampler()(logits, [short, done]).token_ids == [9, 2]
     with pytest.raises(ValueError, match="`min_tokens` must be >= 0 and <= `max_new_tokens`"):
         SamplingParams(min_tokens=5, max_new_tokens=4).validate()
+
+
+def _hf_min_p_support(logits: torch.Tensor, temperature: float, min_p: float) -> set[int]:
+    from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper
+
+    warped = MinPLogitsWarper(min_p=min_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+    return set(torch.nonzero(warped[0] > float("-inf")).flatten().tolist())
+
+
+@pytest.mark.parametrize("temperature, min_p", [(1.0, 0.1), (0.7, 0.3), (1.5, 0.05)])
+def test_min_p_matches_hf_support(temperature, min_p):
+    logits = torch.tensor([[3.0, 2.5, 1.8, 1.0, 0.2, -0.5, -2.0]])
+    expected = _hf_min_p_support(logits, temperature, min_p)
+    assert 1 < len(expected) < logits.shape[1]
+    draws = draw_many(logits, 3000, temperature=temperature, min_p=min_p)
+    assert set(draws) <= expected
+    probs = torch.softmax(logits[0, sorted(expected)] / temperature, -1)
+    assert set(draws) == {t for t, p in zip(sorted(expected), probs.tolist(), strict=True) if p > 0.01}
+
+
+def test_min_p_alone_makes_a_request_sampled_and_is_checked():
+    assert not SamplingParams(min_p=0.1).is_greedy
+    assert SamplingParams(min_p=0.1, temperature=0).is_greedy
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="`min_p` must be >= 0.0 and <= 1.0"):
+            SamplingParams(min_p=bad).validate()
+
+
+def test_allowed_token_ids_restrict_greedy_and_sampled_rows_only():
+    torch.manual_seed(3)
+    logits = torch.randn(3, 40)
+    allowed = [4, 17, 33]
+    rows = [row(allowed_token_ids=allowed), row(), row(allowed_token_ids=[9])]
+    result = Sampler()(logits, rows)
+    assert result.token_ids == [allowed[int(logits[0, allowed].argmax())], int(logits[1].argmax()), 9]
+    # the logprob is over the allowed tokens (the mask comes before everything, as grammars)
+    assert result.logprobs[2] == pytest.approx(0.0, abs=1e-6)
+    assert set(draw_many(logits[0:1], 400, allowed_token_ids=allowed, do_sample=True)) == set(allowed)
+    with pytest.raises(ValueError, match="`allowed_token_ids` must not be empty"):
+        SamplingParams(allowed_token_ids=[]).validate()
+
+
+def test_bad_words_ban_single_tokens_and_the_last_token_after_a_prefix():
+    logits = torch.zeros(3, 10)
+    logits[:, 6] = 5.0  # the favourite
+    logits[:, 2] = 4.0
+    words = [[6]], [[3, 6]], [[3, 4, 6]]
+    rows = [SamplingRow(SamplingParams(bad_words_token_ids=words[0]), None, [1, 3], 1),
+            SamplingRow(SamplingParams(bad_words_token_ids=words[1]), None, [1, 3], 1),  # output ends with 3
+            SamplingRow(SamplingParams(bad_words_token_ids=words[2]), None, [1, 3], 1)]  # needs 3, 4 first
+    assert Sampler()(logits, rows).token_ids == [2, 2, 6]
+    assert rows[2].banned_token_ids() == set()
+    # the prefix is matched on the output only, not the prompt
+    assert SamplingRow(SamplingParams(bad_words_token_ids=[[3, 6]]), None, [3], 1).banned_token_ids() == set()
+    with pytest.raises(ValueError, match="`bad_words` must not contain empty words"):
+        SamplingParams(bad_words_token_ids=[[]]).validate()
