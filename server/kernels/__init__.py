@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 HEADER = Path(__file__).with_name("simd.h")  # included by the sources: part of the cache key
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp", "weight_only_linear_cpu.cpp")]
+           for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp", "weight_only_linear_cpu.cpp",
+                         "int4_linear_cpu.cpp")]
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # -march=native: the build is tied to this CPU, hence the CPU flags in the cache key below.
 # -ffast-math on the compile only: it lets GCC vectorize exp() through libmvec; linking with it
@@ -70,7 +71,8 @@ def load_cpu_kernels() -> bool:
         else:
             _build(library)  # loads it too: a second dlopen would register the ops twice
         _loaded = all(hasattr(torch.ops.genserve_cpu, op)
-                      for op in ("paged_decode_attention", "silu_and_mul", "rms_norm", "weight_only_linear"))
+                      for op in ("paged_decode_attention", "silu_and_mul", "rms_norm", "weight_only_linear",
+                                 "int4_linear"))
     except Exception as exc:  # no compiler, no ninja, read-only cache...: the SDPA path still works
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch attention path", exc)
     if _loaded:
@@ -126,3 +128,10 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 def fits_weight_only_linear(weight: torch.Tensor) -> bool:
     """The kernel's shape rule: K a multiple of 16 (any vector width), N of 4."""
     return weight.dim() == 2 and weight.shape[1] % 16 == 0 and weight.shape[0] % 4 == 0
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ (q * scale + min)^T + bias -> [M, N]; qweight [N, K/2] uint8 (int4_linear_cpu.cpp's layout),
+    scale and min [N, ceil(K / group_size)] float32 or float16."""
+    return torch.ops.genserve_cpu.int4_linear(x, qweight, scale, mins, group_size, bias)
