@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genserve.server.models import bloom, gemma2, gemma3, gpt2, gpt_neox, phi3, qwen3
+from genserve.server.models import bloom, gemma2, gemma3, gpt2, gpt_neox, mixtral, phi3, qwen3, qwen3_moe
 from genserve.server.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type] = {
@@ -16,6 +16,8 @@ MODEL_REGISTRY: dict[str, type] = {
     **gpt2.ARCHITECTURES,
     **gpt_neox.ARCHITECTURES,
     **bloom.ARCHITECTURES,
+    **mixtral.ARCHITECTURES,
+    **qwen3_moe.ARCHITECTURES,
 }
 
 

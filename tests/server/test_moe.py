@@ -1,0 +1,176 @@
+"""Mixture of experts: routing variants against a per-token reference and transformers' routers, experts
+grouped by expert against a token-by-token loop, and native Mixtral / Qwen3-MoE engines whose greedy ids
+equal transformers float32 for 6 prompts at once, in one process and at --num-shard 2 (gloo on CPU)."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from model_helpers import torch_threads
+
+from genserve.server import distributed
+from genserve.server.config import EngineConfig
+from genserve.server.engine import LLMEngine
+from genserve.server.layers.activation import SiluAndMul
+from genserve.server.layers.moe import Routing, grouped_experts, mixtral_routing, qwen3_moe_routing, route
+from genserve.server.models import get_model_class
+from genserve.server.models.mixtral import MixtralForCausalLM
+from genserve.server.models.qwen3_moe import Qwen3MoeForCausalLM, is_sparse_layer
+from genserve.server.sampling_params import SamplingParams
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def reference_route(logits: torch.Tensor, routing: Routing) -> tuple[list[list[float]], list[list[int]]]:
+    """Token by token, as each family's paper/modeling code writes it."""
+    all_weights, all_ids = [], []
+    for row in logits.double():
+        if routing.topk_first:
+            ids = sorted(range(len(row)), key=lambda e: -row[e])[:routing.top_k]
+            chosen = torch.softmax(row[ids], dim=0)
+        else:
+            probs = torch.softmax(row, dim=0)
+            ids = sorted(range(len(row)), key=lambda e: -probs[e])[:routing.top_k]
+            chosen = probs[ids]
+            if routing.renormalize:
+                chosen = chosen / chosen.sum()
+        all_weights.append(chosen.tolist())
+        all_ids.append(ids)
+    return all_weights, all_ids
+
+
+@pytest.mark.parametrize("routing", [Routing(2, renormalize=True), Routing(2, renormalize=False),
+                                     Routing(3, renormalize=False, topk_first=True), Routing(1, renormalize=True)],
+                         ids=["softmax-topk-renorm", "softmax-topk", "topk-softmax", "top1"])
+def test_routing_variants_equal_a_per_token_reference(routing):
+    logits = torch.randn(33, 8, generator=torch.Generator().manual_seed(0))
+    weights, ids = route(logits, routing)
+    ref_weights, ref_ids = reference_route(logits, routing)
+    assert ids.tolist() == ref_ids
+    torch.testing.assert_close(weights.double(), torch.tensor(ref_weights, dtype=torch.float64), rtol=1e-6, atol=1e-7)
+    if routing.renormalize or routing.topk_first:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(33))
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_family_routings_equal_transformers_routers(norm_topk_prob):
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    torch.manual_seed(0)
+    x = torch.randn(20, 16)
+    mixtral = transformers.MixtralConfig(hidden_size=16, num_local_experts=6, num_experts_per_tok=2)
+    qwen = transformers.Qwen3MoeConfig(hidden_size=16, num_experts=6, num_experts_per_tok=2,
+                                       norm_topk_prob=norm_topk_prob)
+    for config, hf_router, ours in [(mixtral, MixtralTopKRouter, mixtral_routing),
+                                    (qwen, Qwen3MoeTopKRouter, qwen3_moe_routing)]:
+        router = hf_router(config)
+        torch.nn.init.normal_(router.weight)
+        _, hf_weights, hf_ids = router(x)
+        weights, ids = route(F.linear(x, router.weight), ours(config))
+        assert torch.equal(ids, hf_ids)
+        torch.testing.assert_close(weights, hf_weights)
+
+
+def test_grouped_experts_equal_token_by_token_with_one_matmul_pair_per_active_expert():
+    g = torch.Generator().manual_seed(1)
+    num_experts, hidden, inter, tokens, top_k = 6, 16, 12, 25, 2
+    x = torch.randn(tokens, hidden, generator=g)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g)
+    w2 = torch.randn(num_experts, hidden, inter, generator=g)
+    logits = torch.randn(tokens, num_experts, generator=g)
+    logits[:, 5] = -1e4  # expert 5 is never chosen
+    weights, ids = route(logits, Routing(top_k, renormalize=True))
+    calls = []
+
+    class CountingAct(SiluAndMul):
+        def forward(self, h):
+            calls.append(h.shape[0])
+            return super().forward(h)
+
+    out = grouped_experts(x, w13, w2, weights, ids, CountingAct())
+    expected = torch.zeros_like(x)
+    for t in range(tokens):
+        for j in range(top_k):
+            e = int(ids[t, j])
+            gate, up = F.linear(x[t], w13[e]).chunk(2)
+            expected[t] += weights[t, j] * F.linear(F.silu(gate) * up, w2[e])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    assert len(calls) == len(set(ids.flatten().tolist())) <= 5 and sum(calls) == tokens * top_k
+
+
+# ---- native models vs transformers --------------------------------------------------------------
+
+TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.3, eos_token_id=2,
+            bos_token_id=1, tie_word_embeddings=False)
+FAMILIES = {
+    "mixtral": lambda: transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3-moe": lambda: transformers.Qwen3MoeConfig(**{**TINY, "num_hidden_layers": 3}, moe_intermediate_size=48,
+                                                     num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                                                     mlp_only_layers=[1]),
+    "qwen3-moe-unnormalised": lambda: transformers.Qwen3MoeConfig(**TINY, moe_intermediate_size=32, num_experts=5,
+                                                                  num_experts_per_tok=2, norm_topk_prob=False),
+}
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived",
+           "1, 2, 3, 4,", "SELECT name FROM users WHERE", "Dear Sir or Madam, I am writing to"]
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def moe_model(request, tmp_path_factory, smollm2_dir):
+    path = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(FAMILIES[request.param]()).eval()
+    hf.save_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.save_pretrained(path)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    expected = [hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
+                            pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    return request.param, path, prompts, expected
+
+
+def make_engine(path, **overrides) -> LLMEngine:
+    settings = dict(model_id=str(path), dtype="float32", max_total_tokens=256, max_batch_total_tokens=4096,
+                    num_threads=1)
+    return LLMEngine(EngineConfig(**{**settings, **overrides}))
+
+
+def test_native_moe_six_prompts_at_once_equal_transformers(moe_model):
+    name, path, prompts, expected = moe_model
+    engine = make_engine(path)
+    assert engine.model_path_kind == "native"
+    assert type(engine.runner.model) in (MixtralForCausalLM, Qwen3MoeForCausalLM)
+    assert engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)) == expected
+
+
+def test_native_moe_at_two_shards_equals_transformers(moe_model):
+    name, path, prompts, expected = moe_model
+    engine = make_engine(path, num_shard=2)
+    try:
+        assert distributed.get_tp_size() == 2
+        experts = next(m for m in engine.runner.model.modules() if type(m).__name__ == "Experts")
+        assert experts.w13.weight.shape[1] == 2 * experts.local_size  # half of each expert's rows on this rank
+        assert engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)) == expected
+    finally:
+        engine.shutdown()
+    assert not distributed.is_distributed()
+    assert not multiprocessing.active_children()
+
+
+def test_registry_and_sparse_layers():
+    assert get_model_class(["MixtralForCausalLM"]) is MixtralForCausalLM
+    assert get_model_class(["Qwen3MoeForCausalLM"]) is Qwen3MoeForCausalLM
+    config = FAMILIES["qwen3-moe"]()
+    assert [is_sparse_layer(config, i) for i in range(3)] == [True, False, True]
+    config.decoder_sparse_step, config.mlp_only_layers = 2, []
+    assert [is_sparse_layer(config, i) for i in range(3)] == [False, True, False]
