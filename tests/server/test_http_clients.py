@@ -8,7 +8,14 @@ import re
 
 import httpx
 import pytest
-from http_server import chat_ids, greedy_reference, prompt_logprob_reference, start_server, text_ids
+from http_server import (
+    chat_ids,
+    greedy_reference,
+    prompt_logprob_reference,
+    reference_tokenizer,
+    start_server,
+    text_ids,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -331,3 +338,116 @@ def test_vllm_extensions_through_the_openai_client(server, prompt_reference):
                                        extra_body={"ignore_eos": True, "skip_special_tokens": False})
     assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
     assert "<|im_end|>" in r.choices[0].message.content  # the EOS it went past, kept in the text
+
+
+def test_openai_sdk_store_metadata_and_refusal_history(server):
+    """The SDK's own fields and an assistant turn echoed back as the SDK returned it (refusal, audio, ...)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    first = client.chat.completions.create(model="tgi", messages=MESSAGES, temperature=0, max_tokens=8)
+    echoed = first.choices[0].message.model_dump()  # role, content, refusal, audio, function_call, ...
+    assert "refusal" in echoed
+    history = [*MESSAGES, echoed, {"role": "user", "content": "And of Italy?"}]
+    r = client.chat.completions.create(model="tgi", messages=history, temperature=0, max_tokens=N, store=True,
+                                       metadata={"team": "qa"}, service_tier="auto", user="user-1")
+    plain = [*MESSAGES, {"role": "assistant", "content": echoed["content"]}, history[-1]]
+    text, tokens = greedy_reference(chat_ids(plain), N)
+    assert r.choices[0].message.content == text
+    assert r.usage.completion_tokens == len(tokens)
+    assert "ignoring unknown fields" in server.log() and "service_tier" in server.log()
+
+
+def test_openai_agents_sdk_function_tool(server):
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)  # no exporter: nothing leaves the machine
+    cities: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        cities.append(city)
+        return f"sunny in {city}"
+
+    model = OpenAIChatCompletionsModel(model="tgi", openai_client=AsyncOpenAI(base_url=server.base_url + "/v1",
+                                                                              api_key="unused"))
+    agent = Agent(name="weather", instructions="Answer with the get_weather tool.", model=model, tools=[get_weather],
+                  model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=60),
+                  tool_use_behavior="stop_on_first_tool")
+    result = asyncio.run(Runner.run(agent, "What is the weather in Paris?", max_turns=2))
+    assert len(cities) == 1 and cities[0]
+    assert result.final_output == f"sunny in {cities[0]}"
+
+
+def test_text_generation_client_every_parameter(server):
+    from text_generation import Client
+
+    client = Client(server.base_url, timeout=60)
+    ids = text_ids(PROMPT)
+    kwargs = dict(do_sample=True, max_new_tokens=8, repetition_penalty=1.1, frequency_penalty=0.1,
+                  return_full_text=True, seed=3, stop_sequences=["\n\n"], temperature=0.8, top_k=20, top_p=0.9,
+                  truncate=100, typical_p=0.95, watermark=False, top_n_tokens=2)
+    r = client.generate(PROMPT, decoder_input_details=True, **kwargs)
+    assert r.generated_text.startswith(PROMPT) and len(r.generated_text) > len(PROMPT)
+    d = r.details
+    assert d.seed == 3 and 1 <= d.generated_tokens <= 8 and len(d.tokens) == d.generated_tokens
+    assert [p.id for p in d.prefill] == ids and len(d.top_tokens) == d.generated_tokens
+    assert all(len(t) == 2 for t in d.top_tokens)
+    again = client.generate(PROMPT, decoder_input_details=True, **kwargs)
+    assert again.generated_text == r.generated_text  # the seed fixes the draws
+    events = list(client.generate_stream(PROMPT, **kwargs))
+    assert events[-1].generated_text == r.generated_text
+    assert [e.token.id for e in events] == [t.id for t in d.tokens]
+    best = client.generate(PROMPT, do_sample=True, max_new_tokens=4, best_of=2)
+    assert len(best.details.best_of_sequences) == 1
+
+
+def test_invocations_both_shapes(server, chat_reference, prompt_reference):
+    r = httpx.post(server.base_url + "/invocations", json={"inputs": PROMPT, "parameters": {"max_new_tokens": N}},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json() == [{"generated_text": prompt_reference[0]}]
+    r = httpx.post(server.base_url + "/invocations", json={"messages": MESSAGES, "max_tokens": N, "temperature": 0},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == chat_reference[0]
+    r = httpx.post(server.base_url + "/vertex", json={"instances": [{"inputs": PROMPT, "parameters": {
+        "max_new_tokens": N}}, {"messages": MESSAGES, "max_tokens": N, "temperature": 0}]}, timeout=60)
+    assert r.json() == {"predictions": [prompt_reference[0], chat_reference[0]]}
+    assert httpx.get(server.base_url + "/ping").status_code == 200
+
+
+def test_vllm_sampling_extensions_on_the_real_model(server, prompt_reference):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    ids = text_ids(PROMPT)
+    r = client.completions.create(model="tgi", prompt=PROMPT, temperature=0, max_tokens=2,
+                                  extra_body={"prompt_logprobs": 1})
+    layout = r.choices[0].model_extra["prompt_logprobs"]
+    reference = prompt_logprob_reference(ids)
+    assert layout[0] is None and len(layout) == len(ids)
+    for token, entry, expected in zip(ids[1:], layout[1:], reference[1:], strict=True):
+        assert entry[str(token)]["logprob"] == pytest.approx(expected, abs=1e-3)
+    # one allowed token: every greedy step must take it
+    only = prompt_reference[1][1]
+    r = client.completions.create(model="tgi", prompt=PROMPT, temperature=0, max_tokens=4, logprobs=0,
+                                  extra_body={"allowed_token_ids": [only], "ignore_eos": True})
+    assert r.choices[0].logprobs.tokens == [reference_tokenizer().decode([only])] * 4
+    # the reference's first word banned: greedy takes something else first
+    first_word = reference_tokenizer().decode(prompt_reference[1][:1]).strip()
+    r = client.completions.create(model="tgi", prompt=PROMPT, temperature=0, max_tokens=4,
+                                  extra_body={"bad_words": [first_word]})
+    assert not r.choices[0].text.strip().startswith(first_word)
+    r = client.completions.create(model="tgi", prompt=PROMPT, temperature=0, max_tokens=N,
+                                  extra_body={"min_p": 0.5, "include_stop_str_in_output": True})
+    assert r.choices[0].text == prompt_reference[0]  # greedy: min_p changes nothing
