@@ -26,6 +26,11 @@ ROUTES = [
     ("/v1/completions", {"prompt": COUNTING, "max_tokens": LONG, "ignore_eos": True, "stream": True}),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": LONG, "ignore_eos": True}),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": LONG, "ignore_eos": True, "stream": True}),
+    ("/invocations", {"inputs": COUNTING, "parameters": {"max_new_tokens": LONG}}),
+    ("/invocations", {"inputs": COUNTING, "parameters": {"max_new_tokens": LONG}, "stream": True}),
+    ("/invocations", {"messages": CHAT, "max_tokens": LONG, "ignore_eos": True}),
+    ("/invocations", {"messages": CHAT, "max_tokens": LONG, "ignore_eos": True, "stream": True}),
+    ("/vertex", {"instances": [{"inputs": COUNTING, "parameters": {"max_new_tokens": LONG}}]}),
 ]
 CANCELLED = 'tgi_request_failure{err="cancelled"}'
 
@@ -70,8 +75,8 @@ async def _post(client: httpx.AsyncClient, route: str, body: dict) -> None:
         await client.post(route, json=body)
 
 
-@pytest.mark.parametrize("route, body", ROUTES, ids=[f"{r}{'-stream' if b.get('stream') else ''}"
-                                                    for r, b in ROUTES])
+@pytest.mark.parametrize("route, body", ROUTES, ids=[f"{r}-{'messages' if 'messages' in b else 'inputs'}"
+                                                    f"{'-stream' if b.get('stream') else ''}" for r, b in ROUTES])
 async def test_client_gone_mid_generation_frees_batch_and_kv(server, route, body):
     async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as probe:
         before = await _wait_for(probe, _idle)
