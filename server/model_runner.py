@@ -118,8 +118,11 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         first = self.attention_layers[0]
         self.block_size = config.block_size
-        self.decode_backend, self.decode_flash = choose_decode_backend(device, dtype, first.head_dim, self.block_size)
-        self.prefill_flash = flash_attention_usable(device, dtype, first.head_dim)
+        # soft-capping or ALiBi in any layer: FlashAttention cannot change scores, so it serves no step
+        score_mods = any(layer.has_score_mods for layer in self.attention_layers)
+        self.decode_backend, self.decode_flash = choose_decode_backend(device, dtype, first.head_dim, self.block_size,
+                                                                       score_mods)
+        self.prefill_flash = flash_attention_usable(device, dtype, first.head_dim) and not score_mods
         logger.info("decode attention: %s%s; prefill: %s", self.decode_backend,
                     " (FlashAttention)" if self.decode_flash else "",
                     "FlashAttention varlen" if self.prefill_flash else "SDPA per sequence")

@@ -90,7 +90,10 @@ class AttentionMetadata:
         if self.decode_relative_pos is None:
             width = self.decode_gather_index.shape[1]
             positions = torch.arange(width, device=self.decode_gather_index.device)
-            self.decode_relative_pos = positions[None, :] - (self.decode_context_lens[:, None] - 1)
+            lens = self.decode_context_lens
+            if lens is None:  # metadata built by hand with a mask only
+                lens = self.decode_mask.view(self.decode_mask.shape[0], -1).sum(-1)
+            self.decode_relative_pos = positions[None, :] - (lens[:, None] - 1)
         return self.decode_relative_pos
 
     def gather_mask(self, window: int | None) -> torch.Tensor:

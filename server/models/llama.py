@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 
 import torch
@@ -15,8 +14,6 @@ from genserve.server.layers.embedding import ParallelLMHead, VocabParallelEmbedd
 from genserve.server.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from genserve.server.layers.norm import RMSNorm
 from genserve.server.layers.rotary import RotaryEmbedding
-
-logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -40,8 +37,21 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def layer_sliding_window(config, layer_idx: int) -> int | None:
+    """The sliding window of layer `layer_idx`, as transformers decides it: `layer_types` where the config
+    has them (Qwen2 derives them from use_sliding_window and max_window_layers), else `sliding_window`
+    for every layer (Mistral; null there means full attention)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config, rotary_emb: RotaryEmbedding, sliding_window: int | None = None) -> None:
         super().__init__()
         head_dim = head_dim_of(config)
         attention_bias = getattr(config, "attention_bias", False)
@@ -52,7 +62,8 @@ class LlamaAttention(nn.Module):
                                         bias=attention_bias and not is_qwen2)
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.rotary_emb = rotary_emb
-        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5)
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5,
+                              sliding_window=sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -75,9 +86,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config, rotary_emb: RotaryEmbedding, layer_idx: int = 0) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary_emb)
+        self.self_attn = LlamaAttention(config, rotary_emb, layer_sliding_window(config, layer_idx))
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -100,7 +111,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # one cos/sin cache shared by every layer
         rotary_emb = RotaryEmbedding(config, head_dim_of(config))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary_emb, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -126,9 +137,6 @@ class LlamaForCausalLM(nn.Module):
         self.dtype = dtype or config_dtype(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.tp_size = get_tp_size()
-        window = getattr(config, "sliding_window", None)
-        if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
-            logger.warning("sliding_window=%d is not implemented: attention is full beyond %d tokens", window, window)
         with default_dtype(self.dtype):
             self.model = LlamaModel(config)
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from model_helpers import save_tiny_llama
 from test_engine import make_engine, run_staggered
-from test_paged_kernel import paged_case, reference
+from test_paged_kernel import MODS, alibi_slopes, paged_case, reference
 from transformers import AutoTokenizer
 
 from genserve.server import kernels
@@ -35,7 +35,8 @@ def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, sca
     (window (-1, 0)) aligns each sequence's queries to the end of its keys, as FlashAttention 2 does."""
     assert cu_seq_q.dtype == cu_seq_k.dtype == torch.int32 and enable_gqa
     assert query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
-    causal = tuple(window_size) == (-1, 0)
+    left, right = window_size
+    assert right in (-1, 0) and (left == -1 or right == 0)
     group = query.shape[1] // key.shape[-2]
     out = torch.empty_like(query)
     for b in range(cu_seq_q.shape[0] - 1):
@@ -53,8 +54,9 @@ def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, sca
         assert num_q <= max_q and num_k <= max_k
         keys, values = keys.repeat_interleave(group, 1).float(), values.repeat_interleave(group, 1).float()
         scores = torch.einsum("qhd,thd->hqt", query[q_start:q_end].float(), keys) * scale
-        if causal:
-            visible = torch.arange(num_k)[None, :] <= torch.arange(num_k - num_q, num_k)[:, None]
+        if right == 0:  # causal, and with left >= 0 a window of left + 1 keys (bottom-right aligned)
+            relative = torch.arange(num_k)[None, :] - torch.arange(num_k - num_q, num_k)[:, None]
+            visible = (relative <= 0) & ((relative >= -left) if left >= 0 else True)
             scores = scores.masked_fill(~visible, float("-inf"))
         out[q_start:q_end] = torch.einsum("hqt,thd->qhd", scores.softmax(-1), values).to(query.dtype)
     return out
@@ -65,10 +67,10 @@ def fake_flash(monkeypatch):
     monkeypatch.setattr(attention, "varlen_attn", fake_varlen_attn)
 
 
-def decode(backend, q, k_cache, v_cache, tables, lens, block_size=BS, flash=False):
+def decode(backend, q, k_cache, v_cache, tables, lens, block_size=BS, flash=False, **mods):
     """Attention._decode through `backend`, as the layer runs it inside a step."""
     num_heads, head_dim = q.shape[1], q.shape[2]
-    layer = Attention(num_heads, k_cache.shape[1], head_dim, head_dim ** -0.5)
+    layer = Attention(num_heads, k_cache.shape[1], head_dim, head_dim ** -0.5, **mods)
     layer.k_cache, layer.v_cache = k_cache, v_cache
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), num_decode_tokens=q.shape[0])
     set_decode_metadata(meta, backend, tables, lens, block_size, int(lens.max()), lens.tolist(), flash)
@@ -95,6 +97,48 @@ def test_every_backend_matches_the_reference(dtype, tol, shape, fake_flash):
         torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol, msg=name)
     # the pure-PyTorch varlen path and today's paths agree to float rounding
     torch.testing.assert_close(outputs["varlen"], outputs["gather"], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window,softcap,alibi", MODS, ids=lambda m: str(m))
+def test_every_backend_applies_window_softcap_and_alibi(window, softcap, alibi, fake_flash):
+    q, k_cache, v_cache, tables, lens = paged_case([*LENS, 4, 6], 8, 2, 64, torch.float32, seed=11)
+    q = q * 4  # logits large enough that soft-capping changes them
+    mods = dict(sliding_window=window, logit_softcap=softcap, alibi_slopes=alibi_slopes(8) if alibi else None)
+    expected = reference(q, k_cache, v_cache, tables, lens, 0.125, window=window, softcap=softcap,
+                         alibi_slopes=mods["alibi_slopes"])
+    backends = [("gather", False), ("varlen", False)]
+    if kernels.load_cpu_kernels():
+        backends.append(("kernel", False))
+    if not softcap and not alibi:  # FlashAttention takes a window only
+        backends.append(("varlen", True))
+    for backend, flash in backends:
+        out = decode(backend, q, k_cache, v_cache, tables, lens, flash=flash, **mods)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5, msg=f"{backend} flash={flash}")
+    if window and not softcap and not alibi:
+        block = 256
+        q, k_cache, v_cache, tables, lens = paged_case([1, 255, 300, 700], 8, 2, 64, torch.float32,
+                                                       block_size=block, seed=3)
+        out = decode("flash_paged", q, k_cache, v_cache, tables, lens, block_size=block, flash=True, **mods)
+        expected = reference(q, k_cache, v_cache, tables, lens, 0.125, block_size=block, window=window)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mods", [dict(logit_softcap=30.0), dict(alibi_slopes=alibi_slopes(8))], ids=["softcap", "alibi"])
+def test_flashattention_refuses_scores_it_cannot_change(mods, fake_flash, monkeypatch):
+    q, k_cache, v_cache, tables, lens = paged_case([5, 20], 8, 2, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="cannot apply logit soft-capping or ALiBi"):
+        decode("varlen", q, k_cache, v_cache, tables, lens, flash=True, **mods)
+    # the runner's choice never lands there, and asking for it by name is a clear error
+    monkeypatch.setattr(attention, "flash_attention_usable", lambda *args: True)
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("GENSERVE_DECODE_ATTENTION", raising=False)
+    assert choose_decode_backend(cuda, torch.bfloat16, 64, 256) == ("flash_paged", True)
+    assert choose_decode_backend(cuda, torch.bfloat16, 64, 256, score_mods=True) == ("gather", False)
+    monkeypatch.setenv("GENSERVE_DECODE_ATTENTION", "varlen")
+    assert choose_decode_backend(cuda, torch.bfloat16, 64, 16, score_mods=True) == ("varlen", False)
+    monkeypatch.setenv("GENSERVE_DECODE_ATTENTION", "flash_paged")
+    with pytest.raises(ValueError, match="no attention logit soft-capping or ALiBi"):
+        choose_decode_backend(cuda, torch.bfloat16, 64, 256, score_mods=True)
 
 
 def test_flash_paged_reads_the_pool_in_place_through_pages_of_256(fake_flash):

@@ -35,16 +35,42 @@ def paged_case(context_lens: list[int], num_heads: int, num_kv_heads: int, head_
     return q, k_cache, v_cache, torch.tensor(tables), torch.tensor(context_lens)
 
 
-def reference(q, k_cache, v_cache, tables, lens, scale, block_size: int = BLOCK_SIZE):
+def reference(q, k_cache, v_cache, tables, lens, scale, block_size: int = BLOCK_SIZE, window: int | None = None,
+              softcap: float | None = None, alibi_slopes: torch.Tensor | None = None):
+    """Float64 decode attention, transformers' semantics: keys at positions (p - window, p] for the query at
+    p = len - 1; scores soft-capped (c * tanh(s / c)), then + slope[h] * (key position - p)."""
     group = q.shape[1] // k_cache.shape[1]
     out = torch.empty(q.shape, dtype=torch.float64)
     for b, n in enumerate(lens.tolist()):
-        slots = [tables[b, t // block_size].item() * block_size + t % block_size for t in range(n)]
+        first = 0 if window is None else max(0, n - window)
+        slots = [tables[b, t // block_size].item() * block_size + t % block_size for t in range(first, n)]
         keys = k_cache[slots].double().repeat_interleave(group, dim=1)  # [n, H, D]
         values = v_cache[slots].double().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,thd->ht", q[b].double(), keys) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if alibi_slopes is not None:
+            relative = torch.arange(first, n, dtype=torch.float64) - (n - 1)
+            scores = scores + alibi_slopes.double()[:, None] * relative[None, :]
         out[b] = torch.einsum("ht,thd->hd", scores.softmax(-1), values)
     return out
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """BLOOM's slopes for a power of two number of heads, and the interleaved extra ones otherwise."""
+    import math
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != num_heads:
+        extra = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** (i + 1) for i in range(0, 2 * (num_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+# (window, softcap, alibi): a window shorter than a block, one across blocks, soft-capping, ALiBi, all three
+MODS = [(5, None, False), (40, None, False), (None, 2.0, False), (None, None, True), (20, 1.5, True)]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
@@ -58,6 +84,44 @@ def test_kernel_matches_reference(dtype, tol, num_heads, num_kv_heads, head_dim)
     assert out.dtype == dtype and out.shape == q.shape
     expected = reference(q, k_cache, v_cache, tables, context_lens, scale)
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window,softcap,alibi", MODS, ids=lambda m: str(m))
+def test_kernel_window_softcap_alibi_match_reference(dtype, tol, window, softcap, alibi):
+    lens = [1, 4, 5, 6, 15, 16, 17, 33, 100, 228]
+    q, k_cache, v_cache, tables, context_lens = paged_case(lens, 8, 2, 64, dtype, seed=7)
+    slopes = alibi_slopes(8) if alibi else None
+    # logits large enough that soft-capping changes them
+    q = (q.float() * 4).to(dtype)
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, BLOCK_SIZE, 0.125, window,
+                                         softcap, slopes)
+    expected = reference(q, k_cache, v_cache, tables, context_lens, 0.125, window=window, softcap=softcap,
+                         alibi_slopes=slopes)
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+    if window or softcap:  # the option changed the answer, so the test sees it
+        plain = reference(q, k_cache, v_cache, tables, context_lens, 0.125)
+        assert (plain - expected).abs().max() > 10 * tol
+
+
+def test_kernel_with_a_window_never_reads_blocks_before_it():
+    lens = [40, 70, 9]
+    q, k_cache, v_cache, tables, context_lens = paged_case(lens, 4, 2, 64, torch.float32, seed=2)
+    window = 20
+    before = kernels.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, BLOCK_SIZE, 0.125, window)
+    # blocks wholly before each window: freed, so their ids may be anything, and their slots garbage
+    tables = tables.clone()
+    for b, n in enumerate(lens):
+        for blk in range(max(0, n - window) // BLOCK_SIZE):
+            k_cache[tables[b, blk] * BLOCK_SIZE:(tables[b, blk] + 1) * BLOCK_SIZE] = float("nan")
+            tables[b, blk] = 10**6
+    after = kernels.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, BLOCK_SIZE, 0.125, window)
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="outside the pool"):  # without the window the check still holds
+        kernels.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, BLOCK_SIZE, 0.125)
+    with pytest.raises(RuntimeError, match="alibi_slopes must be float32"):
+        kernels.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, BLOCK_SIZE, 0.125, window,
+                                       None, torch.ones(3))
 
 
 def test_kernel_ignores_blocks_past_the_context():
