@@ -88,13 +88,15 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
         self._wakeup.set()
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; leaving the loop early aborts it and frees its KV blocks."""
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       max_new_tokens: int | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the loop early aborts it and frees its KV blocks.
+        `max_new_tokens`: `validate()`'s answer when the caller (the API's admission) already validated."""
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped: {self.error}")
         # validated here, on the event loop, so the step thread never spends time on it
-        max_new_tokens = self.validate(prompt_token_ids, params)
+        if max_new_tokens is None:
+            max_new_tokens = self.validate(prompt_token_ids, params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
