@@ -81,6 +81,18 @@ def grouped_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weight
     return torch.zeros_like(x).index_add_(0, token_of, scaled.to(x.dtype))
 
 
+def masked_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                   expert_ids: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """grouped_experts without reading the routing on the host (a CUDA graph capture cannot): every expert
+    runs over every token, weighted by what the token gave it (0 if it did not choose it). Decode batches
+    read each expert's weights once either way."""
+    out = torch.zeros_like(x)
+    for expert in range(w13.shape[0]):
+        share = (weights * (expert_ids == expert)).sum(dim=-1, keepdim=True)  # [T, 1]
+        out += (F.linear(act(F.linear(x, w13[expert])), w2[expert]) * share).to(x.dtype)
+    return out
+
+
 class StackedWeight(nn.Module):
     """One parameter `weight` holding every expert's copy of a projection, [E, out, in] (this rank's shard)."""
 
@@ -120,7 +132,9 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum; the caller all-reduces."""
-        return grouped_experts(x, self.w13.weight, self.w2.weight, weights, expert_ids, self.act)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        experts = masked_experts if capturing else grouped_experts
+        return experts(x, self.w13.weight, self.w2.weight, weights, expert_ids, self.act)
 
 
 def _copy(target: torch.Tensor, loaded: torch.Tensor) -> None:
