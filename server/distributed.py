@@ -85,7 +85,8 @@ def check_shardable(hf_config, num_shard: int) -> None:
     if kv_heads % num_shard and num_shard % kv_heads:
         raise ValueError(f"--num-shard {num_shard} and the model's {kv_heads} KV heads: one must divide the "
                          "other (KV heads are split, or replicated when there are fewer than shards)")
-    if hf_config.intermediate_size % num_shard:
+    # GPT-2 and BLOOM name no intermediate_size (4 x hidden unless n_inner says otherwise)
+    if getattr(hf_config, "intermediate_size", None) and hf_config.intermediate_size % num_shard:
         raise ValueError(f"--num-shard {num_shard} does not divide intermediate_size "
                          f"{hf_config.intermediate_size}")
 
