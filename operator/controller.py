@@ -10,7 +10,15 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from genserve.operator import autoscaler, metrics_scrape, reconcile, status
+from genserve.operator import (
+    autoscaler,
+    cache_volumes,
+    gateway_routes,
+    metrics_scrape,
+    preflight,
+    reconcile,
+    status,
+)
 from genserve.operator.kube import Kube
 from genserve.operator.settings import SERVICE_LABEL, OperatorSettings
 from genserve.operator.spec import ServiceSpec, SpecError, parse_spec
@@ -62,11 +70,17 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
         except SpecError:
             return []  # already reported as Degraded when the spec changed
     spec = parse_or_degrade(ctx, body)
+    problem = preflight.missing_reference(ctx.kube, namespace, name, spec)
+    if problem is not None:
+        _degrade(ctx, body, problem, announce=not is_resync)
+        return []  # the resync timer looks again; nothing is scheduled that could only crash
     live = ctx.kube.get("Deployment", namespace, name)
     replicas = reconcile.desired_replicas(spec, body.get("status") or {}, _replicas_of(live))
     has_sm = ctx.kube.has_resource("monitoring.coreos.com/v1", "servicemonitors")
+    has_pool = spec.inference_pool.enabled and has_inference_pool_api(ctx)
+    fill = preflight.fill_state(ctx.kube, namespace, name, spec, body.get("status") or {})
     wanted, absent = reconcile.build_children(name, namespace, spec, ctx.settings, replicas, has_sm,
-                                              reconcile.routes_to_activator(spec, live))
+                                              reconcile.routes_to_activator(spec, live), fill.filled, has_pool)
     problems, changed = [], []
     for obj in wanted:
         kopf.append_owner_reference(obj, owner=body)
@@ -97,19 +111,50 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
             ctx.kube.delete(kind, namespace, child)
             kopf.event(body, type="Normal", reason="Deleted", message=f"deleted {kind} {child}: no longer wanted")
             changed.append(f"{kind} {child}")
+    if spec.cache.is_shared or ((body.get("status") or {}).get("cache") or {}).get("fillJob"):
+        changed += preflight.remove_stale_fill_jobs(ctx.kube, namespace, name, spec, meta["uid"])
     deployment = ctx.kube.get("Deployment", namespace, name)
     fields, conditions = status.deployment_status(deployment, replicas, spec.scales_to_zero)
     fields.update(observedGeneration=meta.get("generation"), selector=f"{SERVICE_LABEL}={name}",
                   endpoint=reconcile.endpoint(name, namespace, ctx.settings.cluster_domain), desiredReplicas=replicas)
+    fill = preflight.fill_state(ctx.kube, namespace, name, spec, body.get("status") or {})
+    fields["cache"], conditions["CacheReady"] = fill.status, fill.condition
+    if not fill.filled and deployment is None:
+        conditions["Progressing"] = (not fill.failed, fill.condition[1], fill.condition[2])
+    if spec.inference_pool.enabled and not has_pool:
+        problems.append("spec.routing.inferencePool needs the Gateway API Inference Extension CRDs "
+                        "(inference.networking.k8s.io/v1 InferencePool, gateway.networking.k8s.io/v1 HTTPRoute), "
+                        "which this cluster does not serve; the Service and Ingress still route")
+        reason = "InferencePoolUnavailable"
+    else:
+        reason = "FillFailed" if fill.failed else "ApplyFailed"
+    if fill.failed:
+        problems.append(fill.condition[2])
     if problems:
-        conditions["Degraded"] = (True, "ApplyFailed", "; ".join(problems))
-        kopf.event(body, type="Warning", reason="ApplyFailed", message="; ".join(problems))
+        conditions["Degraded"] = (True, reason, "; ".join(problems))
+        if not is_resync:
+            kopf.event(body, type="Warning", reason=reason, message="; ".join(problems))
     else:
         conditions["Degraded"] = (False, "Reconciled", "all children match the spec")
     if not spec.autoscaling.enabled:
         conditions["ScalingActive"] = (False, "AutoscalingDisabled", f"fixed at spec.replicas={spec.replicas}")
     status.write_status(ctx.kube, namespace, name, fields, conditions)
     return changed
+
+
+def has_inference_pool_api(ctx: Context) -> bool:
+    """Discovery: both the InferencePool and the HTTPRoute API are served."""
+    return all(ctx.kube.has_resource(*api) for api in (gateway_routes.POOL_API, gateway_routes.ROUTE_API))
+
+
+def _degrade(ctx: Context, body: dict[str, Any], problem: preflight.Problem, announce: bool) -> None:
+    meta = body["metadata"]
+    status.write_status(ctx.kube, meta["namespace"], meta["name"], {"observedGeneration": meta.get("generation")},
+                        {"Degraded": (True, problem.reason, problem.message),
+                         "Ready": (False, problem.reason, "a reference of the spec is missing"),
+                         "Progressing": (False, problem.reason, "waiting for the missing reference")})
+    if announce:
+        kopf.event(body, type="Warning", reason=problem.reason, message=problem.message)
 
 
 def _drop_stale_selector_keys(ctx: Context, desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +198,10 @@ def on_child_event(ctx: Context, event_type: str, child: dict[str, Any], logger:
     try:
         spec = parse_spec(dict(owner.get("spec") or {}), ctx.settings.default_image)
     except SpecError:
+        return
+    if kind == "Job":
+        if event_type == "MODIFIED" and cache_volumes.job_phase(child) != "Filling":
+            reconcile_service(ctx, owner, logger)  # filled: start the Deployment; failed: report it
         return
     if event_type == "DELETED":
         if (kind, name) in _unwanted(ctx, owner, spec):

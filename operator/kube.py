@@ -21,6 +21,10 @@ KINDS = {
     "Ingress": ("networking.k8s.io/v1", "ingresses"),
     "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
     "Pod": ("v1", "pods"),
+    "Secret": ("v1", "secrets"),
+    "Job": ("batch/v1", "jobs"),
+    "InferencePool": ("inference.networking.k8s.io/v1", "inferencepools"),
+    "HTTPRoute": ("gateway.networking.k8s.io/v1", "httproutes"),
     "TextGenerationService": (f"{GROUP}/{VERSION}", PLURAL),
 }
 
@@ -98,8 +102,9 @@ class Kube:
                             content_type="application/merge-patch+json")
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
+        # Background: a Job's pods go with it (the API's default for Jobs orphans them)
         try:
-            self.request("DELETE", path(kind, namespace, quote(name)))
+            self.request("DELETE", path(kind, namespace, quote(name)), query={"propagationPolicy": "Background"})
             return True
         except NotFound:
             return False

@@ -67,6 +67,7 @@ def tgs_autoscale(stopped: kopf.DaemonStopped, body: kopf.Body, spec: kopf.Spec,
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY)
 @kopf.on.event("", "v1", "services", labels=MANAGED_BY)
 def child_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     if type in ("MODIFIED", "DELETED"):

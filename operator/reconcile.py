@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from genserve.operator import cache_volumes, gateway_routes
+from genserve.operator.cache_volumes import CACHE_MOUNT
 from genserve.operator.settings import FIELD_MANAGER, SERVICE_LABEL, OperatorSettings
 from genserve.operator.spec import ServiceSpec
 
 HTTP_PORT = 8080
 SERVICE_PORT = 80
-CACHE_MOUNT = "/data"
 PROBE_PERIOD_SECONDS = 10
 
 
@@ -32,12 +33,6 @@ def _meta(name: str, namespace: str, object_name: str | None = None) -> dict[str
     return {"name": object_name or name, "namespace": namespace, "labels": labels(name)}
 
 
-def cache_claim_name(name: str, spec: ServiceSpec) -> str | None:
-    if not spec.model_cache.enabled:
-        return None
-    return spec.model_cache.existing_claim or f"{name}-model-cache"
-
-
 def endpoint(name: str, namespace: str, cluster_domain: str) -> str:
     return f"http://{name}.{namespace}.svc.{cluster_domain}/v1"
 
@@ -55,19 +50,6 @@ def server_args(spec: ServiceSpec) -> list[str]:
         if value is not None:
             args += [flag, str(value)]
     return args + list(s.extra_args)
-
-
-def _env(spec: ServiceSpec) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
-        {"name": "HF_HOME", "value": CACHE_MOUNT},
-        {"name": "HUGGINGFACE_HUB_CACHE", "value": f"{CACHE_MOUNT}/hub"},
-        {"name": "GENSERVE_CACHE", "value": f"{CACHE_MOUNT}/genserve"},
-        {"name": "HOME", "value": "/tmp"},
-    ]
-    if spec.model.token_secret:
-        ref = spec.model.token_secret
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    return env
 
 
 def _resources(spec: ServiceSpec) -> dict[str, Any]:
@@ -90,10 +72,10 @@ def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict[str,
 
 
 def _volumes(name: str, spec: ServiceSpec, settings: OperatorSettings) -> tuple[list[dict], list[dict]]:
-    claim = cache_claim_name(name, spec)
-    cache = {"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}}
-    volumes = [{"name": "model-cache", **cache}, {"name": "tmp", "emptyDir": {}}]
-    mounts = [{"name": "model-cache", "mountPath": CACHE_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}]
+    source_volumes, source_mounts = cache_volumes.source_volumes(spec)
+    volumes = [cache_volumes.cache_volume(name, spec), {"name": "tmp", "emptyDir": {}}, *source_volumes]
+    mounts = [cache_volumes.cache_mount(spec, for_server=True), {"name": "tmp", "mountPath": "/tmp"},
+              *source_mounts]
     if spec.is_sharded:
         # NCCL needs a large /dev/shm for tensor parallelism; the container default is 64 MiB
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}})
@@ -106,11 +88,22 @@ def _container_security() -> dict[str, Any]:
             "capabilities": {"drop": ["ALL"]}}
 
 
+def _pod_security() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _init_containers(spec: ServiceSpec) -> list[dict[str, Any]]:
+    """The download step, unless the fill Job has done it once for all (or a pvc:// source needs none)."""
+    if not spec.model.needs_download or cache_volumes.uses_fill_job(spec):
+        return []
+    return [cache_volumes.download_container(spec, _container_security())]
+
+
 def build_deployment(name: str, namespace: str, spec: ServiceSpec, settings: OperatorSettings,
                      replicas: int) -> dict[str, Any]:
     volumes, mounts = _volumes(name, spec, settings)
-    env = _env(spec)
-    main_env = env + list(spec.server.env)
+    main_env = cache_volumes.cache_env(spec, for_server=True) + list(spec.server.env)
     if spec.api_key_secret:
         ref = spec.api_key_secret
         main_env.append({"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
@@ -132,28 +125,18 @@ def build_deployment(name: str, namespace: str, spec: ServiceSpec, settings: Ope
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(settings.prestop_sleep_seconds)]}}},
         "securityContext": _container_security(),
     }
-    download = {
-        "name": "download",
-        "image": spec.image,
-        "imagePullPolicy": spec.image_pull_policy,
-        "command": ["genserve"],
-        "args": ["download", "--model-id", spec.model.id, "--revision", spec.model.revision],
-        "env": env,
-        "volumeMounts": mounts,
-        "securityContext": _container_security(),
-    }
     tolerations = list(spec.tolerations)
     if spec.shards > 0 and not any(t.get("key") == "nvidia.com/gpu" for t in tolerations):
         tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
     pod_spec: dict[str, Any] = {
-        "initContainers": [download],
         "containers": [server],
         "volumes": volumes,
         "terminationGracePeriodSeconds": spec.server.graceful_termination_seconds + settings.prestop_sleep_seconds + 5,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": _pod_security(),
         "enableServiceLinks": False,
     }
+    if init := _init_containers(spec):
+        pod_spec["initContainers"] = init
     optional = {"nodeSelector": spec.node_selector, "tolerations": tolerations, "affinity": spec.affinity,
                 "serviceAccountName": spec.service_account_name,
                 "imagePullSecrets": [{"name": s} for s in spec.image_pull_secrets]}
@@ -168,12 +151,19 @@ def build_deployment(name: str, namespace: str, spec: ServiceSpec, settings: Ope
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": selector(name)},
-            # a surge pod needs spare GPUs; never take a serving replica away first
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "strategy": _strategy(spec),
             "progressDeadlineSeconds": spec.server.startup_timeout_seconds + 600,
             "template": {"metadata": pod_meta, "spec": pod_spec},
         },
     }
+
+
+def _strategy(spec: ServiceSpec) -> dict[str, Any]:
+    if cache_volumes.is_single_node_claim(spec):
+        # a surge pod on another node could never mount the one-node claim
+        return {"type": "Recreate"}
+    # a surge pod needs spare GPUs; never take a serving replica away first
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
 
 
 def build_service(name: str, namespace: str, to_activator: bool = False) -> dict[str, Any]:
@@ -276,15 +266,6 @@ def build_pdb(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def build_pvc(name: str, namespace: str, spec: ServiceSpec) -> dict[str, Any]:
-    cache = spec.model_cache
-    pvc_spec: dict[str, Any] = {"accessModes": [cache.access_mode], "resources": {"requests": {"storage": cache.size}}}
-    if cache.storage_class_name:
-        pvc_spec["storageClassName"] = cache.storage_class_name
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": _meta(name, namespace, f"{name}-model-cache"), "spec": pvc_spec}
-
-
 def build_ingress(name: str, namespace: str, spec: ServiceSpec) -> dict[str, Any]:
     ing = spec.ingress
     backend = {"service": {"name": name, "port": {"name": "http"}}}
@@ -330,23 +311,40 @@ def routes_to_activator(spec: ServiceSpec, deployment: dict[str, Any] | None) ->
     return spec.scales_to_zero and (ready == 0 or scaled_to_zero)
 
 
+def build_fill_job(name: str, namespace: str, spec: ServiceSpec) -> dict[str, Any]:
+    return cache_volumes.build_fill_job(name, namespace, spec, labels(name), _pod_security(), _container_security())
+
+
 def build_children(name: str, namespace: str, spec: ServiceSpec, settings: OperatorSettings, replicas: int,
-                   has_service_monitor: bool = False,
-                   to_activator: bool = False) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """All children to apply, and the (kind, name) of optional children that must not exist."""
-    wanted = [build_deployment(name, namespace, spec, settings, replicas),
-              build_service(name, namespace, to_activator)]
+                   has_service_monitor: bool = False, to_activator: bool = False, cache_filled: bool = True,
+                   has_inference_pool: bool = False) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """All children to apply, and the (kind, name) of optional children that must not exist. With a
+    shared cache the Deployment is only wanted once the fill Job has filled the claim (cache_filled);
+    until then it is neither applied nor removed."""
+    wanted = [build_service(name, namespace, to_activator)]
+    if cache_filled or not cache_volumes.uses_fill_job(spec):
+        wanted.insert(0, build_deployment(name, namespace, spec, settings, replicas))
+    else:
+        wanted.insert(0, build_fill_job(name, namespace, spec))
     absent: list[tuple[str, str]] = []
     if spec.scales_to_zero:
         wanted += [build_direct_service(name, namespace), build_activator(name, namespace, spec, settings)]
     else:
         absent += [("Deployment", activator_name(name)), ("Service", direct_service_name(name))]
-    if spec.model_cache.enabled and not spec.model_cache.existing_claim:
-        wanted.insert(0, build_pvc(name, namespace, spec))
+    if spec.cache.is_shared and not spec.cache.existing_claim:
+        wanted.insert(0, cache_volumes.build_cache_pvc(name, namespace, spec, labels(name)))
+    else:
+        # a claim created for an earlier shared (or pre-`cache`) spec; Kubernetes keeps it while pods use it
+        absent.append(("PersistentVolumeClaim", f"{name}-model-cache"))
     optional = [("PodDisruptionBudget", spec.max_replicas > 1, lambda: build_pdb(name, namespace)),
                 ("Ingress", spec.ingress.enabled, lambda: build_ingress(name, namespace, spec))]
     if has_service_monitor:
         optional.append(("ServiceMonitor", spec.monitoring, lambda: build_service_monitor(name, namespace)))
+    if not spec.inference_pool.enabled:
+        absent += [("InferencePool", name), ("HTTPRoute", name)]  # a GET of an API not served is a 404
+    elif has_inference_pool:
+        wanted += [gateway_routes.build_inference_pool(name, namespace, spec, labels(name), HTTP_PORT),
+                   gateway_routes.build_http_route(name, namespace, spec, labels(name))]
     for kind, is_wanted, build in optional:
         if is_wanted:
             wanted.append(build())

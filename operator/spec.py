@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from genserve.operator.model_source import ModelSpec, SecretKeyRef, SourceError, parse_model
+
 QUANTIZE = ("awq", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8", "eetq",
             "exl2", "compressed-tensors")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -23,19 +25,6 @@ class SpecError(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-@dataclass(slots=True)
-class SecretKeyRef:
-    name: str
-    key: str
-
-
-@dataclass(slots=True)
-class ModelSpec:
-    id: str
-    revision: str = "main"
-    token_secret: SecretKeyRef | None = None
 
 
 @dataclass(slots=True)
@@ -70,13 +59,44 @@ class ServerSpec:
     env: list[dict[str, Any]] = field(default_factory=list)
 
 
+CACHE_MODES = ("perPod", "shared")
+PER_POD_VOLUMES = ("ephemeral", "emptyDir")
+ACCESS_MODES = ("ReadWriteMany", "ReadOnlyMany", "ReadWriteOnce", "ReadWriteOncePod")
+SINGLE_NODE_ACCESS_MODES = ("ReadWriteOnce", "ReadWriteOncePod")
+
+
 @dataclass(slots=True)
-class ModelCacheSpec:
-    enabled: bool = True
+class CacheSpec:
+    """perPod: every replica fills its own volume in its init step. shared: one claim, filled once by a
+    Job before any pod starts, then mounted read-only by every replica."""
+    mode: str = "perPod"
+    volume: str = "ephemeral"  # perPod: a generic ephemeral volume (storage class) or a sized emptyDir
     size: str = "50Gi"
     storage_class_name: str | None = None
-    access_mode: str = "ReadWriteOnce"
+    access_mode: str = "ReadWriteMany"  # shared only
     existing_claim: str | None = None
+    # translated from the deprecated spec.modelCache: the claim keeps its old name and access mode
+    is_legacy: bool = False
+
+    @property
+    def is_shared(self) -> bool:
+        return self.mode == "shared"
+
+
+@dataclass(slots=True)
+class GatewayRef:
+    name: str
+    namespace: str | None = None
+    section_name: str | None = None
+
+
+@dataclass(slots=True)
+class InferencePoolSpec:
+    enabled: bool = False
+    gateway: GatewayRef | None = None
+    picker_name: str | None = None  # the endpoint picker's Service; <name>-epp when unset
+    picker_port: int = 9002
+    failure_mode: str = "FailClose"
 
 
 @dataclass(slots=True)
@@ -103,8 +123,9 @@ class ServiceSpec:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     affinity: dict[str, Any] = field(default_factory=dict)
-    model_cache: ModelCacheSpec = field(default_factory=ModelCacheSpec)
+    cache: CacheSpec = field(default_factory=CacheSpec)
     ingress: IngressSpec = field(default_factory=IngressSpec)
+    inference_pool: InferencePoolSpec = field(default_factory=InferencePoolSpec)
     api_key_secret: SecretKeyRef | None = None
     service_account_name: str | None = None
     pod_annotations: dict[str, str] = field(default_factory=dict)
@@ -139,6 +160,56 @@ def _secret_ref(raw: dict[str, Any] | None, default_key: str, where: str) -> Sec
     if not raw.get("name"):
         raise SpecError("InvalidSecretRef", f"{where}.name is required")
     return SecretKeyRef(name=raw["name"], key=raw.get("key") or default_key)
+
+
+def parse_cache(raw: dict[str, Any], legacy: dict[str, Any] | None) -> CacheSpec:
+    """`spec.cache`; without it, the deprecated `spec.modelCache` keeps meaning what it meant: a claim
+    named <name>-model-cache (or existingClaim) shared by every replica, or an emptyDir when disabled."""
+    d, w = _defaults(CacheSpec), "spec.cache"
+    if not raw and legacy is not None:
+        if not legacy.get("enabled", True):
+            return CacheSpec(mode="perPod", volume="emptyDir", size=legacy.get("size", d["size"]), is_legacy=True)
+        return CacheSpec(mode="shared", size=legacy.get("size", d["size"]),
+                         storage_class_name=legacy.get("storageClassName"),
+                         access_mode=legacy.get("accessMode", "ReadWriteOnce"),
+                         existing_claim=legacy.get("existingClaim"), is_legacy=True)
+    spec = CacheSpec(mode=raw.get("mode", d["mode"]), volume=raw.get("volume", d["volume"]),
+                     size=raw.get("size", d["size"]), storage_class_name=raw.get("storageClassName"),
+                     access_mode=raw.get("accessMode", d["access_mode"]), existing_claim=raw.get("existingClaim"))
+    if spec.mode not in CACHE_MODES:
+        raise SpecError("InvalidField", f"{w}.mode must be one of {', '.join(CACHE_MODES)}")
+    if spec.volume not in PER_POD_VOLUMES:
+        raise SpecError("InvalidField", f"{w}.volume must be one of {', '.join(PER_POD_VOLUMES)}")
+    if spec.mode == "perPod" and spec.existing_claim:
+        raise SpecError("InvalidField", f"{w}.existingClaim needs mode shared")
+    return spec
+
+
+def parse_inference_pool(raw: dict[str, Any]) -> InferencePoolSpec:
+    w = "spec.routing.inferencePool"
+    if not raw.get("enabled", False):
+        return InferencePoolSpec()
+    gateway, picker = raw.get("gatewayRef") or {}, raw.get("endpointPicker") or {}
+    if not gateway.get("name"):
+        raise SpecError("InvalidInferencePool", f"{w}.gatewayRef.name is required when the pool is enabled")
+    spec = InferencePoolSpec(
+        enabled=True, gateway=GatewayRef(gateway["name"], gateway.get("namespace"), gateway.get("sectionName")),
+        picker_name=picker.get("name"), picker_port=_int(picker, "port", 9002, 1, 65535, f"{w}.endpointPicker"),
+        failure_mode=picker.get("failureMode", "FailClose"))
+    if spec.failure_mode not in ("FailOpen", "FailClose"):
+        raise SpecError("InvalidField", f"{w}.endpointPicker.failureMode must be FailOpen or FailClose")
+    return spec
+
+
+def check_cache_fits_replicas(spec: ServiceSpec) -> None:
+    """A single-node claim shared by replicas that may land on other nodes would leave them Pending or
+    crash-looping on the mount; refuse it up front."""
+    cache = spec.cache
+    if cache.is_shared and cache.access_mode in SINGLE_NODE_ACCESS_MODES and spec.max_replicas > 1:
+        where = "spec.modelCache" if cache.is_legacy else "spec.cache"
+        raise SpecError("CacheNotShareable",
+                        f"{where}.accessMode {cache.access_mode} allows one node, but up to {spec.max_replicas} "
+                        f"replicas may run: use cache.mode perPod, or a ReadWriteMany/ReadOnlyMany claim")
 
 
 def _int(raw: dict[str, Any], key: str, default: int | None, lo: int | None = None, hi: int | None = None,
@@ -227,13 +298,13 @@ def parse_server(raw: dict[str, Any]) -> ServerSpec:
 
 def parse_spec(raw: dict[str, Any], default_image: str) -> ServiceSpec:
     """Parse and validate `spec`; raises SpecError with a reason for the Degraded condition."""
-    model = raw.get("model") or {}
-    if not model.get("id"):
-        raise SpecError("MissingModel", "spec.model.id is required")
-    cache, ingress, d = raw.get("modelCache") or {}, raw.get("ingress") or {}, _defaults(ModelCacheSpec)
+    try:
+        model = parse_model(raw.get("model") or {})
+    except SourceError as e:
+        raise SpecError(e.reason, str(e)) from e
+    ingress = raw.get("ingress") or {}
     spec = ServiceSpec(
-        model=ModelSpec(id=model["id"], revision=model.get("revision") or "main",
-                        token_secret=_secret_ref(model.get("tokenSecretRef"), "token", "spec.model.tokenSecretRef")),
+        model=model,
         image=raw.get("image") or default_image,
         image_pull_policy=raw.get("imagePullPolicy", "IfNotPresent"),
         image_pull_secrets=[s["name"] for s in raw.get("imagePullSecrets", []) if s.get("name")],
@@ -245,15 +316,13 @@ def parse_spec(raw: dict[str, Any], default_image: str) -> ServiceSpec:
         node_selector=dict(raw.get("nodeSelector") or {}),
         tolerations=list(raw.get("tolerations") or []),
         affinity=dict(raw.get("affinity") or {}),
-        model_cache=ModelCacheSpec(
-            enabled=bool(cache.get("enabled", d["enabled"])), size=cache.get("size", d["size"]),
-            storage_class_name=cache.get("storageClassName"), access_mode=cache.get("accessMode", d["access_mode"]),
-            existing_claim=cache.get("existingClaim")),
+        cache=parse_cache(raw.get("cache") or {}, raw.get("modelCache")),
         ingress=IngressSpec(
             enabled=bool(ingress.get("enabled", False)), host=ingress.get("host"),
             class_name=ingress.get("className"), path=ingress.get("path", "/"),
             tls_secret_name=(ingress.get("tls") or {}).get("secretName"),
             annotations=dict(ingress.get("annotations") or {})),
+        inference_pool=parse_inference_pool((raw.get("routing") or {}).get("inferencePool") or {}),
         api_key_secret=_secret_ref(raw.get("apiKeySecretRef"), "api-key", "spec.apiKeySecretRef"),
         service_account_name=raw.get("serviceAccountName"),
         pod_annotations=dict(raw.get("podAnnotations") or {}),
@@ -264,8 +333,8 @@ def parse_spec(raw: dict[str, Any], default_image: str) -> ServiceSpec:
         raise SpecError("QuantizeNeedsGPU", f"spec.server.quantize={spec.server.quantize} needs shards >= 1")
     if spec.ingress.enabled and not spec.ingress.host:
         raise SpecError("InvalidIngress", "spec.ingress.host is required when the ingress is enabled")
-    if spec.model_cache.access_mode not in ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"):
-        raise SpecError("InvalidField", "spec.modelCache.accessMode must be ReadWriteOnce, ReadWriteMany or "
-                                        "ReadWriteOncePod")
+    if spec.cache.access_mode not in ACCESS_MODES:
+        raise SpecError("InvalidField", f"spec.cache.accessMode must be one of {', '.join(ACCESS_MODES)}")
+    check_cache_fits_replicas(spec)
     return spec
 

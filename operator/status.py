@@ -9,7 +9,7 @@ from typing import Any
 
 from genserve.operator.kube import Kube, NotFound
 
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ScalingActive")
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ScalingActive", "CacheReady")
 # handlers, the autoscaler daemon and child events all write status; each write is read-merge-patch
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 
@@ -59,6 +59,8 @@ def write_status(kube: Kube, namespace: str, name: str, fields: dict[str, Any],
 def _same(current: dict[str, Any], patch: dict[str, Any]) -> bool:
     # a condition rewritten with the same content is no change, whatever its timestamps
     def strip(value: Any) -> Any:
+        if isinstance(value, dict):  # a None in a merge patch deletes: the same as absent
+            return {k: v for k, v in value.items() if v is not None}
         if isinstance(value, list):
             return [{k: v for k, v in c.items() if k != "lastTransitionTime"} if isinstance(c, dict) else c
                     for c in value]

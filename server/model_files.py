@@ -22,6 +22,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GENSERVE_CACHE", Path.home() / ".cache" / "genserve"))
 
 
+def models_dir() -> Path:
+    """Where fetched (non-Hub) models live; the operator points it at the model-cache volume."""
+    return Path(os.environ.get("GENSERVE_MODELS_DIR") or cache_dir() / "models")
+
+
 def default_model_dir() -> Path:
     return cache_dir() / "models" / "SmolLM2-135M-Instruct"
 
@@ -83,6 +88,8 @@ def resolve_model(model_id: str | None, revision: str | None = None) -> Path:
     """Return a local folder holding the model: the default, a folder, a converted `.gguf`, or a Hub snapshot."""
     if not model_id:
         return prepare_default_model()
+    if model_id.startswith("s3://"):
+        return download_from_s3(model_id)
     path = Path(model_id).expanduser()
     if path.is_dir():
         return path
@@ -98,3 +105,42 @@ def download_from_hub(model_id: str, revision: str | None = None) -> Path:
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     return Path(snapshot_download(model_id, revision=revision, allow_patterns=patterns))
+
+
+S3_COMPLETE = ".genserve-complete"
+
+
+def download_from_s3(url: str) -> Path:
+    """Copy every object under s3://bucket/prefix/ once into the models folder. boto3 reads the endpoint of
+    an S3-compatible store, the region and the keys from the AWS_* environment (AWS_ENDPOINT_URL_S3, ...)."""
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    prefix = prefix.strip("/")
+    if not bucket or not prefix:
+        raise ValueError(f"{url}: expected s3://bucket/prefix")
+    target = models_dir() / "s3" / bucket / prefix
+    if (target / S3_COMPLETE).is_file():
+        return target
+    try:
+        import boto3
+    except ImportError as e:
+        raise RuntimeError("s3:// sources need boto3: pip install 'genserve[s3]'") from e
+    client = boto3.client("s3")
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    count = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for obj in page.get("Contents", []):
+            relative = obj["Key"][len(prefix) + 1:]
+            dest = (partial / relative).resolve()
+            if not relative or relative.endswith("/") or not dest.is_relative_to(partial.resolve()):
+                continue  # folder markers, and keys that would escape the target
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(dest))
+            count += 1
+    if count == 0:
+        raise FileNotFoundError(f"{url}: no objects under this prefix")
+    logger.info("copied %d objects from %s to %s", count, url, target)
+    (partial / S3_COMPLETE).write_text(f"{url}\n")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from crd_schema import CelRuleError, apply_defaults, load_crd, openapi_schema, validate
 
-from genserve.operator.spec import AutoscalingSpec, ModelCacheSpec, ServerSpec, SpecError, parse_spec
+from genserve.operator.spec import AutoscalingSpec, CacheSpec, ServerSpec, SpecError, parse_spec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 
@@ -33,7 +33,10 @@ FULL = {
         "resources": {"requests": {"cpu": 8, "memory": "64Gi"}, "limits": {"memory": "80Gi"}},
         "nodeSelector": {"gpu": "h100"}, "tolerations": [{"key": "dedicated", "operator": "Exists"}],
         "affinity": {"nodeAffinity": {}},
-        "modelCache": {"size": "200Gi", "storageClassName": "fast", "accessMode": "ReadWriteMany"},
+        "cache": {"mode": "shared", "size": "200Gi", "storageClassName": "fast", "accessMode": "ReadWriteMany"},
+        "routing": {"inferencePool": {"enabled": True, "gatewayRef": {"name": "inference-gateway", "namespace": "gw"},
+                                      "endpointPicker": {"name": "llama-epp", "port": 9002,
+                                                         "failureMode": "FailOpen"}}},
         "ingress": {"enabled": True, "host": "llm.example.com", "className": "nginx",
                     "tls": {"secretName": "llm-tls"}, "annotations": {"a": "b"}},
         "apiKeySecretRef": {"name": "api-key"}, "serviceAccountName": "sa",
@@ -77,17 +80,17 @@ def test_status_fields_and_condition_types_match_the_contract():
                   "lastScaleTime", "conditions", "selector"):
         assert field in status
     condition = status["conditions"]["items"]["properties"]
-    assert condition["type"]["enum"] == ["Ready", "Progressing", "Degraded", "ScalingActive"]
+    assert condition["type"]["enum"] == ["Ready", "Progressing", "Degraded", "ScalingActive", "CacheReady"]
     assert {"status", "reason", "message", "lastTransitionTime"} <= set(condition)
 
 
 @pytest.mark.parametrize(("path", "cls"), [("autoscaling", AutoscalingSpec), ("server", ServerSpec),
-                                           ("modelCache", ModelCacheSpec)])
+                                           ("cache", CacheSpec)])
 def test_crd_defaults_equal_the_operator_defaults(path, cls):
     props = openapi_schema(load_crd())["properties"]["spec"]["properties"][path]["properties"]
     checked = 0
     for field in dataclasses.fields(cls):
-        if field.default is dataclasses.MISSING or field.default is None:
+        if field.default is dataclasses.MISSING or field.default is None or field.name == "is_legacy":
             continue
         schema = props[camel(field.name)]
         assert schema.get("default") == field.default, field.name
@@ -97,7 +100,7 @@ def test_crd_defaults_equal_the_operator_defaults(path, cls):
 
 def test_top_level_defaults_equal_the_operator_defaults():
     spec = openapi_schema(load_crd())["properties"]["spec"]
-    defaulted = apply_defaults(spec, {"model": {"id": "m"}, "autoscaling": {}, "server": {}, "modelCache": {}})
+    defaulted = apply_defaults(spec, {"model": {"id": "m"}, "autoscaling": {}, "server": {}, "cache": {}})
     parsed = parse_spec({"model": {"id": "m"}}, "img")
     assert defaulted["shards"] == parsed.shards and defaulted["replicas"] == parsed.replicas
     assert defaulted["model"]["revision"] == parsed.model.revision
@@ -121,11 +124,13 @@ def test_examples_validate_against_the_crd(path):
 @pytest.mark.parametrize(("patch", "pattern"), [
     ({"shards": 9}, "9 is greater than the maximum of 8"),
     ({"server": {"quantize": "int3"}}, "'int3' is not one of"),
-    ({"model": {}}, "'id' is a required property"),
+    ({"model": {"id": "m", "sauce": "hf://x/y"}}, "Additional properties are not allowed"),
+    ({"cache": {"mode": "everywhere"}}, "'everywhere' is not one of"),
+    ({"cache": {"mode": "shared", "accessMode": "ReadWriteSometimes"}}, "'ReadWriteSometimes' is not one of"),
     ({"modle": {"id": "typo"}}, "Additional properties are not allowed"),
     ({"autoscaling": {"minReplicas": -1}}, "-1 is less than the minimum of 0"),
     ({"autoscaling": {"minReplicas": 0, "scaleToZeroAfterSeconds": 5}}, "5 is less than the minimum of 10"),
-    ({"modelCache": {"size": "lots"}}, "does not match"),
+    ({"cache": {"size": "lots"}}, "does not match"),
 ])
 def test_schema_rejects_invalid_specs(patch, pattern):
     obj = {**FULL, "spec": {**FULL["spec"], **patch}}
@@ -143,6 +148,15 @@ def test_schema_rejects_invalid_specs(patch, pattern):
     ({"autoscaling": {"metricsSource": "prometheus"}}, "prometheusUrl is required", "InvalidField"),
     ({"autoscaling": {"enabled": True, "minReplicas": 0, "metricsSource": "prometheus",
                       "prometheusUrl": "http://prom:9090"}}, "needs metricsSource pods", "InvalidField"),
+    ({"cache": {"mode": "shared", "accessMode": "ReadWriteOnce"}}, "allows one node", "CacheNotShareable"),
+    ({"cache": {"mode": "shared", "accessMode": "ReadWriteOncePod"}, "autoscaling": {"enabled": False},
+      "replicas": 2}, "allows one node", "CacheNotShareable"),
+    ({"cache": {"existingClaim": "weights"}}, "existingClaim needs mode shared", "InvalidField"),
+    ({"model": {}}, "set exactly one of spec.model.id and spec.model.source", "MissingModel"),
+    ({"model": {"id": "m", "source": "hf://org/m"}}, "set exactly one", "InvalidModelSource"),
+    ({"model": {"source": "ftp://mirror/models/m"}}, "source must be", "UnsupportedModelSource"),
+    ({"model": {"source": "hf://org/m", "s3": {"region": "eu"}}}, "only for s3:// sources", "InvalidModelSource"),
+    ({"routing": {"inferencePool": {"enabled": True}}}, "gatewayRef is required", "InvalidInferencePool"),
 ])
 def test_cel_rules_and_the_operator_reject_the_same_specs(patch, message, reason):
     pytest.importorskip("celpy", reason="cel-python evaluates the CRD's x-kubernetes-validations")

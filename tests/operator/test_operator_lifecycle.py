@@ -34,7 +34,7 @@ def server_container(deployment):
 def service(operator, api, cluster, namespace):
     created = create(api, namespace, "llama", {"model": {"id": "meta-llama/Llama-3.1-8B-Instruct"}, "shards": 2,
                                               "replicas": 2})
-    for resource, name in ((PVC, "llama-model-cache"), (DEPLOY, "llama"), (SVC, "llama"), (PDB, "llama")):
+    for resource, name in ((DEPLOY, "llama"), (SVC, "llama"), (PDB, "llama")):
         wait_for(lambda r=resource, n=name: cluster.get(r, namespace, n), what=resource)
     return created
 
@@ -49,12 +49,13 @@ def test_create_builds_children_with_gpus_probes_volumes_owners_and_status(servi
     assert "--model-id" in server["args"] and "meta-llama/Llama-3.1-8B-Instruct" in server["args"]
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
-    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "llama-model-cache"
+    # the default perPod cache: a claim per pod from a template, no claim shared by the replicas
+    assert volumes["model-cache"]["ephemeral"]["volumeClaimTemplate"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert cluster.get(PVC, namespace, "llama-model-cache") is None
     assert deployment["spec"]["replicas"] == 2
     uid = service["metadata"]["uid"]
-    for resource in (DEPLOY, SVC, PDB, PVC):
-        name = "llama-model-cache" if resource == PVC else "llama"
-        child = wait_for(lambda r=resource, n=name: cluster.get(r, namespace, n), what=resource)
+    for resource in (DEPLOY, SVC, PDB):
+        child = wait_for(lambda r=resource: cluster.get(r, namespace, "llama"), what=resource)
         assert [r["uid"] for r in child["metadata"]["ownerReferences"]] == [uid]
         assert child["metadata"]["labels"]["genserve.dev/service"] == "llama"
         stored = {k: v for k, v in child.items() if k != "status"}
@@ -171,7 +172,7 @@ def test_events_are_posted_for_created_children(service, cluster, namespace):
 
     wait_for(lambda: "PodDisruptionBudget llama" in created(), what="the last Created event")
     messages = created()
-    for child in ("Deployment llama", "Service llama", "PodDisruptionBudget llama", "llama-model-cache"):
+    for child in ("Deployment llama", "Service llama", "PodDisruptionBudget llama"):
         assert child in messages
     events = [e for e in cluster.list("v1/events", namespace) if e.get("reason") == "Created"]
     assert all(e["involvedObject"]["kind"] == "TextGenerationService" for e in events)

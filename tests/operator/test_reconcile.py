@@ -30,7 +30,8 @@ SPECS = {
                                                                "dtype": "bfloat16", "quantize": "fp8",
                                                                "extraArgs": ["--speculate", "2"]},
                         "resources": {"requests": {"cpu": "16", "memory": "200Gi"}},
-                        "nodeSelector": {"gpu": "h100"}, "modelCache": {"existingClaim": "weights"},
+                        "nodeSelector": {"gpu": "h100"},
+                        "cache": {"mode": "shared", "existingClaim": "weights"},
                         "serviceAccountName": "llm", "imagePullSecrets": [{"name": "reg"}],
                         "podAnnotations": {"a": "b"}},
     "no-cache": {"model": {"id": "m"}, "modelCache": {"enabled": False}, "monitoring": {"enabled": False}},
@@ -109,12 +110,13 @@ def test_deployment_for_tensor_parallel():
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": SETTINGS.shm_size}
     assert {"name": "dshm", "mountPath": "/dev/shm"} in server["volumeMounts"]
     assert next(v for v in pod["volumes"] if v["name"] == "model-cache")["persistentVolumeClaim"] == {
-        "claimName": "weights"}
+        "claimName": "weights", "readOnly": True}
     assert "PersistentVolumeClaim" not in by_kind(wanted)  # an existing claim is never created
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in server["env"]
-    init = pod["initContainers"][0]
-    assert init["args"] == ["download", "--model-id", "meta-llama/Llama-3.1-70B-Instruct", "--revision", "main"]
-    assert init["volumeMounts"] == server["volumeMounts"]
+    # the shared claim was filled by the Job: no init step, the server reads it read-only and offline
+    assert "initContainers" not in pod
+    assert {"name": "model-cache", "mountPath": "/data", "readOnly": True} in server["volumeMounts"]
+    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in server["env"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["serviceAccountName"] == "llm"
     assert dep["spec"]["replicas"] == 2 and "PodDisruptionBudget" in by_kind(wanted)
@@ -184,16 +186,12 @@ def test_service_monitor_only_when_the_crd_exists_and_wanted():
     assert "ServiceMonitor" not in by_kind(wanted) and all(kind != "ServiceMonitor" for kind, _ in absent)
 
 
-def test_model_cache_pvc_or_empty_dir():
-    _, wanted, _ = children("cpu")
-    pvc = by_kind(wanted)["PersistentVolumeClaim"]
-    assert pvc["metadata"]["name"] == "svc-model-cache"
-    assert pvc["spec"]["resources"]["requests"]["storage"] == "50Gi"
-    _, wanted, _ = children("no-cache")
-    assert "PersistentVolumeClaim" not in by_kind(wanted)
+def test_legacy_model_cache_disabled_is_a_per_pod_empty_dir():
+    _, wanted, absent = children("no-cache")
+    assert "PersistentVolumeClaim" not in by_kind(wanted) and ("PersistentVolumeClaim", "svc-model-cache") in absent
     volume = next(v for v in by_kind(wanted)["Deployment"]["spec"]["template"]["spec"]["volumes"]
                   if v["name"] == "model-cache")
-    assert volume == {"name": "model-cache", "emptyDir": {}}
+    assert volume == {"name": "model-cache", "emptyDir": {"sizeLimit": "50Gi"}}
 
 
 def test_desired_replicas_follow_the_autoscaler_within_bounds():
