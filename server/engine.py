@@ -96,7 +96,9 @@ class LLMEngine:
         logger.info("model path: %s (%s)", self.model_path_kind, getattr(hf_config, "architectures", None))
         # the fallback keeps K/V per request, so cached blocks elsewhere cannot stand in for them
         prefix_caching = config.enable_prefix_caching and self.runner.supports_prefix_caching
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, prefix_caching)
+        # every layer windowed: blocks behind the window go back to the pool (their entries -> the scratch block)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size, prefix_caching,
+                                       getattr(self.runner, "kv_sliding_window", None))
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_batch_prefill_tokens=config.max_batch_prefill_tokens,

@@ -9,6 +9,15 @@ sharing a prompt prefix map to the same blocks:
 
 Freed blocks keep their hash and sit in an LRU queue; they are reused on a hit and evicted
 (oldest first) only when a fresh block is needed.
+
+With a sliding window of w tokens in every layer, no future query reads a key more than w - 1
+positions before the next token, so a request's blocks wholly before that go back to the pool as it
+runs. Its block list keeps its positions; a freed block's entry becomes `null_block` (the runner's
+scratch block, one past the pool, never handed out), which the window keeps attention from reading:
+
+    block_ids: [null, null, 7, 3, 12]   tokens 0..31 behind the window, 32..79 still in reach
+
+A freed block was full and published already, so it stays in the prefix cache like any other.
 """
 
 from __future__ import annotations
@@ -35,10 +44,14 @@ class _HashState:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
-        assert num_blocks > 0 and block_size > 0
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None) -> None:
+        """sliding_window: the window of every layer (the widest), or None where any layer attends fully."""
+        assert num_blocks > 0 and block_size > 0 and (sliding_window is None or sliding_window > 0)
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.null_block = num_blocks  # stands in for blocks freed behind the window
+        self.sliding_window = sliding_window
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         # unreferenced blocks, least recently freed first; cached ones are evicted from here
@@ -92,6 +105,8 @@ class KVCacheManager:
         scheduler then preempts or waits.
         """
         computed_blocks = computed_blocks or []
+        if self.sliding_window is not None and not computed_blocks:
+            self._free_behind_window(request)
         num_tokens = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         num_needed = -(-num_tokens // self.block_size) - len(request.block_ids) - len(computed_blocks)
         num_hits_in_free_queue = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
@@ -112,6 +127,8 @@ class KVCacheManager:
         num_full = request.num_computed_tokens // self.block_size
         self._extend_hashes(request, state, num_full)
         for i in range(state.num_hashed_blocks, num_full):
+            if request.block_ids[i] == self.null_block:  # freed behind the window (published before that)
+                continue
             block = self.blocks[request.block_ids[i]]
             if block.block_hash is None and state.hashes[i] not in self.cached:
                 block.block_hash = state.hashes[i]
@@ -122,6 +139,8 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Drop the request's references; tail blocks go first so they are evicted before shared heads."""
         for block_id in reversed(request.block_ids):
+            if block_id == self.null_block:
+                continue
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0
@@ -131,6 +150,21 @@ class KVCacheManager:
         state = self.hash_states.get(request.request_id)
         if state is not None:
             state.num_hashed_blocks = 0
+
+    def _free_behind_window(self, request: Request) -> None:
+        """Release the blocks no future query can see: the next token (at num_computed_tokens) and every one
+        after it read keys from num_computed_tokens - w + 1 on; freed blocks form a prefix of the list."""
+        first_needed = request.num_computed_tokens - self.sliding_window + 1
+        for i in reversed(range(min(max(first_needed, 0) // self.block_size, len(request.block_ids)))):
+            block_id = request.block_ids[i]
+            if block_id == self.null_block:
+                break
+            request.block_ids[i] = self.null_block
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
 
     def forget(self, request: Request) -> None:
         """The request is gone for good: drop its hash bookkeeping too."""

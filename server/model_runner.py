@@ -133,7 +133,12 @@ class ModelRunner:
         if config.max_batch_total_tokens is None or device.type == "cuda":
             self.activation_bytes = warmup.profile_max_step(self)
         self.num_blocks = self._num_kv_blocks(hf_config)
-        self.scratch_block = self.num_blocks  # one block past the manager's: padding rows write only there
+        # one block past the manager's: padding rows write only there, and the manager's null_block (the
+        # entries of blocks freed behind a sliding window) points there
+        self.scratch_block = self.num_blocks
+        windows = [layer.sliding_window for layer in self.attention_layers]
+        # blocks behind the window can go back to the pool only when every layer has one
+        self.kv_sliding_window = None if None in windows else max(windows)
         self._allocate_kv_cache()
         buckets = graph_batch_sizes(config.cuda_graphs, device, config.max_batch_size)
         if buckets:

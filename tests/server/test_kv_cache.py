@@ -96,3 +96,59 @@ def test_prefix_caching_off_never_hits():
     first = make_request("a", range(10))
     compute(kv, first, 10)
     assert kv.get_computed_blocks(make_request("b", range(10))) == ([], 0)
+
+
+def test_blocks_behind_a_sliding_window_go_back_to_the_pool():
+    kv = KVCacheManager(num_blocks=20, block_size=4, sliding_window=6)
+    req = make_request("a", range(10))
+    compute(kv, req, 10)  # blocks for tokens 0..11
+    first_ids = list(req.block_ids)
+    held = []
+    for token in range(10, 40):
+        req.token_ids.append(100 + token)
+        # this step's query (at num_computed_tokens) and every later one read from num_computed_tokens - 5
+        # on: allocating its slot drops every block before that one, and keeps every block from it on
+        first_needed = req.num_computed_tokens - 5
+        compute(kv, req, 1)
+        held.append(kv.num_used_blocks)
+        assert all(b == kv.null_block for b in req.block_ids[:first_needed // 4])
+        assert kv.null_block not in req.block_ids[first_needed // 4:]
+    assert max(held) <= 3 and len(req.block_ids) == 10  # 6 + 1 tokens span at most 3 blocks
+    # the freed blocks were full and published: they stay in the prefix cache until evicted
+    again = make_request("b", list(range(10)) + [7])
+    hits, num_hit = kv.get_computed_blocks(again)
+    assert hits == first_ids[:2] and num_hit == 8
+    kv.free(req)
+    assert kv.num_free_blocks == 20 and req.block_ids == []
+
+
+def test_windowed_requests_sharing_blocks_free_only_their_own_references():
+    kv = KVCacheManager(num_blocks=20, block_size=4, sliding_window=4)
+    first = make_request("a", range(17))
+    compute(kv, first, 17)
+    second = make_request("b", list(range(16)) + [50, 51])
+    hits, num_hit = kv.get_computed_blocks(second)
+    assert num_hit == 16 and kv.allocate_slots(second, 2, hits) is not None
+    second.num_computed_tokens = 18
+    kv.cache_full_blocks(second)
+    shared = hits[0]
+    assert kv.blocks[shared].ref_count == 2
+    assert kv.allocate_slots(first, 1) is not None  # first drops blocks 0..2 (it reads from token 14 on)
+    assert first.block_ids[:3] == [kv.null_block] * 3 and kv.blocks[shared].ref_count == 1
+    assert kv.allocate_slots(second, 1) is not None
+    assert kv.blocks[shared].ref_count == 0 and shared in kv.free_queue
+    # an evicted block leaves the cache: a later lookup stops before it instead of reading another request's KV
+    big = make_request("c", range(100, 100 + 4 * kv.num_free_blocks))
+    assert kv.allocate_slots(big, big.num_tokens) is not None
+    hits, _ = kv.get_computed_blocks(make_request("d", list(range(16)) + [1]))
+    assert hits == []
+    for request in (first, second, big):
+        kv.free(request)
+    assert kv.num_free_blocks == 20
+
+
+def test_no_window_or_a_full_layer_keeps_every_block():
+    kv = KVCacheManager(num_blocks=20, block_size=4)
+    req = make_request("a", range(30))
+    compute(kv, req, 30)
+    assert kv.allocate_slots(req, 1) is not None and kv.null_block not in req.block_ids

@@ -214,6 +214,39 @@ def test_engine_chunked_prefill_and_prefix_hits_match_transformers(tiny_dir, pro
         assert engine.kv_cache.prefix_cache_hits > hits
 
 
+def test_blocks_behind_the_window_return_to_the_pool_during_a_long_generation(tiny_dir, prompts):
+    # Mistral slides in every layer, so blocks behind the window are freed; Qwen2's first layer is full,
+    # so every block stays. Greedy ids equal transformers either way, also when a second round reuses
+    # freed (still cached) blocks through the prefix cache.
+    max_new = 120
+    expected = hf_greedy(tiny_dir, prompts, max_new)
+    engine = make_engine(tiny_dir)
+    windowed = engine.runner.kv_sliding_window is not None
+    assert windowed == (transformers.AutoConfig.from_pretrained(tiny_dir).model_type == "mistral")
+    kv = engine.kv_cache
+    for round_ in range(2):
+        ids = [engine.add_request(p, SamplingParams(max_new_tokens=max_new)) for p in prompts]
+        tokens, most_used, freed = {}, 0, False
+        hits = kv.prefix_cache_hits
+        while engine.has_unfinished:
+            for output in engine.step()[0]:
+                tokens.setdefault(output.request_id, []).extend(t.id for t in output.new_tokens)
+            running = engine.scheduler.running
+            freed |= any(kv.null_block in r.block_ids for r in running)
+            if all(r.num_output_tokens >= 2 for r in running):  # every request past its prompt's step
+                most_used = max(most_used, kv.num_used_blocks)
+                if windowed:  # the blocks of its last window and the next token: at most 3 blocks of 16
+                    assert all(sum(b != kv.null_block for b in r.block_ids) <= 3 for r in running)
+        assert [tokens[i] for i in ids] == expected
+        longest = max(len(p) for p in prompts) + max_new
+        assert freed == windowed
+        if windowed:
+            assert most_used <= 3 * len(prompts) < -(-longest // 16) * len(prompts)
+        if round_ == 1:
+            assert kv.prefix_cache_hits > hits
+        assert kv.num_used_blocks == 0
+
+
 def generate_concurrently(url: str, prompts_ids: list[list[int]], tok, max_new: int) -> list[list[int]]:
     def one(ids: list[int]) -> list[int]:
         body = {"inputs": tok.decode(ids), "parameters": {"max_new_tokens": max_new, "details": True}}
