@@ -67,8 +67,7 @@ class FallbackRunner:
         self.block_size = config.block_size
         tokens = config.max_batch_total_tokens or config.max_batch_size * config.max_total_tokens
         self.num_blocks = max(tokens // config.block_size, -(-config.max_total_tokens // config.block_size))
-        # without position_ids a model numbers tokens from the padded cache length: rows cannot share one
-        self.is_batching = is_batching_enabled() and self.model.takes_position_ids
+        self.is_batching = is_batching_enabled() and self.model.can_batch
         self.max_rows = config.max_batch_size if self.is_batching else 1
         self.homes: dict[str, tuple[KVRows, int]] = {}  # request id -> (its batched cache, its row)
         self.sampler = Sampler()
@@ -88,6 +87,11 @@ class FallbackRunner:
 
     def _reusable(self, group: list[ScheduledRequest]) -> KVRows | None:
         """The earlier batch holding exactly this group's requests, each at its computed length, if aligned."""
+        if not self.is_batching:  # one request per forward: its own cache (layer types from its config)
+            home = self.homes.get(group[0].request.request_id) if group[0].request.num_computed_tokens else None
+            if home is None:
+                return KVRows(self.model.new_cache(), [group[0].request.request_id], [0], [0])
+            return home[0]
         first = self.homes.get(group[0].request.request_id)
         if first is None or len(first[0].request_ids) != len(group) or not first[0].is_aligned:
             return None
@@ -101,11 +105,12 @@ class FallbackRunner:
     def _run_group(self, group: list[ScheduledRequest],
                    prompt_logprobs: dict[str, PromptScores]) -> dict[str, torch.Tensor]:
         batch = self._reusable(group)
-        if batch is not None:
+        if batch is not None and len(group) > 1:
             group = sorted(group, key=lambda s: self.homes[s.request.request_id][1])
-            cache = batch.cache
         begins = [s.request.num_computed_tokens for s in group]
-        if batch is None:
+        if batch is not None:
+            cache = batch.cache
+        else:
             sources = [self.homes.get(s.request.request_id) if begin else None
                        for s, begin in zip(group, begins, strict=True)]
             assert all(src is not None and src[0].lengths[src[1]] == begin

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # the format's own cap (safetensors' MAX_HEADER_SIZE)
 
@@ -135,7 +136,14 @@ class TransformersCausalLM:
         parameters = inspect.signature(self.model.forward).parameters
         # transformers renamed `past_key_values` to `cache` during 5.x
         self.cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
-        self.takes_position_ids = "position_ids" in parameters
+        # rows share a cache only where positions are explicit and every layer is plain K/V (sliding layers
+        # become full ones, the mask still applies the window); recurrent or other caches run one by one
+        layer_types = {type(layer) for layer in DynamicCache(config=self.config).layers}
+        self.can_batch = "position_ids" in parameters and layer_types <= {DynamicLayer, DynamicSlidingWindowLayer}
+
+    def new_cache(self) -> DynamicCache:
+        """A request's own cache when it runs alone: the layer types its config asks for."""
+        return DynamicCache(config=self.config)
 
     @torch.inference_mode()
     def forward_batch(self, chunks: list[list[int]], cache: DynamicCache, past_lengths: list[int],
@@ -146,6 +154,10 @@ class TransformersCausalLM:
         The cache grows in place by the longest chunk; row i's new tokens sit at the left of that growth.
         """
         width, num_new = cache.get_seq_length(), max(len(c) for c in chunks)
+        if len(chunks) == 1 and past_lengths[0] == width:  # alone, nothing padded: the model's own defaults
+            out = self.model(input_ids=torch.tensor(chunks, device=self.device), use_cache=True,
+                             logits_to_keep=logits_to_keep, **{self.cache_kwarg: cache})
+            return out.logits.float()
         input_ids = torch.zeros((len(chunks), num_new), dtype=torch.long)
         mask = torch.zeros((len(chunks), width + num_new), dtype=torch.long)
         positions = torch.zeros((len(chunks), num_new), dtype=torch.long)
@@ -157,7 +169,7 @@ class TransformersCausalLM:
         max_position = getattr(self.config, "max_position_embeddings", None)
         if max_position is not None:
             positions.clamp_(max=max_position - 1)
-        kwargs = {"position_ids": positions.to(self.device)} if self.takes_position_ids else {}
+        kwargs = {"position_ids": positions.to(self.device)} if self.can_batch else {}
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), use_cache=True,
                          logits_to_keep=logits_to_keep, **{self.cache_kwarg: cache}, **kwargs)
         return out.logits.float()
@@ -166,6 +178,6 @@ class TransformersCausalLM:
                         all_logits: bool = False) -> tuple[torch.Tensor, DynamicCache]:
         """One request alone -> (float32 logits of its last token [V], or of every new token [n, V] with
         `all_logits`; its cache, grown in place). past=None starts a new request."""
-        cache = past if past is not None else DynamicCache()
+        cache = past if past is not None else self.new_cache()
         logits = self.forward_batch([token_ids_new], cache, [cache.get_seq_length()], 0 if all_logits else 1)[0]
         return (logits if all_logits else logits[-1]), cache

@@ -217,3 +217,22 @@ def test_eight_requests_in_flight_over_http_equal_transformers(gptj_server, smol
         got = [f.result() for f in streams + later]
     prompts = [tokenizer.encode(p) for p in HTTP_PROMPTS]
     assert got == reference(hf, prompts, stop_at_eos=True)
+
+
+@pytest.mark.parametrize("batching", ["1", "0"])
+def test_sliding_window_through_the_fallback_equals_transformers(tmp_path, smollm2_dir, monkeypatch, batching):
+    """Batched rows keep every key (full layers) and the mask applies the window; alone, a request keeps
+    the sliding layers its config asks for. Contexts run well past the window either way."""
+    monkeypatch.setenv(BATCHING_ENV, batching)
+    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                        sliding_window=8, initializer_range=0.3, eos_token_id=EOS, bos_token_id=1)
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    transformers.AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp_path)
+    engine = make_engine(tmp_path, use_transformers_fallback=True)
+    assert engine.runner.is_batching == (batching == "1")
+    prompts = random_prompts([20, 5, 33, 12], seed=5)
+    assert run_arriving(engine, prompts, SamplingParams(max_new_tokens=12, ignore_eos=True)) == reference(
+        hf, prompts, max_new=12)

@@ -70,7 +70,7 @@ def test_rows_with_different_pasts_and_chunks_equal_generate(tmp_path):
 def test_gpt2_is_not_native_here_and_loads_through_transformers(tmp_path):
     hf = tiny_gpt2(tmp_path)
     if get_model_class(hf.config.architectures) is None:
-        assert TransformersCausalLM(tmp_path).takes_position_ids
+        assert TransformersCausalLM(tmp_path).can_batch
 
 
 def test_config_errors_are_one_line(tmp_path):
