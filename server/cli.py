@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from genserve.server import quant_methods
 from genserve.server.cpu_env import configure_openmp_wait
 
 ENGINE_HELP = {
@@ -16,7 +17,7 @@ ENGINE_HELP = {
     "revision": "Hub revision (branch, tag or commit) of --model-id",
     "dtype": "float32, float16, bfloat16 or auto (on CPU: bfloat16 where it has AVX512-BF16 or AMX, else float32)",
     "device": "cpu, cuda, cuda:N or auto",
-    "quantize": "weight-only quantization after loading: eetq (int8) or fp8; TGI's other values are rejected",
+    "quantize": quant_methods.help_text(),
     "num_shard": "tensor-parallel shards (GPUs)",
     "max_input_tokens": "longest prompt in tokens; default max_total_tokens - 1",
     "max_total_tokens": "prompt + generated tokens per request; default min(model context, 4096)",

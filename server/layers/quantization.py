@@ -1,6 +1,7 @@
-"""Weight-only quantization behind `--quantize`: `eetq` (int8) and `fp8` (float8 e4m3fn).
+"""Weight-only quantization behind `--quantize` (the values: quant_methods.py).
 
-Both keep one symmetric absmax scale per output channel (weight row), as TGI's eetq and fp8 do:
+`int4` / `int4-g32`: asymmetric 4-bit groups (grouped_weights.py, grouped_linear.py), as GPTQ / AWQ without
+act-order. `int8` (TGI's `eetq`) and `fp8` keep one symmetric absmax scale per output channel (weight row):
 
     weight [out, in] (model dtype) -> q [out, in] (int8 | float8_e4m3fn) + scale [out] (model dtype)
     y = (x @ q^T) * scale + bias
@@ -15,13 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genserve.server import kernels
+from genserve.server import kernels, quant_methods
+from genserve.server.layers import grouped_linear
+from genserve.server.layers.grouped_weights import quantize_int4
 from genserve.server.layers.linear import LinearBase
 
-# TGI's other values need pre-quantized checkpoints and GPU kernels (awq, gptq, marlin, exl2,
-# compressed-tensors) or bitsandbytes; none is implemented here.
+# TGI's values, every one of them answered (served or refused with the reason)
 TGI_METHODS = ("awq", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8", "eetq",
                "exl2", "compressed-tensors")
+INT4_GROUP_SIZES = {"int4": 128, "int4-g32": 32}
 # up to this many rows torch's int8 x bf16 CPU kernel beats dequantize-then-matmul (decode batches);
 # above it (prefill) the dense bf16 GEMM wins (measured on SmolLM2 shapes, benchmarks/quantization.py)
 INT8PACK_MAX_ROWS = 16
@@ -38,9 +41,9 @@ def _absmax_scale(weight: torch.Tensor, qmax: float) -> torch.Tensor:
 
 
 class Int8WeightOnly:
-    """`--quantize eetq`: int8 weights, activations stay in the model dtype."""
+    """`--quantize int8` (or `eetq`): int8 weights, activations stay in the model dtype."""
 
-    name = "eetq"
+    name = "int8"
 
     def quantize_weight(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = _absmax_scale(weight, 127.0)
@@ -90,14 +93,28 @@ def fp8_to(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (bits.view(torch.bfloat16) * 2.0**120).to(dtype)
 
 
-METHODS = {m.name: m for m in (Int8WeightOnly(), Fp8WeightOnly())}
+class Int4Grouped:
+    """`--quantize int4` (groups of 128) / `int4-g32`: each layer's weight becomes 4-bit groups."""
+
+    def __init__(self, name: str, group_size: int) -> None:
+        self.name = name
+        self.group_size = group_size
+
+    def quantize_layer(self, layer: LinearBase) -> None:
+        grouped_linear.check_groups(layer, self.group_size)
+        qweight, scale, mins = quantize_int4(layer.weight.data, self.group_size)
+        grouped_linear.attach(layer, qweight, scale, mins, self.group_size)
+
+
+METHODS = {m.name: m for m in (Int8WeightOnly(), Fp8WeightOnly(),
+                               *(Int4Grouped(name, size) for name, size in INT4_GROUP_SIZES.items()))}
+METHODS["eetq"] = METHODS["int8"]
 
 
 def get_quant_method(method: str):
+    quant_methods.check_method(method)
     if method not in METHODS:
-        kind = "TGI's" if method in TGI_METHODS else "an unknown"
-        raise ValueError(f"`--quantize {method}` ({kind} method) is not supported by genserve; "
-                         f"supported: {', '.join(METHODS)}")
+        raise ValueError(f"--quantize {method} is a checkpoint's format: the model must be a {method} checkpoint")
     return METHODS[method]
 
 
@@ -107,14 +124,29 @@ def quantize_model(model, method: str | None) -> None:
 
     Embeddings, norms and the LM head stay in the model dtype: the LM head is often tied to the
     embedding, and both (like the norms) are small next to the MLP/attention weights while their
-    rounding error lands directly on the logits.
+    rounding error lands directly on the logits. A checkpoint loaded already quantized (GPTQ, AWQ,
+    GGUF) takes no --quantize but its own name.
     """
+    quant_methods.check_method(method)
+    loaded_as = getattr(model, "checkpoint_quantization", None)
+    if loaded_as is not None:
+        if method not in (None, loaded_as):
+            raise ValueError(f"--quantize {method}: the checkpoint is already quantized ({loaded_as}); "
+                             f"drop --quantize or pass --quantize {loaded_as}")
+        return
     if not method:
         return
+    if method in quant_methods.CHECKPOINT_METHODS:
+        raise ValueError(f"--quantize {method} needs a {method} checkpoint; the model holds unquantized weights")
     quant = get_quant_method(method)
     layers = [m for m in model.modules() if isinstance(m, LinearBase)] if isinstance(model, nn.Module) else []
     if not layers:
         raise ValueError(f"`--quantize {method}` needs genserve's native model implementation; "
                          f"{type(model).__name__} (the transformers fallback) cannot be quantized")
     for layer in layers:
-        layer.quantize(quant)
+        if isinstance(quant, Int4Grouped):
+            quant.quantize_layer(layer)
+        else:
+            layer.quantize(quant)
+    if isinstance(quant, Int4Grouped):
+        grouped_linear.choose_kernels(model, getattr(model, "dtype", torch.float32))

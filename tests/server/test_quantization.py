@@ -108,7 +108,7 @@ def test_linear_weights_shrink_to_a_quarter_of_fp32(tiny_dirs, method):
 @pytest.mark.parametrize("method", [m for m in TGI_METHODS if m not in ("eetq", "fp8")] + ["int3", "EETQ"])
 def test_unsupported_methods_raise_a_clear_error(tiny_dirs, method):
     model = load_native(tiny_dirs / "llama-gqa")
-    with pytest.raises(ValueError, match=f"`--quantize {method}` .*not supported by genserve; supported: eetq, fp8"):
+    with pytest.raises(ValueError, match=f"^--quantize {method}(:| is not supported: | needs a {method} checkpoint)"):
         quantize_model(model, method)
     assert all(m.quant_method is None for m in model.modules() if isinstance(m, LinearBase))
 
@@ -127,7 +127,7 @@ def test_models_without_parallel_linears_are_rejected():
 
 def test_engine_rejects_unsupported_method_and_the_transformers_fallback(tiny_dirs, smollm2_dir):
     settings = dict(model_id=str(smollm2_dir), dtype="float32", max_batch_total_tokens=1024, max_total_tokens=256)
-    with pytest.raises(ValueError, match="`--quantize gptq` .*not supported by genserve"):
+    with pytest.raises(ValueError, match="--quantize gptq needs a gptq checkpoint"):
         LLMEngine(EngineConfig(**settings, quantize="gptq"))
     with pytest.raises(ValueError, match="transformers fallback"):
         LLMEngine(EngineConfig(**settings, quantize="eetq", use_transformers_fallback=True))
@@ -234,3 +234,108 @@ def test_weight_only_kernel_equals_the_dequantized_matmul(rows, weight_dtype):
     layer.quantize(get_quant_method("eetq"))
     reference = F.linear(x, layer.weight.float()) * layer.weight_scale + bias
     torch.testing.assert_close(layer(x), reference, atol=1e-4, rtol=1e-4)
+
+
+# --- int4 (our quantization at load): grouped weights, greedy equal to the dequantized float model ---
+
+INT4_TINY = dict(hidden_size=64, intermediate_size=96)  # multiples of 32, as 4-bit blocks need
+
+
+@pytest.mark.parametrize("method,group_size", [("int4", 128), ("int4-g32", 32)])
+def test_int4_layers_hold_packed_groups_and_keep_the_argmax(tmp_path, monkeypatch, method, group_size):
+    monkeypatch.setenv("GENSERVE_INT4_KERNEL", "ours")  # tiny shapes: torch's matmul may win the timing
+    make_tiny_checkpoint(tmp_path, "LlamaConfig", dict(INT4_TINY, tie_word_embeddings=True, attention_bias=True))
+    expected = scenario_logits(load_native(tmp_path))
+    model = load_native(tmp_path)
+    quantize_model(model, method)
+    down = model.model.layers[0].mlp.down_proj
+    assert down.weight.dtype == torch.uint8 and down.weight.shape == (64, 48)
+    assert down.weight_scale.shape == (64, -(-96 // group_size)) and down.weight_min.dtype == torch.float16
+    actual = scenario_logits(model)
+    assert relative_error(actual, expected) < 0.15
+    assert (actual.argmax(-1) == expected.argmax(-1)).float().mean() > 0.8
+
+
+def int4_layer(monkeypatch, kernel: str) -> ReplicatedLinear:
+    monkeypatch.setenv("GENSERVE_INT4_KERNEL", kernel)
+    torch.manual_seed(0)
+    layer = ReplicatedLinear(576, 192, bias=True)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    quantize_model(nn.Sequential(layer), "int4-g32")
+    assert (layer.quant_method.torch_int4 is not None) == (kernel == "torch")
+    return layer
+
+
+def test_int4_kernels_and_prefill_path_agree_with_the_dequantized_weight(monkeypatch):
+    layer = int4_layer(monkeypatch, "ours")
+    reference = ReplicatedLinear(576, 192, bias=True)
+    reference.weight.data.copy_(layer.quant_method.dequantized(torch.float32))
+    reference.bias.data.copy_(layer.bias)
+    x = torch.randn(12, 576)
+    expected = reference(x)
+    decode = torch.cat([layer(x[i:i + 4]) for i in range(0, 12, 4)])  # 4 rows: our kernel
+    torch.testing.assert_close(decode, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)  # 12 rows: dequantize + dense GEMM
+    torch_layer = int4_layer(monkeypatch, "torch")  # the same weights in torch's packed int4 layout
+    torch.testing.assert_close(torch_layer(x[:4]), expected[:4], rtol=1e-3, atol=1e-3)
+
+
+def test_checkpoint_formats_need_their_checkpoint_and_refused_methods_say_why(tiny_dirs):
+    model = load_native(tiny_dirs / "llama-gqa")
+    with pytest.raises(ValueError, match="--quantize gptq needs a gptq checkpoint"):
+        quantize_model(model, "gptq")
+    with pytest.raises(ValueError, match="--quantize bitsandbytes-nf4 is not supported: bitsandbytes"):
+        quantize_model(model, "bitsandbytes-nf4")
+    with pytest.raises(ValueError, match="--quantize int3: unknown method; choose one of int8, eetq, int4"):
+        quantize_model(model, "int3")
+    model.checkpoint_quantization = "gptq"
+    with pytest.raises(ValueError, match="already quantized \\(gptq\\)"):
+        quantize_model(model, "int4")
+
+
+def test_a_row_parallel_shard_must_hold_whole_groups():
+    from genserve.server.layers import grouped_linear
+    from genserve.server.layers.linear import RowParallelLinear
+
+    layer = RowParallelLinear(576, 64)
+    layer.tp_size, layer.tp_rank, layer.input_size = 2, 1, 288  # rank 1's shard of 576 columns
+    with pytest.raises(ValueError, match="288 input columns .* does not hold whole groups of 128"):
+        grouped_linear.check_groups(layer, 128)
+    grouped_linear.check_groups(layer, 32)  # 288 = 9 groups of 32
+
+
+def test_one_list_of_methods_feeds_the_cli_help():
+    from genserve.server import quant_methods
+    from genserve.server.cli import ENGINE_HELP
+
+    assert ENGINE_HELP["quantize"] == quant_methods.help_text()
+    assert set(TGI_METHODS) <= set(quant_methods.METHODS) | set(quant_methods.REFUSED)
+
+
+def linear_storage_bytes(model: nn.Module) -> int:
+    """Bytes allocated for the linears' weights (and their scales / mins), each storage counted once."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                for m in model.modules() if isinstance(m, LinearBase)
+                for name, p in m.named_parameters(recurse=False) if name != "bias"}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("method", ["int4", "int4-g32"])
+def test_smollm2_int4_greedy_equals_the_dequantized_float_model(smollm2_dir, tmp_path, method):
+    from quant_reference import engine_greedy, float_checkpoint, hf_greedy, tokenize
+
+    from genserve.server.layers.grouped_weights import dequantize, quantize_int4
+
+    group_size = {"int4": 128, "int4-g32": 32}[method]
+    prompts = tokenize(smollm2_dir)
+    with torch.no_grad():
+        engine, quantized = engine_greedy(smollm2_dir, prompts, quantize=method)
+    model = engine.runner.model
+    bf16_bytes = sum(m.input_size * m.output_size * 2 for m in model.modules() if isinstance(m, LinearBase))
+    ratio = linear_storage_bytes(model) / bf16_bytes
+    assert ratio < {"int4": 0.28, "int4-g32": 0.36}[method], ratio  # 4 bits + fp16 scale and min per group
+    del engine, model
+    reference_dir = float_checkpoint(smollm2_dir, tmp_path / "dequantized",
+                                     transform=lambda name, w: dequantize(*quantize_int4(w, group_size), group_size))
+    assert quantized == hf_greedy(reference_dir, prompts)

@@ -1,0 +1,156 @@
+"""A parallel Linear serving grouped integer weights (grouped_weights.py's layout), and the startup choice
+of the fastest kernel for each weight shape.
+
+Decode batches (up to GROUPED_MAX_ROWS rows) run our kernel (kernels/int4_linear_cpu.cpp) or torch's
+packed int4 CPU matmul (`_weight_int4pack_mm_for_cpu`), whichever is faster on this CPU for that shape,
+timed at startup; larger batches (prefill) dequantize the weight and run the dense GEMM, which is bound
+by compute there. Without the native kernels, every batch dequantizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genserve.server import kernels
+from genserve.server.layers.grouped_weights import BLOCK, dequantize, integer_values
+from genserve.server.layers.linear import LinearBase, RowParallelLinear
+
+logger = logging.getLogger(__name__)
+
+GROUPED_MAX_ROWS = 8  # as the int8 kernel: beyond, the dense fp32 GEMM over a dequantized copy wins
+TORCH_INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's packed int4 CPU matmul takes
+
+
+class GroupedWeights:
+    """quant_method of one layer: its group size and which kernel serves its decode batches."""
+
+    def __init__(self, layer: LinearBase, group_size: int, bits: int) -> None:
+        self.layer = layer
+        self.group_size = group_size
+        self.bits = bits
+        self.name = f"int{bits}-g{group_size}"
+        self.torch_int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed, scale_and_zeros) when chosen
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        layer = self.layer
+        return dequantize(layer.weight, layer.weight_scale, layer.weight_min, self.group_size, dtype)
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        flat = x.reshape(rows, -1)
+        if self.torch_int4 is not None:
+            packed, scale_and_zeros = self.torch_int4
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), packed, self.group_size,
+                                                            scale_and_zeros.to(x.dtype))
+            y = y if bias is None else y.add_(bias)
+        elif x.device.type == "cpu" and rows <= GROUPED_MAX_ROWS and kernels.load_cpu_kernels():
+            y = kernels.int4_linear(flat, weight, scale, self.layer.weight_min, self.group_size, bias)
+        else:
+            y = F.linear(flat, self.dequantized(x.dtype), bias)
+        return y.view(*x.shape[:-1], -1)
+
+
+def check_groups(layer: LinearBase, group_size: int) -> None:
+    """A row-parallel shard must hold whole groups; the packed blocks need K % 32 == 0."""
+    k = layer.input_size
+    if group_size % BLOCK or group_size <= 0:
+        raise ValueError(f"group size {group_size} is not a positive multiple of {BLOCK}")
+    if k % BLOCK:
+        raise ValueError(f"{k} input features are not a multiple of {BLOCK}, which 4-bit blocks need")
+    if isinstance(layer, RowParallelLinear) and layer.tp_size > 1 and k % group_size:
+        raise ValueError(f"a {type(layer).__name__} shard of {k} input columns (rank {layer.tp_rank} of "
+                         f"{layer.tp_size}) does not hold whole groups of {group_size}; use fewer shards or "
+                         f"a group size dividing {k}")
+
+
+def attach(layer: LinearBase, qweight: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
+           group_size: int) -> None:
+    """Make `layer` serve qweight / scale / min (this rank's shard), replacing its float weight."""
+    check_groups(layer, group_size)
+    bits = 4 if qweight.dtype == torch.uint8 else 8
+    layer.weight = nn.Parameter(qweight, requires_grad=False)
+    layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+    layer.weight_min = nn.Parameter(mins, requires_grad=False)
+    layer.quant_method = GroupedWeights(layer, group_size, bits)
+
+
+def prepare_for_loading(layer: LinearBase, bits: int, group_size: int, scale_dtype: torch.dtype) -> None:
+    """Empty grouped parameters of this rank's shape, filled by the layer's own weight_loader: every tensor is
+    [out, ...], so column shards slice rows and row shards slice bytes / groups exactly like a float weight."""
+    n, k = layer.output_size, layer.input_size
+    check_groups(layer, group_size)
+    num_groups = -(-k // group_size)
+    device = layer.weight.device
+    qweight = torch.empty(n, k // 2, dtype=torch.uint8, device=device) if bits == 4 else \
+        torch.empty(n, k, dtype=torch.int8, device=device)
+    attach(layer, qweight, torch.empty(n, num_groups, dtype=scale_dtype, device=device),
+           torch.empty(n, num_groups, dtype=scale_dtype, device=device), group_size)
+    for param in (layer.weight, layer.weight_scale, layer.weight_min):
+        param.weight_loader = layer.weight_loader
+
+
+def grouped_layers(model: nn.Module) -> list[LinearBase]:
+    return [m for m in model.modules() if isinstance(m, LinearBase) and isinstance(m.quant_method, GroupedWeights)]
+
+
+def _to_torch_int4(layer: LinearBase, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's layout: w = (q - 8) * scale + zero, so zero = min + 8 * scale; [groups, N, 2]."""
+    q = integer_values(layer.weight).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    scale = layer.weight_scale.float()
+    zero = layer.weight_min.float() + 8 * scale
+    return packed, torch.stack([scale.T, zero.T], dim=-1).to(dtype).contiguous()
+
+
+def _best_of(fn, rounds: int = 5, calls: int = 10) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.no_grad()
+def choose_kernels(model: nn.Module, dtype: torch.dtype) -> dict:
+    """Per 4-bit weight shape: time our kernel and torch's packed int4 matmul on one row, keep the faster.
+
+    GENSERVE_INT4_KERNEL=ours|torch skips the timing. Returns {shape: choice} (also logged)."""
+    forced = os.environ.get("GENSERVE_INT4_KERNEL")
+    choices: dict = {}
+    for layer in grouped_layers(model):
+        method = layer.quant_method
+        n, k = layer.weight.shape[0], layer.input_size
+        usable = (method.bits == 4 and method.group_size in TORCH_INT4_GROUPS and k % method.group_size == 0
+                  and layer.weight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16))
+        if not usable or forced == "ours" or not kernels.load_cpu_kernels() and forced != "torch":
+            continue
+        key = (n, k, method.group_size, layer.weight_scale.dtype)
+        if key not in choices:
+            if forced == "torch":
+                choices[key] = "torch"
+            else:
+                packed, scale_and_zeros = _to_torch_int4(layer, dtype)
+                x = torch.randn(1, k, dtype=dtype)
+                ours = _best_of(lambda x=x, m=layer, g=method.group_size: kernels.int4_linear(
+                    x, m.weight, m.weight_scale, m.weight_min, g, None))
+                theirs = _best_of(lambda x=x, p=packed, g=method.group_size, s=scale_and_zeros:
+                                  torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, g, s))
+                choices[key] = "torch" if theirs < ours else "ours"
+                logger.info("int4 [%d, %d] g%d: ours %.1f us, torch int4pack %.1f us -> %s", n, k, method.group_size,
+                            ours * 1e5, theirs * 1e5, choices[key])
+        if choices[key] == "torch":
+            packed, scale_and_zeros = _to_torch_int4(layer, dtype)
+            method.torch_int4 = (packed, scale_and_zeros)
+            layer.weight = nn.Parameter(packed, requires_grad=False)  # the plain nibbles are not kept
+            layer.weight_scale = nn.Parameter(scale_and_zeros, requires_grad=False)
+            layer.weight_min = nn.Parameter(layer.weight_min.new_empty(0), requires_grad=False)
+    return choices
