@@ -78,3 +78,6 @@ def check_cel_rules(schema: dict[str, Any], obj: Any) -> None:
         for key, sub in (schema.get("properties") or {}).items():
             if key in obj:
                 check_cel_rules(sub, obj[key])
+    elif isinstance(obj, list) and "items" in schema:
+        for item in obj:
+            check_cel_rules(schema["items"], item)
