@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from genserve.server.api import openai_routes, platform_routes, tgi_routes, tokenize_routes
+from genserve.server.api import chat_routes, openai_routes, platform_routes, tgi_routes, tokenize_routes
 from genserve.server.api.errors import APIError, install_error_handlers
 from genserve.server.api.generation import GenerationService
 from genserve.server.api.settings import ServerSettings, server_version
@@ -128,6 +128,7 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     app.state.created = int(time.time())
     install_error_handlers(app)
     app.include_router(tgi_routes.router)
+    app.include_router(chat_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(platform_routes.router)
     app.include_router(tokenize_routes.router)

@@ -44,6 +44,10 @@ def generation_error(message: str) -> APIError:
     return APIError(424, f"Request failed during generation: {message}", "generation")
 
 
+def internal_error(e: Exception) -> APIError:
+    return APIError(500, f"Internal error: {type(e).__name__}: {e}", "internal")
+
+
 def incomplete_generation() -> APIError:
     return APIError(500, "Incomplete generation", "incomplete_generation")
 

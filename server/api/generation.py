@@ -1,6 +1,13 @@
-"""What every route shares: tokenise, admit (429), validate (422), run the engine, time and count.
+"""The one request pipeline every route goes through:
 
-The routes only translate between their wire format and `SamplingParams` / `SequenceResult`.
+    open (count, 429, unknown-field warning, wait for the model)
+      -> admit (validate once: limits, grammar, max_new_tokens)        -> AdmittedRequest
+      -> run (JSON: every sequence to its end, abort when the client leaves)
+         | sse (stream: the route renders events, the pipeline ends it: error event, incomplete check)
+      -> finish (success / error / cancelled: metrics, log line, finish observers)
+
+The TGI and OpenAI routes only translate their bodies into `Job`s and results back into their wire
+format. Per-request tracing hooks in at `finish_observers` (called once per request, with its record).
 """
 
 from __future__ import annotations
@@ -10,24 +17,41 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.types import Receive
 
-from genserve.server.api.disconnect import ClientDisconnected
-from genserve.server.api.errors import APIError, generation_error, overloaded, validation_error
+from genserve.server.api.disconnect import ClientDisconnected, unless_disconnected
+from genserve.server.api.engine_client import EngineClient
+from genserve.server.api.errors import (
+    APIError,
+    generation_error,
+    incomplete_generation,
+    internal_error,
+    overloaded,
+    validation_error,
+)
 from genserve.server.api.protocol import unknown_fields
+from genserve.server.api.record import (
+    AdmittedJob,
+    AdmittedRequest,
+    Job,
+    RequestRecord,
+    SequenceResult,
+    best_sequence,
+)
 from genserve.server.api.settings import ServerSettings
+from genserve.server.api.stream import SSEResponse
 from genserve.server.metrics import Metrics
-from genserve.server.outputs import RequestOutput, TokenInfo, TopToken
-from genserve.server.sampling_params import SamplingParams
+from genserve.server.outputs import RequestOutput, TokenInfo
 
 logger = logging.getLogger("genserve.request")
 
-SEED_MODULUS = 2**64
 INLINE_TOKENIZE_CHARS = 4096
+Render = Callable[[AsyncIterator[tuple[int, RequestOutput]]], AsyncIterator[bytes]]
 
 
 def new_request_id() -> str:
@@ -42,85 +66,16 @@ def warn_unknown_fields(route: str, body: BaseModel, request_id: str | None = No
                        extra={"request_id": request_id, "fields": {"ignored_fields": names}})
 
 
-@dataclass(slots=True)
-class SequenceResult:
-    """One finished sequence, as the engine reported it."""
-
-    tokens: list[TokenInfo]
-    text: str  # stop sequence cut off
-    finish_reason: str
-    matched_stop: str | None
-    num_prompt_tokens: int
-    num_generated_tokens: int
-    seed: int | None
-    queue_s: float = 0.0
-    prompt_logprobs: list[float | None] | None = None  # when the params asked for them
-    prompt_top_tokens: list[list[TopToken]] | None = None
-
-    @property
-    def mean_logprob(self) -> float:
-        return sum(t.logprob for t in self.tokens) / len(self.tokens) if self.tokens else float("-inf")
-
-
-@dataclass
-class RequestRecord:
-    """Timings and counts of one HTTP request: headers, metrics and the JSON log line come from it."""
-
-    request_id: str
-    route: str
-    start: float = field(default_factory=time.perf_counter)
-    validated: float | None = None
-    first_token: float | None = None
-    last_token: float | None = None
-    end: float | None = None
-    queue_s: float = 0.0
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    max_new_tokens: int = 0
-    finish_reason: str | None = None
-    status: int = 200
-    error: str | None = None
-    done: bool = False
-
-    def mark_validated(self) -> None:
-        if self.validated is None:
-            self.validated = time.perf_counter()
-
-    def timings(self) -> dict[str, float]:
-        end = self.end or time.perf_counter()
-        validated = self.validated or end
-        total = end - self.start
-        validation = validated - self.start
-        queue = min(self.queue_s, max(end - validated, 0.0))
-        inference = max(end - validated - queue, 0.0)
-        per_token = inference / self.num_generated_tokens if self.num_generated_tokens else 0.0
-        return {"total": total, "validation": validation, "queue": queue, "inference": inference,
-                "time_per_token": per_token}
-
-    def headers(self, compute_type: str) -> dict[str, str]:
-        t = self.timings()
-        ms = {k: str(int(v * 1000)) for k, v in t.items()}
-        return {
-            "x-compute-type": compute_type,
-            "x-total-time": ms["total"],
-            "x-validation-time": ms["validation"],
-            "x-queue-time": ms["queue"],
-            "x-inference-time": ms["inference"],
-            "x-time-per-token": ms["time_per_token"],
-            "x-prompt-tokens": str(self.num_prompt_tokens),
-            "x-generated-tokens": str(self.num_generated_tokens),
-            "x-request-id": self.request_id,
-        }
-
-
 class GenerationService:
-    def __init__(self, engine, settings: ServerSettings, metrics: Metrics):
+    def __init__(self, engine: EngineClient, settings: ServerSettings, metrics: Metrics):
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self.num_in_flight = 0
         self.started: asyncio.Future | None = None
+        # called once per request when it ends (success, error or cancel): tracing spans go here
+        self.finish_observers: list[Callable[[RequestRecord], None]] = []
         self._pool = ThreadPoolExecutor(max(settings.validation_workers, 1), thread_name_prefix="genserve-tokenize")
 
     def close(self) -> None:
@@ -132,14 +87,24 @@ class GenerationService:
 
     @property
     def compute_type(self) -> str:
-        return str(getattr(self.engine, "device", "cpu"))
+        return str(self.engine.device)
 
     @property
     def eos_token_id(self) -> int:
-        eos = getattr(self.tokenizer, "eos_token_id", None)
+        eos = self.tokenizer.eos_token_id
         return eos if isinstance(eos, int) else 0
 
-    # ---- admission -------------------------------------------------------------------------
+    # ---- opening ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def opening(self, request: Request, route: str, body: BaseModel | None = None):
+        """Open a request (count, slot or 429, unknown-field warning) and wait for the model; any error
+        inside the block closes the record as failed."""
+        record = self.begin(route, request.headers.get("x-request-id"), body)
+        record.request_headers = dict(request.headers)
+        with self.guard(record):
+            await self.wait_ready()
+            yield record
 
     def begin(self, route: str, request_id: str | None = None, body: BaseModel | None = None) -> RequestRecord:
         """Count the request and take a concurrency slot, or raise 429 (`--max-concurrent-requests`)."""
@@ -153,12 +118,202 @@ class GenerationService:
         self.num_in_flight += 1
         return record
 
+    @contextlib.contextmanager
+    def guard(self, record: RequestRecord):
+        """Close the record however the block ends; unexpected errors become a JSON 500."""
+        try:
+            yield
+        except APIError as e:
+            self.fail(record, e)
+            raise
+        except (asyncio.CancelledError, ClientDisconnected):
+            self.fail(record, None)
+            raise
+        except Exception as e:
+            logger.exception("request failed", extra={"request_id": record.request_id})
+            error = internal_error(e)
+            self.fail(record, error)
+            raise error from e
+
+    async def wait_ready(self) -> None:
+        if self.started is None:
+            return
+        try:
+            await asyncio.shield(self.started)
+        except Exception as e:
+            raise APIError(503, f"Model is not ready: {e}", "unhealthy") from None
+
+    # ---- admission -------------------------------------------------------------------------
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; long texts go to the `--validation-workers` threads so streams keep flowing."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise validation_error(f"`inputs` is not valid UTF-8: {e.reason}") from None
+
+        def run() -> list[int]:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return run()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+
+    def check_params(self, params) -> None:
+        """The parameters' own ranges (TGI's messages), before any tokenizing."""
+        try:
+            params.validate(self.config.max_stop_sequences, self.config.max_top_n_tokens)
+        except ValueError as e:
+            raise validation_error(str(e)) from None
+
+    async def admit(self, record: RequestRecord, jobs: list[Job], count_best_only: bool = False) -> AdmittedRequest:
+        """Validate every job once against the limits (grammars compiled off the event loop); the
+        result is what `run` and `sse` accept."""
+        admitted, compiled = [], set()
+        try:
+            for job in jobs:
+                if job.params.grammar is not None and id(job.params.grammar) not in compiled:
+                    await self.engine.compile_grammar(job.params)
+                    compiled.add(id(job.params.grammar))
+                admitted.append(AdmittedJob(job.prompt_ids, job.params, self.engine.validate(job.prompt_ids, job.params)))
+        except ValueError as e:
+            raise validation_error(str(e)) from None
+        prompts = {id(job.prompt_ids): job.prompt_ids for job in jobs}
+        record.num_prompt_tokens = sum(len(ids) for ids in prompts.values())
+        record.max_new_tokens = max(job.max_new_tokens for job in admitted)
+        for ids in prompts.values():
+            self.metrics.request_input_length.observe(len(ids))
+        self.metrics.request_max_new_tokens.observe(record.max_new_tokens)
+        record.mark_validated()
+        return AdmittedRequest(record, admitted, count_best_only)
+
+    # ---- running ---------------------------------------------------------------------------
+
+    async def _outputs(self, record: RequestRecord, job: AdmittedJob) -> AsyncIterator[RequestOutput]:
+        """One sequence's engine outputs; closing this iterator aborts it in the engine."""
+        last: float | None = None
+        got_output = False
+        # the engine's id is always fresh: clients may reuse an x-request-id
+        gen = self.engine.generate(job.prompt_ids, job.params, new_request_id(), job.max_new_tokens)
+        async with contextlib.aclosing(gen):
+            try:
+                async for out in gen:
+                    got_output = True
+                    if out.new_tokens:
+                        now = time.perf_counter()
+                        if last is None:
+                            self.metrics.time_to_first_token.observe(now - record.start)
+                            record.first_token = record.first_token or now
+                        else:
+                            for _ in out.new_tokens:
+                                self.metrics.inter_token_latency.observe((now - last) / len(out.new_tokens))
+                        last = record.last_token = now
+                    if out.first_scheduled_time is not None and out.arrival_time:
+                        record.queue_s = max(record.queue_s, out.first_scheduled_time - out.arrival_time)
+                    yield out
+            except ValueError as e:
+                if got_output:
+                    raise generation_error(str(e)) from e
+                raise validation_error(str(e)) from None
+            except (APIError, asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as e:
+                logger.exception("generation failed", extra={"request_id": record.request_id})
+                raise generation_error(str(e) or type(e).__name__) from e
+
+    async def _collect(self, record: RequestRecord, job: AdmittedJob) -> SequenceResult:
+        tokens: list[TokenInfo] = []
+        prompt_logprobs = prompt_top_tokens = None
+        async for out in self._outputs(record, job):
+            tokens.extend(out.new_tokens)
+            if out.prompt_logprobs is not None:
+                prompt_logprobs, prompt_top_tokens = out.prompt_logprobs, out.prompt_top_tokens
+            if out.finished:
+                return SequenceResult(
+                    tokens=tokens, text=out.generated_text or "", finish_reason=out.finish_reason or "length",
+                    matched_stop=out.matched_stop, num_prompt_tokens=out.num_prompt_tokens or len(job.prompt_ids),
+                    num_generated_tokens=out.num_generated_tokens or len(tokens), seed=out.seed,
+                    prompt_logprobs=prompt_logprobs, prompt_top_tokens=prompt_top_tokens)
+        raise incomplete_generation()
+
+    async def run(self, admitted: AdmittedRequest, receive: Receive) -> list[SequenceResult]:
+        """Every job to its end, concurrently (prefix caching shares their prompts); the client leaving
+        aborts them all. Closes the record as a success."""
+        record = admitted.record
+        with self.guard(record):
+            results = await unless_disconnected(receive, _gather([self._collect(record, j) for j in admitted.jobs]))
+        counted = [best_sequence(results)] if admitted.count_best_only else results
+        record.num_generated_tokens = sum(r.num_generated_tokens for r in counted)
+        record.finish_reason = counted[0].finish_reason
+        self.succeed(record)
+        return results
+
+    async def stream(self, admitted: AdmittedRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """The jobs' outputs as they come, tagged with the job's index; ended sequences are counted."""
+        record = admitted.record
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, job: AdmittedJob) -> None:
+            try:
+                async for out in self._outputs(record, job):
+                    queue.put_nowait((i, out))
+            except BaseException as e:  # noqa: B036 - handed to the consumer, which re-raises
+                queue.put_nowait((i, e))
+                raise
+            queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(admitted.jobs)]
+        remaining, finished = len(tasks), 0
+        try:
+            while remaining:
+                i, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    remaining -= 1
+                    continue
+                if item.finished:
+                    finished += 1
+                    record.num_generated_tokens += item.num_generated_tokens
+                    record.finish_reason = item.finish_reason
+                yield i, item
+            if finished < len(tasks):
+                raise incomplete_generation()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def sse(self, admitted: AdmittedRequest, render: Render, error_event: Callable[[APIError], bytes],
+            closing: Callable[[RequestRecord], list[bytes]] = lambda _: []) -> SSEResponse:
+        """A streamed answer: `render` turns the outputs into the route's events; the pipeline ends it
+        the same way for every route (success, or one error event; `closing` events either way, e.g.
+        OpenAI's usage and [DONE]). A client that leaves cancels it, which aborts the engine requests."""
+        record = admitted.record
+
+        async def body() -> AsyncIterator[bytes]:
+            outputs = self.stream(admitted)
+            try:
+                async with contextlib.aclosing(outputs), contextlib.aclosing(render(outputs)) as events:
+                    async for event in events:
+                        yield event
+                self.succeed(record)
+            except Exception as e:
+                error = e if isinstance(e, APIError) else internal_error(e)
+                self.fail(record, error)
+                yield error_event(error)
+            for event in closing(record):
+                yield event
+
+        headers = {"x-compute-type": self.compute_type, "x-request-id": record.request_id}
+        return SSEResponse(body(), headers=headers, on_close=lambda: self.fail(record, None))
+
+    # ---- finishing -------------------------------------------------------------------------
+
     def succeed(self, record: RequestRecord) -> None:
         if record.done:
             return
-        record.done = True
-        record.end = time.perf_counter()
-        self.num_in_flight -= 1
+        self._close(record)
         t = record.timings()
         m = self.metrics
         m.inc("tgi_request_success")
@@ -168,16 +323,13 @@ class GenerationService:
         m.request_inference_duration.observe(t["inference"])
         m.request_mean_time_per_token_duration.observe(t["time_per_token"])
         m.request_generated_tokens.observe(record.num_generated_tokens)
-        self._log(record)
+        self._finished(record)
 
     def fail(self, record: RequestRecord, error: APIError | None, counted_slot: bool = True) -> None:
         """Record a failed, rejected or cancelled request (error None = client went away)."""
         if record.done:
             return
-        record.done = True
-        record.end = time.perf_counter()
-        if counted_slot:
-            self.num_in_flight -= 1
+        self._close(record, counted_slot)
         if error is None:
             kind, record.status, record.error = "cancelled", 499, "client disconnected"
         else:
@@ -186,7 +338,21 @@ class GenerationService:
             kind = kind or ("validation" if error.status_code == 422 else error.error_type)
             record.status, record.error = error.status_code, error.message
         self.metrics.inc("tgi_request_failure", kind)
+        self._finished(record)
+
+    def _close(self, record: RequestRecord, counted_slot: bool = True) -> None:
+        record.done = True
+        record.end = time.perf_counter()
+        if counted_slot:
+            self.num_in_flight -= 1
+
+    def _finished(self, record: RequestRecord) -> None:
         self._log(record)
+        for observer in self.finish_observers:
+            try:
+                observer(record)
+            except Exception:  # an observer (tracing) never fails a request
+                logger.exception("finish observer failed", extra={"request_id": record.request_id})
 
     def _log(self, record: RequestRecord) -> None:
         t = record.timings()
@@ -204,182 +370,14 @@ class GenerationService:
             }},
         )
 
-    @contextlib.contextmanager
-    def guard(self, record: RequestRecord):
-        """Close the record however the block ends; unexpected errors become a JSON 500."""
-        try:
-            yield
-        except APIError as e:
-            self.fail(record, e)
-            raise
-        except (asyncio.CancelledError, ClientDisconnected):
-            self.fail(record, None)
-            raise
-        except Exception as e:
-            logger.exception("request failed", extra={"request_id": record.request_id})
-            error = APIError(500, f"Internal error: {type(e).__name__}: {e}", "internal")
-            self.fail(record, error)
-            raise error from e
 
-    # ---- validation ------------------------------------------------------------------------
-
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; long texts go to the `--validation-workers` threads so streams keep flowing."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise validation_error(f"`inputs` is not valid UTF-8: {e.reason}") from None
-
-        def run() -> list[int]:
-            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-        if len(text) <= INLINE_TOKENIZE_CHARS:
-            return run()
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
-
-    def check_params(self, params: SamplingParams) -> None:
-        try:
-            params.validate(self.config.max_stop_sequences, self.config.max_top_n_tokens)
-        except ValueError as e:
-            raise validation_error(str(e)) from None
-
-    async def validate(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Check the prompt against the limits; returns the resolved `max_new_tokens`."""
-        self.check_params(params)
-        try:
-            compile_grammar = getattr(self.engine, "compile_grammar", None)
-            if compile_grammar is not None:
-                await compile_grammar(params)
-            max_new_tokens = self.engine.validate(prompt_ids, params)
-        except ValueError as e:
-            raise validation_error(str(e)) from None
-        record.num_prompt_tokens = len(prompt_ids)
-        record.max_new_tokens = max_new_tokens
-        self.metrics.request_input_length.observe(len(prompt_ids))
-        self.metrics.request_max_new_tokens.observe(max_new_tokens)
-        return max_new_tokens
-
-    async def wait_ready(self) -> None:
-        if self.started is None:
-            return
-        try:
-            await asyncio.shield(self.started)
-        except Exception as e:
-            raise APIError(503, f"Model is not ready: {e}", "unhealthy") from None
-
-    # ---- running ---------------------------------------------------------------------------
-
-    async def stream(
-        self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        """Engine outputs of one sequence; closing this iterator aborts the request in the engine."""
-        record.mark_validated()
-        last: float | None = None
-        got_output = False
-        # the engine's id is always fresh: clients may reuse an x-request-id
-        gen = self.engine.generate(prompt_ids, params, new_request_id())
-        async with contextlib.aclosing(gen):
-            try:
-                async for out in gen:
-                    got_output = True
-                    n = len(out.new_tokens)
-                    if n:
-                        now = time.perf_counter()
-                        if last is None:
-                            self.metrics.time_to_first_token.observe(now - record.start)
-                            record.first_token = record.first_token or now
-                        else:
-                            for _ in range(n):
-                                self.metrics.inter_token_latency.observe((now - last) / n)
-                        last = record.last_token = now
-                    if out.first_scheduled_time is not None and out.arrival_time:
-                        record.queue_s = max(record.queue_s, out.first_scheduled_time - out.arrival_time)
-                    yield out
-            except ValueError as e:
-                if got_output:
-                    raise generation_error(str(e)) from e
-                raise validation_error(str(e)) from None
-            except (APIError, asyncio.CancelledError, GeneratorExit):
-                raise
-            except Exception as e:
-                logger.exception("generation failed", extra={"request_id": record.request_id})
-                raise generation_error(str(e) or type(e).__name__) from e
-
-    async def run(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> SequenceResult:
-        tokens: list[TokenInfo] = []
-        prompt_logprobs = prompt_top_tokens = None
-        async for out in self.stream(record, prompt_ids, params):
-            tokens.extend(out.new_tokens)
-            if out.prompt_logprobs is not None:
-                prompt_logprobs, prompt_top_tokens = out.prompt_logprobs, out.prompt_top_tokens
-            if out.finished:
-                return SequenceResult(
-                    tokens=tokens,
-                    text=out.generated_text or "",
-                    finish_reason=out.finish_reason or "length",
-                    matched_stop=out.matched_stop,
-                    num_prompt_tokens=out.num_prompt_tokens or len(prompt_ids),
-                    num_generated_tokens=out.num_generated_tokens or len(tokens),
-                    seed=out.seed,
-                    prompt_logprobs=prompt_logprobs,
-                    prompt_top_tokens=prompt_top_tokens,
-                )
-        raise APIError(500, "Incomplete generation", "incomplete_generation")
-
-    async def run_many(self, record: RequestRecord, jobs: list[Job]) -> list[SequenceResult]:
-        """Run several sequences concurrently (`n`, `best_of`, prompt lists); prefix caching shares prompts."""
-        if len(jobs) == 1:
-            return [await self.run(record, jobs[0].prompt_ids, jobs[0].params)]
-        tasks = [
-            asyncio.ensure_future(self.run(record, job.prompt_ids, job.params)) for job in jobs
-        ]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
-    async def stream_many(self, record: RequestRecord, jobs: list[Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Interleave the outputs of several sequences as they come, tagged with the job index."""
-        if len(jobs) == 1:
-            async for out in self.stream(record, jobs[0].prompt_ids, jobs[0].params):
-                yield 0, out
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, job: Job) -> None:
-            try:
-                async for out in self.stream(record, job.prompt_ids, job.params):
-                    queue.put_nowait((i, out))
-            except BaseException as e:  # noqa: B036 - handed to the consumer, which re-raises
-                queue.put_nowait((i, e))
-                raise
-
-        tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
-        remaining = len(jobs)
-        try:
-            while remaining:
-                i, item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    remaining -= 1
-                yield i, item
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
-@dataclass(slots=True)
-class Job:
-    prompt_ids: list[int]
-    params: SamplingParams
-
-
-def derive_seeds(seed: int | None, n: int) -> list[int | None]:
-    if seed is None:
-        return [None] * n
-    return [(seed + i) % SEED_MODULUS for i in range(n)]
+async def _gather(coros: list) -> list:
+    """All results, or the first error with the rest cancelled (their engine requests aborted)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

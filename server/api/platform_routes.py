@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from genserve.server.api import openai_routes, tgi_routes
+from genserve.server.api import chat_routes, openai_routes, tgi_routes
 from genserve.server.api.errors import APIError, format_pydantic_errors, validation_error
 from genserve.server.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from genserve.server.api.tgi_routes import ERRORS
@@ -59,7 +59,7 @@ async def invocations(request: Request) -> Response:
     data = await json_body(request)
     kind = body_kind(data)
     if kind == "chat":
-        return await openai_routes.chat_completions(parse_body(ChatCompletionRequest, data), request)
+        return await chat_routes.chat_completions(parse_body(ChatCompletionRequest, data), request)
     if kind == "completion":
         return await openai_routes.completions(parse_body(CompletionRequest, data), request)
     return await tgi_routes.compat_generate(parse_body(GenerateRequest, data), request)
@@ -77,7 +77,7 @@ async def _vertex_prediction(request: Request, instance: Any, index: int) -> str
         body = parse_body(ChatCompletionRequest, instance, where)
         if body.stream:
             raise validation_error(f"`{where}.stream` is not supported on /vertex")
-        answer = await openai_routes.chat_completions(body, request)
+        answer = await chat_routes.chat_completions(body, request)
         return json.loads(answer.body)["choices"][0]["message"]["content"] or ""
     req = parse_body(GenerateRequest, instance, where)
     if req.stream:

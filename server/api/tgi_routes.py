@@ -8,15 +8,8 @@ from dataclasses import replace
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from genserve.server.api.disconnect import unless_disconnected
-from genserve.server.api.errors import APIError, incomplete_generation, validation_error
-from genserve.server.api.generation import (
-    GenerationService,
-    Job,
-    RequestRecord,
-    SequenceResult,
-    warn_unknown_fields,
-)
+from genserve.server.api.errors import validation_error
+from genserve.server.api.generation import GenerationService, warn_unknown_fields
 from genserve.server.api.protocol import (
     ErrorResponse,
     GenerateParameters,
@@ -27,10 +20,11 @@ from genserve.server.api.protocol import (
     SimpleToken,
     StreamResponse,
 )
+from genserve.server.api.record import AdmittedRequest, Job, RequestRecord, SequenceResult, best_sequence
 from genserve.server.api.settings import server_version
 from genserve.server.api.stream import SSEResponse, sse_event
 from genserve.server.grammar import GrammarSpec
-from genserve.server.outputs import TokenInfo
+from genserve.server.outputs import RequestOutput, TokenInfo
 from genserve.server.sampling_params import SamplingParams
 
 router = APIRouter(tags=["Text Generation Inference"])
@@ -151,93 +145,70 @@ def sequence_json(svc: GenerationService, seq: SequenceResult, req: GenerateRequ
     return out
 
 
-async def prepare(svc: GenerationService, record: RequestRecord, req: GenerateRequest, stream: bool) -> tuple[list[int], SamplingParams, int]:
+async def admit(svc: GenerationService, record: RequestRecord, req: GenerateRequest, stream: bool) -> AdmittedRequest:
+    """TGI's body -> jobs (best_of copies), admitted once."""
     cfg = svc.config
     params, best_of = to_sampling_params(req.parameters, cfg.max_best_of, cfg.max_input_tokens, stream)
     svc.check_params(params)
     ids = await svc.encode(req.inputs, add_special_tokens=req.add_special_tokens)
     if req.parameters.truncate is not None:
         ids = ids[-req.parameters.truncate:]
-    await svc.validate(record, ids, params)
-    return ids, params, best_of
+    jobs = [Job(ids, params if best_of == 1 else replace(params, seed=None)) for _ in range(best_of)]
+    return await svc.admit(record, jobs, count_best_only=True)
 
 
 async def generate_json(request: Request, req: GenerateRequest, route: str) -> tuple[dict, dict[str, str]]:
     svc = service(request)
-    record = svc.begin(route, request.headers.get("x-request-id"), req)
-    with svc.guard(record):
-        await svc.wait_ready()
-        ids, params, best_of = await prepare(svc, record, req, stream=False)
-        jobs = [Job(ids, params if best_of == 1 else replace(params, seed=None)) for _ in range(best_of)]
-        results = await unless_disconnected(request.receive, svc.run_many(record, jobs))
-    best = max(results, key=lambda s: s.mean_logprob) if best_of > 1 else results[0]
-    record.num_generated_tokens = best.num_generated_tokens
-    record.finish_reason = best.finish_reason
+    async with svc.opening(request, route, req) as record:
+        admitted = await admit(svc, record, req, stream=False)
+        results = await svc.run(admitted, request.receive)
+    best = best_sequence(results)
+    ids, params = admitted.jobs[0].prompt_ids, admitted.jobs[0].params
     body: dict = {"generated_text": (req.inputs if req.parameters.return_full_text else "") + tgi_text(best)}
     if req.parameters.details or req.parameters.decoder_input_details:
         sampled = not params.is_greedy
         details = sequence_json(svc, best, req, ids, sampled)
         details.pop("generated_text")
-        if best_of > 1:
+        if len(results) > 1:
             details["best_of_sequences"] = [sequence_json(svc, s, req, ids, sampled) for s in results if s is not best]
         body["details"] = details
-    svc.succeed(record)
     return body, record.headers(svc.compute_type)
 
 
 async def _generate_stream(request: Request, req: GenerateRequest, route: str) -> SSEResponse:
     svc = service(request)
-    record = svc.begin(route, request.headers.get("x-request-id"), req)
-    with svc.guard(record):
-        await svc.wait_ready()
-        ids, params, _ = await prepare(svc, record, req, stream=True)
-    headers = {"x-compute-type": svc.compute_type, "x-request-id": record.request_id}
-    return SSEResponse(_tgi_events(svc, record, req, ids, params), headers=headers,
-                       on_close=lambda: svc.fail(record, None))
+    async with svc.opening(request, route, req) as record:
+        admitted = await admit(svc, record, req, stream=True)
+    return svc.sse(admitted, lambda outputs: _tgi_events(svc, req, admitted, outputs),
+                   lambda error: sse_event(error.body()))
 
 
-async def _tgi_events(
-    svc: GenerationService, record: RequestRecord, req: GenerateRequest, ids: list[int], params: SamplingParams
-) -> AsyncIterator[bytes]:
+async def _tgi_events(svc: GenerationService, req: GenerateRequest, admitted: AdmittedRequest,
+                      outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[bytes]:
+    """TGI's events: one per token; the last carries generated_text (and details)."""
+    params, num_prompt = admitted.jobs[0].params, len(admitted.jobs[0].prompt_ids)
     index = 0
-    top_n = params.top_n_tokens
-    try:
-        async for out in svc.stream(record, ids, params):
-            tokens = out.new_tokens
-            if out.finished and not tokens:
-                # nothing new in the last step: close with an empty special token carrying the end
-                tokens = [TokenInfo(id=svc.eos_token_id, text="", logprob=0.0, special=True)]
-            for k, tok in enumerate(tokens):
-                index += 1
-                event: dict = {"index": index, "token": token_json(tok), "generated_text": None, "details": None}
-                if top_n:
-                    event["top_tokens"] = top_tokens_json(tok)
-                if out.finished and k == len(tokens) - 1:
-                    text = (out.generated_text or "") + (out.matched_stop or "")
-                    event["generated_text"] = (req.inputs if req.parameters.return_full_text else "") + text
-                    record.num_generated_tokens = out.num_generated_tokens
-                    record.finish_reason = out.finish_reason
-                    if req.parameters.details:
-                        event["details"] = {
-                            "finish_reason": out.finish_reason,
-                            "generated_tokens": out.num_generated_tokens,
-                            "seed": out.seed if not params.is_greedy else None,
-                            "input_length": len(ids),
-                        }
-                    svc.succeed(record)
-                yield sse_event(event)
-            if out.finished:
-                return
-        err = incomplete_generation()
-        svc.fail(record, err)
-        yield sse_event(err.body())
-    except APIError as e:
-        svc.fail(record, e)
-        yield sse_event(e.body())
-    except Exception as e:
-        error = APIError(500, f"Internal error: {type(e).__name__}: {e}", "internal")
-        svc.fail(record, error)
-        yield sse_event(error.body())
+    async for _, out in outputs:
+        tokens = out.new_tokens
+        if out.finished and not tokens:
+            # nothing new in the last step: close with an empty special token carrying the end
+            tokens = [TokenInfo(id=svc.eos_token_id, text="", logprob=0.0, special=True)]
+        for k, tok in enumerate(tokens):
+            index += 1
+            event: dict = {"index": index, "token": token_json(tok), "generated_text": None, "details": None}
+            if params.top_n_tokens:
+                event["top_tokens"] = top_tokens_json(tok)
+            if out.finished and k == len(tokens) - 1:
+                text = (out.generated_text or "") + (out.matched_stop or "")
+                event["generated_text"] = (req.inputs if req.parameters.return_full_text else "") + text
+                if req.parameters.details:
+                    event["details"] = {
+                        "finish_reason": out.finish_reason,
+                        "generated_tokens": out.num_generated_tokens,
+                        "seed": out.seed if not params.is_greedy else None,
+                        "input_length": num_prompt,
+                    }
+            yield sse_event(event)
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS, response_model_exclude_none=True)
@@ -287,8 +258,8 @@ def _kv_capacity(engine) -> int | None:
 
 def _model_sha(engine) -> str | None:
     # a Hub snapshot folder is named after its commit
-    folder = getattr(engine, "model_dir", None)
-    if folder is not None and getattr(folder, "parent", None) is not None and folder.parent.name == "snapshots":
+    folder = engine.model_dir
+    if folder is not None and folder.parent.name == "snapshots":
         return folder.name
     return None
 
@@ -299,8 +270,8 @@ def info_json(request: Request) -> dict:
     return Info(
         model_id=str(engine.model_id),
         model_sha=s.model_sha or _model_sha(engine),
-        model_dtype=str(getattr(engine, "dtype", "unknown")),
-        model_device_type=str(getattr(engine, "device", "cpu")).split(":")[0],
+        model_dtype=str(engine.dtype),
+        model_device_type=str(engine.device).split(":")[0],
         model_pipeline_tag="text-generation",
         max_concurrent_requests=s.max_concurrent_requests,
         max_best_of=cfg.max_best_of,
@@ -319,7 +290,7 @@ def info_json(request: Request) -> dict:
         sha=s.sha,
         docker_label=s.docker_label,
         load_format=cfg.load_format,
-        model_path_kind=getattr(engine, "model_path_kind", None),
+        model_path_kind=engine.model_path_kind,
     ).model_dump()
 
 
@@ -333,7 +304,7 @@ async def info(request: Request) -> JSONResponse:
 async def health(request: Request) -> Response:
     """200 once the model is loaded and warmed up, 503 before."""
     engine = service(request).engine
-    if engine.is_ready and getattr(engine, "error", None) is None:
+    if engine.is_ready and engine.error is None:
         return Response(status_code=200)
     return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from genserve.server.api.chat_routes import chat_prompt, chat_unsupported
 from genserve.server.api.errors import validation_error
 from genserve.server.api.generation import GenerationService, warn_unknown_fields
-from genserve.server.api.openai_routes import chat_prompt, chat_unsupported
 from genserve.server.api.platform_routes import json_body, parse_body
 from genserve.server.api.protocol import (
     ChatCompletionRequest,

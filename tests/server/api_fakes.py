@@ -1,4 +1,4 @@
-"""A small in-process engine that follows AsyncEngine's contract, for the API unit tests."""
+"""A small in-process engine that implements the API's EngineClient protocol, for the API unit tests."""
 
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ class FakeEngine:
         self.model_dir = Path("/nonexistent")
         self.dtype = "float32"
         self.device = "cpu"
+        self.model_path_kind = "native"
+        self.error: BaseException | None = None
         self.is_ready = False
         self.step_observers: list = []
         self.step_delay = step_delay
@@ -100,6 +102,9 @@ class FakeEngine:
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
+    async def compile_grammar(self, params) -> None:
+        """The fake has no grammar engine: grammars are accepted and not enforced."""
+
     def _token(self, tid: int, i: int, top_n: int) -> TokenInfo:
         special = tid == self.tokenizer.eos_token_id
         text = self.tokenizer.decode([tid])
@@ -110,8 +115,8 @@ class FakeEngine:
             tops.append(TopToken(alt, self.tokenizer.decode([alt]), logprob - k, False))
         return TokenInfo(tid, text, logprob, special, tops[:top_n])
 
-    async def generate(self, prompt_token_ids, params, request_id=None):
-        max_new = self.validate(prompt_token_ids, params)
+    async def generate(self, prompt_token_ids, params, request_id=None, max_new_tokens=None):
+        max_new = self.validate(prompt_token_ids, params) if max_new_tokens is None else max_new_tokens
         self.seen_params.append(params)
         self.seen_prompts.append(list(prompt_token_ids))
         rid = request_id or uuid.uuid4().hex
