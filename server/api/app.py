@@ -17,10 +17,13 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from genserve.server.api import chat_routes, openai_routes, platform_routes, tgi_routes, tokenize_routes
+from genserve.server.api.engine_client import EngineClient
 from genserve.server.api.errors import APIError, install_error_handlers
 from genserve.server.api.generation import GenerationService
+from genserve.server.api.record import RequestRecord
 from genserve.server.api.settings import ServerSettings, server_version
 from genserve.server.metrics import Metrics
+from genserve.server.tracing import RequestTimes, trace_request, tracing_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +84,19 @@ class RequestGuard:
         await self.app(scope, replay, send)
 
 
-def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
+def trace_record(record: RequestRecord) -> None:
+    """A finished request's spans (validate, queue, prefill, decode), when --otlp-endpoint is set."""
+    if not tracing_enabled():
+        return
+    attributes: dict = {"request_id": record.request_id, "http.status_code": record.status}
+    if record.error is not None and record.status >= 400:
+        attributes["error"] = record.error
+    trace_request(record.route, record.request_headers, RequestTimes(
+        start=record.start, end=record.end or record.start, validated=record.validated, queue_s=record.queue_s,
+        first_token=record.first_token, num_generated_tokens=record.num_generated_tokens, attributes=attributes))
+
+
+def create_app(engine: EngineClient, settings: ServerSettings | None = None) -> FastAPI:
     """Build the HTTP server around an engine (see `genserve.server.async_engine.AsyncEngine`).
 
     Startup begins the engine's warm-up in the background, so `/health` answers 503 until
@@ -92,6 +107,7 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     metrics = Metrics(cfg.max_input_tokens or 4096, cfg.max_total_tokens or 4096)
     metrics.bind_engine(engine)
     service = GenerationService(engine, settings, metrics)
+    service.finish_observers.append(trace_record)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
