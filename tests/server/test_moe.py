@@ -1,15 +1,19 @@
 """Mixture of experts: routing variants against a per-token reference and transformers' routers, experts
 grouped by expert against a token-by-token loop, and native Mixtral / Qwen3-MoE engines whose greedy ids
-equal transformers float32 for 6 prompts at once, in one process and at --num-shard 2 (gloo on CPU)."""
+equal transformers float32 for 6 prompts at once, in one process and at --num-shard 2 (gloo on CPU), and over
+HTTP at --num-shard 2 (a windowed Mixtral, contexts past the window)."""
 
 from __future__ import annotations
 
 import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from http_server import start_server
 from model_helpers import torch_threads
 
 from genserve.server import distributed
@@ -197,3 +201,33 @@ def test_registry_and_sparse_layers():
     assert [is_sparse_layer(config, i) for i in range(3)] == [True, False, True]
     config.decoder_sparse_step, config.mlp_only_layers = 2, []
     assert [is_sparse_layer(config, i) for i in range(3)] == [False, True, False]
+
+
+def test_mixtral_over_http_at_two_shards_six_prompts_at_once(tmp_path, smollm2_dir):
+    config = FAMILIES["mixtral-window"]()
+    config.max_position_embeddings = 2048  # the HTTP helper serves --max-total-tokens 1024
+    torch.manual_seed(0)
+    hf = transformers.MixtralForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "model")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.save_pretrained(tmp_path / "model")
+    expected = []
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt)
+        new = hf.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=2,
+                          pad_token_id=0)[0, len(ids):].tolist()
+        expected.append(new[:new.index(2) + 1] if 2 in new else new)
+    server = start_server(tmp_path, "--model-id", str(tmp_path / "model"), "--num-shard", "2")
+    try:
+        assert httpx.get(server.base_url + "/info", timeout=10).json()["model_path_kind"] == "native"
+
+        def generate(prompt: str) -> list[int]:
+            body = {"inputs": prompt, "parameters": {"max_new_tokens": MAX_NEW, "details": True}}
+            response = httpx.post(server.base_url + "/generate", json=body, timeout=300)
+            assert response.status_code == 200, response.text
+            return [t["id"] for t in response.json()["details"]["tokens"]]
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            assert list(pool.map(generate, PROMPTS)) == expected
+    finally:
+        assert server.stop() == 0
