@@ -234,17 +234,19 @@ def test_engine_greedy_tokens_equal_through_varlen(model, tiny_dir, smollm2_dir,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("window", [None, 100], ids=["full", "window"])
 @pytest.mark.parametrize("backend,block_size", [("varlen", 16), ("flash_paged", 256), ("gather", 16)])
-def test_cuda_backends_match_the_reference(backend, block_size):
+def test_cuda_backends_match_the_reference(backend, block_size, window):
     cuda = torch.device("cuda")
     flash = backend != "gather"
     if flash and not attention.flash_attention_usable(cuda, torch.bfloat16, 128):
         pytest.skip("no FlashAttention on this GPU")
     lens = [*LENS, 1000, 2047, 4096]
     q, k_cache, v_cache, tables, context_lens = paged_case(lens, 32, 8, 128, torch.bfloat16, block_size=block_size)
-    expected = reference(q, k_cache, v_cache, tables, context_lens, 128 ** -0.5, block_size=block_size)
+    expected = reference(q, k_cache, v_cache, tables, context_lens, 128 ** -0.5, block_size=block_size,
+                         window=window)
     out = decode(backend, q.to(cuda), k_cache.to(cuda), v_cache.to(cuda), tables.to(cuda), context_lens.to(cuda),
-                 block_size=block_size, flash=flash)
+                 block_size=block_size, flash=flash, sliding_window=window)
     torch.testing.assert_close(out.cpu().double(), expected, atol=2e-2, rtol=2e-2)
 
 

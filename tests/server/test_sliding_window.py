@@ -247,6 +247,35 @@ def test_blocks_behind_the_window_return_to_the_pool_during_a_long_generation(ti
         assert kv.num_used_blocks == 0
 
 
+@pytest.mark.parametrize("setting", ["small pool", "speculate", "padded graphs"])
+def test_freed_blocks_let_a_small_pool_serve_long_contexts_with_drafts_and_graphs(tiny_dir, prompts, setting):
+    # 20 blocks of 16: every context (up to 78 + 120 tokens) would need 13 at full attention, 78 in all
+    if transformers.AutoConfig.from_pretrained(tiny_dir).model_type != "mistral":
+        pytest.skip("blocks are freed only where every layer slides")
+    max_new = 120
+    expected = hf_greedy(tiny_dir, prompts, max_new)
+    settings = {"small pool": dict(max_total_tokens=320, max_input_tokens=200, max_batch_total_tokens=320),
+                "speculate": dict(speculate=3), "padded graphs": {}}[setting]
+    engine = make_engine(tiny_dir, **settings)
+    if setting == "padded graphs":  # the CUDA-graph path (static buffers, padding in the scratch block), eager
+        engine.runner.enable_decode_graphs([1, 2, 4, 8], capture=False)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=max_new)) for p in prompts]
+    tokens, num_drafts = {}, 0
+    while engine.has_unfinished:
+        outputs, stats = engine.step()
+        num_drafts += sum(stats.num_drafts)
+        for output in outputs:
+            tokens.setdefault(output.request_id, []).extend(t.id for t in output.new_tokens)
+    assert [tokens[i] for i in ids] == expected
+    if setting == "small pool":
+        assert engine.kv_cache.num_blocks == 20 and engine.scheduler.num_preemptions == 0
+    if setting == "speculate":
+        assert num_drafts > 0  # drafts were verified (and some rejected and rolled back) beside freed blocks
+    if setting == "padded graphs":
+        assert engine.runner.graphs is not None
+    assert engine.kv_cache.num_used_blocks == 0
+
+
 def generate_concurrently(url: str, prompts_ids: list[list[int]], tok, max_new: int) -> list[list[int]]:
     def one(ids: list[int]) -> list[int]:
         body = {"inputs": tok.decode(ids), "parameters": {"max_new_tokens": max_new, "details": True}}
