@@ -36,6 +36,8 @@ def save_served_model(path, name: str, tokenizer_dir) -> torch.nn.Module:
                  max_position_embeddings=MAX_POSITIONS)
     if name.startswith("gpt2"):
         extra["n_positions"] = MAX_POSITIONS
+    if name.startswith("gemma"):
+        extra["head_dim"] = 64  # a head size the native CPU decode kernel takes
     hf = save_family(path, name, **extra)
     transformers.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return hf
@@ -72,6 +74,8 @@ def test_six_prompts_at_once_over_http_equal_transformers(tmp_path, smollm2_dir,
         info = httpx.get(server.base_url + "/info", timeout=10).json()
         assert info.get("model_path_kind", "native") == "native"
         assert "transformers fallback" not in server.log()
+        if name.startswith("gemma"):
+            assert "decode attention: kernel" in server.log() or "decode attention: gather" in server.log()
         assert generate_at_once(server.base_url) == expected
     finally:
         assert server.stop() == 0, server.log()[-3000:]
