@@ -106,3 +106,33 @@ def test_longrope_uses_the_short_factors_inside_the_pretraining_length_and_the_l
         angles = positions.float()[:, None] * inv_freq
         expected = torch.cat([angles.cos(), angles.sin()], dim=-1) * scaling
         torch.testing.assert_close(rotary.cos_sin_cache[positions], expected)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bloom"])
+def test_hub_checkpoints_without_the_body_prefix_and_with_mask_buffers_load(tmp_path, name):
+    """GPT-2 and BLOOM files on the Hub were saved from the bare body: no `transformer.` prefix, and GPT-2's
+    carry the causal-mask buffers `attn.bias` / `attn.masked_bias`."""
+    from safetensors.torch import load_file, save_file
+
+    if name not in family_configs():
+        pytest.skip(f"{name} needs attention options this tree lacks")
+    hf = save_family(tmp_path, name)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items() if k != "lm_head.weight"}
+    if name == "gpt2":
+        tensors["h.0.attn.bias"] = torch.ones(1, 1, 128, 128).tril()
+        tensors["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, tmp_path / "model.safetensors")
+    model = load_native(tmp_path)
+    ids = [5, 9, 14, 2, 77, 31, 8, 60, 61, 3, 44, 17]
+    logits = run_model(model, ids, list(range(len(ids))), metadata(prefill_contexts=[(list(range(12)), 12)]))
+    torch.testing.assert_close(logits, hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma2", "phi3-longrope", "gpt-neox-sequential"])
+def test_bfloat16_close_to_transformers_bfloat16(tmp_path, name):
+    hf = save_family(tmp_path, name)
+    model = load_native(tmp_path, dtype=torch.bfloat16)
+    ids = list(range(1, 30))
+    logits = run_model(model, ids, list(range(len(ids))), metadata(prefill_contexts=[(list(range(29)), 29)]))
+    torch.testing.assert_close(logits, hf_logits(hf.to(torch.bfloat16), ids), atol=3e-2, rtol=3e-2)
