@@ -61,6 +61,10 @@ def load_weights(model: nn.Module, model_dir: str | Path, load_format: str = "au
     if load_format == "dummy":
         init_dummy_weights(model)
         return
+    from genserve.server.quant_formats import load_quantized_checkpoint
+
+    if load_quantized_checkpoint(model, model_dir):  # GPTQ / AWQ / GGUF: weights stay quantized
+        return
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir} (--load-format dummy serves random weights)")
