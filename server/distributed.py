@@ -86,9 +86,9 @@ def check_shardable(hf_config, num_shard: int) -> None:
         raise ValueError(f"--num-shard {num_shard} and the model's {kv_heads} KV heads: one must divide the "
                          "other (KV heads are split, or replicated when there are fewer than shards)")
     # GPT-2 and BLOOM name no intermediate_size (4 x hidden unless n_inner says otherwise)
-    if getattr(hf_config, "intermediate_size", None) and hf_config.intermediate_size % num_shard:
-        raise ValueError(f"--num-shard {num_shard} does not divide intermediate_size "
-                         f"{hf_config.intermediate_size}")
+    for name in ("intermediate_size", "moe_intermediate_size"):  # each expert is sharded like a dense MLP
+        if getattr(hf_config, name, None) and getattr(hf_config, name) % num_shard:
+            raise ValueError(f"--num-shard {num_shard} does not divide {name} {getattr(hf_config, name)}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,26 +131,26 @@ def with_tokenizer(folder: Path, smollm2_dir) -> Path:
     return folder
 
 
-def serve_fails(model_dir: Path, *extra: str) -> tuple[int, str]:
+def serve_fails(model_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "genserve"), "serve", "--model-id", str(model_dir), "--port", "1",
            "--dtype", "float32", "--device", "cpu", "--max-total-tokens", "128", *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    return result.returncode, result.stderr
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def assert_one_line_error(returncode: int, stderr: str, pattern: str) -> None:
-    assert returncode != 0
+def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    stderr = result.stderr
+    assert result.returncode != 0
     assert "Traceback" not in stderr, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("genserve serve: error: "), stderr[-3000:]
     assert re.search(pattern, last), last
-    assert "serving" not in stderr and "Uvicorn running" not in stderr
+    assert "serving" not in result.stdout + stderr and "Uvicorn running" not in result.stdout + stderr
 
 
 def test_cli_unknown_architecture(tmp_path, smollm2_dir):
     folder = with_tokenizer(tmp_path, smollm2_dir)
     (folder / "config.json").write_text(json.dumps({"model_type": "no-such-arch", "architectures": ["NoSuch"]}))
-    assert_one_line_error(*serve_fails(folder), r"unknown architecture \['NoSuch'\]")
+    assert_one_line_error(serve_fails(folder), r"unknown architecture \['NoSuch'\]")
 
 
 def test_cli_remote_code_needs_the_flag_and_serves_with_it(tmp_path, smollm2_dir):
@@ -166,7 +166,7 @@ def test_cli_remote_code_needs_the_flag_and_serves_with_it(tmp_path, smollm2_dir
     (folder / "config.json").write_text(json.dumps(raw))
     (folder / "configuration_custom.py").write_text(CUSTOM_CONFIG)
     (folder / "modeling_custom.py").write_text(CUSTOM_MODEL)
-    assert_one_line_error(*serve_fails(folder), r"model_type 'genserve-custom' needs the checkpoint's own code "
+    assert_one_line_error(serve_fails(folder), r"model_type 'genserve-custom' needs the checkpoint's own code "
                                                 r".*pass --trust-remote-code")
     server = start_server(tmp_path, "--model-id", str(folder), "--trust-remote-code")
     try:
@@ -178,10 +178,10 @@ def test_cli_remote_code_needs_the_flag_and_serves_with_it(tmp_path, smollm2_dir
         server.stop()
 
 
-@pytest.mark.parametrize("family", ["native", "transformers"])
+@pytest.mark.parametrize("family", ["native", "native-2-shards", "transformers"])
 def test_cli_corrupted_safetensors_header(tmp_path, smollm2_dir, family):
     folder = with_tokenizer(tmp_path, smollm2_dir)
-    if family == "native":
+    if family.startswith("native"):
         config = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
                                           num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=128)
         transformers.LlamaForCausalLM(config).save_pretrained(folder)
@@ -189,4 +189,7 @@ def test_cli_corrupted_safetensors_header(tmp_path, smollm2_dir, family):
         transformers.GPTJForCausalLM(transformers.GPTJConfig(vocab_size=49152, n_positions=128, n_embd=32, n_layer=1,
                                                              n_head=4, rotary_dim=4)).save_pretrained(folder)
     corrupt_header(folder / "model.safetensors")
-    assert_one_line_error(*serve_fails(folder), r"corrupted safetensors file \S*model.safetensors")
+    extra = ["--num-shard", "2"] if family == "native-2-shards" else []
+    result = serve_fails(folder, *extra)
+    assert_one_line_error(result, r"corrupted safetensors file \S*model.safetensors")
+    assert "tensor-parallel worker" not in result.stdout + result.stderr  # checked before any rank starts

@@ -231,3 +231,13 @@ def test_mixtral_over_http_at_two_shards_six_prompts_at_once(tmp_path, smollm2_d
             assert list(pool.map(generate, PROMPTS)) == expected
     finally:
         assert server.stop() == 0
+
+
+def test_expert_intermediate_size_must_split_over_the_shards():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                             moe_intermediate_size=30)
+    distributed.check_shardable(config, 2)
+    with pytest.raises(ValueError, match="--num-shard 4 does not divide moe_intermediate_size 30"):
+        distributed.check_shardable(config, 4)
