@@ -28,6 +28,7 @@ OPTIONS: dict[str, dict] = {
                                             "labels": {"grafana_dashboard": "1"},
                                             "annotations": {"grafana_folder": "genserve"}}},
     "no-dashboards": {"dashboards": {"enabled": False}},
+    "no-inference-extension": {"rbac": {"create": True, "inferenceExtension": False}},
     "existing-service-account": {"rbac": {"create": False},
                                  "serviceAccount": {"create": False, "name": "ops-robot",
                                                     "automountServiceAccountToken": True}},
@@ -187,6 +188,10 @@ REQUIRED_NAMESPACED = {
     ("", "secrets", "get"), ("", "events", "create"), ("", "pods", "list"), ("", "pods", "get"),
     ("monitoring.coreos.com", "servicemonitors", "create"), ("monitoring.coreos.com", "podmonitors", "create"),
     ("kopf.dev", "kopfpeerings", "patch"),
+    ("batch", "jobs", "create"), ("batch", "jobs", "watch"), ("batch", "jobs", "delete"),
+    ("inference.networking.k8s.io", "inferencepools", "create"),
+    ("inference.networking.k8s.io", "inferencepools", "delete"),
+    ("gateway.networking.k8s.io", "httproutes", "create"), ("gateway.networking.k8s.io", "httproutes", "delete"),
 }
 REQUIRED_CLUSTER = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
@@ -223,6 +228,12 @@ def test_rbac_namespaced_by_watch_namespaces():
     assert not {g for g in grants if g[0] in ("apps", "genserve.dev") or g[1] in ("secrets", "pods")}
     args = find(objects, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
+
+
+def test_rbac_without_the_inference_extension():
+    (role,) = find(render_objects(OPTIONS["no-inference-extension"]), "ClusterRole")
+    groups = {g for g, _, _ in _grants(role)}
+    assert "batch" in groups and not groups & {"inference.networking.k8s.io", "gateway.networking.k8s.io"}
 
 
 def test_rbac_and_service_account_can_be_external():

@@ -72,13 +72,26 @@ ClusterRole (all namespaces) and the per-namespace Roles. */}}
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+# the Job that fills a shared model cache before the pods start (spec.cache.mode shared)
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+{{- if .Values.rbac.inferenceExtension }}
+# spec.routing.inferencePool: the pool over the server pods and the route from a Gateway to it
+- apiGroups: ["inference.networking.k8s.io"]
+  resources: ["inferencepools"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: ["gateway.networking.k8s.io"]
+  resources: ["httproutes"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+{{- end }}
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors", "podmonitors"]
   verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-# read-only and by name: to report a missing token or API-key Secret (pods get them via secretKeyRef)
+# read-only and by name: to report a missing token, API-key or S3 Secret (pods get them via secretKeyRef)
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
