@@ -1,0 +1,162 @@
+"""GPTQ and AWQ safetensors checkpoints, made here by quantizing SmolLM2 and packing with each format's own
+layout (AutoGPTQ v1: int32 words along the input dim, zeros stored minus one; AutoAWQ GEMM: words along the
+output dim in the interleaved order 0 2 4 6 1 3 5 7), served as grouped int4 weights: greedy tokens equal a
+float model holding the dequantized weights (q - z) * s. Bad checkpoints fail in one line naming the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from model_helpers import load_native, make_tiny_checkpoint
+from quant_reference import engine_greedy, float_checkpoint, hf_greedy, is_linear_weight, tokenize
+from safetensors.torch import load_file, save_file
+
+from genserve.server.layers.linear import LinearBase
+from genserve.server.layers.quantization import quantize_model
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def quantize_rtn(weight: torch.Tensor, group_size: int):
+    """weight [N, K] -> q [N, K], zero [G, N] (1..15: GPTQ v1 cannot store 0), scale [G, N] fp16."""
+    n, k = weight.shape
+    num_groups = -(-k // group_size)
+    groups = torch.nn.functional.pad(weight.float(), (0, num_groups * group_size - k)).view(n, num_groups, -1)
+    low, high = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+    scale = ((high - low) / 15).clamp(min=1e-6).half()
+    zero = torch.round(-low / scale.float()).clamp(1, 15)
+    per_col = lambda t: t.repeat_interleave(group_size, dim=1)[:, :k]  # noqa: E731
+    q = (torch.round(weight.float() / per_col(scale.float())) + per_col(zero)).clamp(0, 15).to(torch.int64)
+    return q, zero.T.to(torch.int64).contiguous(), scale.T.contiguous()
+
+
+def dequantized(q, zero, scale, group_size):
+    k = q.shape[1]
+    per_col = lambda t: t.T.repeat_interleave(group_size, dim=1)[:, :k]  # noqa: E731
+    return (q - per_col(zero)).float() * per_col(scale.float())
+
+
+def to_int32(words: torch.Tensor) -> torch.Tensor:
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_gptq(q, zero, scale, group_size):
+    q_kn = q.T  # [K, N]
+    shifts = torch.arange(8) * 4
+    qweight = (q_kn.view(-1, 8, q_kn.shape[1]) << shifts[None, :, None]).sum(1)
+    qzeros = ((zero - 1).view(zero.shape[0], -1, 8) << shifts).sum(-1)  # v1: zero - 1
+    g_idx = (torch.arange(q.shape[1]) // group_size).to(torch.int32)
+    return {"qweight": to_int32(qweight), "qzeros": to_int32(qzeros), "scales": scale, "g_idx": g_idx}
+
+
+def pack_awq(q, zero, scale, group_size):
+    shifts = torch.arange(8) * 4
+
+    def words(values):  # [R, N] -> [R, N / 8], slot i of word c holding column 8c + AWQ_ORDER[i]
+        slots = values.view(values.shape[0], -1, 8)[..., list(AWQ_ORDER)]
+        return to_int32((slots << shifts).sum(-1))
+
+    return {"qweight": words(q.T.contiguous()), "qzeros": words(zero), "scales": scale}
+
+
+FORMATS = {
+    "gptq": (pack_gptq, 128, {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                              "sym": False, "checkpoint_format": "gptq"}),
+    "awq": (pack_awq, 64, {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True,
+                           "version": "gemm"}),
+}
+
+
+def write_quantized(source, target, method: str, group_size: int | None = None):
+    """Quantize `source`'s linears into `method`'s checkpoint at `target`; returns the dequantized tensors."""
+    pack, default_group, config = FORMATS[method]
+    group_size = group_size or default_group
+    tensors = {}
+    for file in sorted(source.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    quantized, reference = {}, {}
+    for name, weight in tensors.items():
+        if not is_linear_weight(name):
+            quantized[name] = reference[name] = weight
+            continue
+        q, zero, scale = quantize_rtn(weight, group_size)
+        prefix = name.removesuffix(".weight")
+        quantized.update({f"{prefix}.{part}": t for part, t in pack(q, zero, scale, group_size).items()})
+        reference[name] = dequantized(q, zero, scale, group_size)
+    target.mkdir(parents=True)
+    for file in source.iterdir():
+        if file.is_file() and not file.name.endswith(".safetensors"):
+            shutil.copy(file, target / file.name)
+    saved = json.loads((source / "config.json").read_text())
+    saved["quantization_config"] = dict(config, group_size=group_size)
+    (target / "config.json").write_text(json.dumps(saved))
+    save_file(quantized, str(target / "model.safetensors"))
+    return reference
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_smollm2_greedy_equals_the_dequantized_float_model(smollm2_dir, tmp_path, method):
+    reference = write_quantized(smollm2_dir, tmp_path / method, method)
+    prompts = tokenize(smollm2_dir)
+    with torch.no_grad():
+        engine, quantized = engine_greedy(tmp_path / method, prompts, quantize=method)
+    model = engine.runner.model
+    assert model.checkpoint_quantization == method
+    assert all(m.weight.dtype == torch.uint8 for m in model.modules() if isinstance(m, LinearBase))
+    del engine, model
+    assert quantized == hf_greedy(float_checkpoint(smollm2_dir, tmp_path / "reference", weights=reference), prompts)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny_checkpoint(path, "LlamaConfig", dict(hidden_size=64, intermediate_size=96, tie_word_embeddings=True))
+    return path
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_tiny_model_logits_equal_the_dequantized_weights(tiny_dir, tmp_path, method):
+    from test_layers_tp import scenario_logits
+
+    reference = write_quantized(tiny_dir, tmp_path / "q", method, group_size=32)
+    model = load_native(tmp_path / "q")
+    expected = load_native(float_checkpoint(tiny_dir, tmp_path / "f", weights=reference))
+    torch.testing.assert_close(scenario_logits(model), scenario_logits(expected), rtol=1e-4, atol=1e-4)
+
+
+def edit_config(path, **changes):
+    saved = json.loads((path / "config.json").read_text())
+    saved["quantization_config"].update(changes)
+    (path / "config.json").write_text(json.dumps(saved))
+
+
+def test_bad_checkpoints_fail_in_one_line_naming_the_problem(tiny_dir, tmp_path):
+    write_quantized(tiny_dir, tmp_path / "gptq", "gptq", group_size=32)
+    edit_config(tmp_path / "gptq", group_size=64)
+    with pytest.raises(ValueError, match="quantization_config does not match its tensors: .*scales"):
+        load_native(tmp_path / "gptq")
+    edit_config(tmp_path / "gptq", group_size=32, bits=8)
+    with pytest.raises(ValueError, match="bits=8: genserve serves 4-bit gptq"):
+        load_native(tmp_path / "gptq")
+    edit_config(tmp_path / "gptq", bits=4, quant_method="hqq")
+    with pytest.raises(ValueError, match="quantized with 'hqq'"):
+        load_native(tmp_path / "gptq")
+    edit_config(tmp_path / "gptq", quant_method="gptq", desc_act=True)
+    tensors = load_file(str(tmp_path / "gptq" / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.g_idx"
+    tensors[name] = tensors[name][torch.randperm(96)]  # act-order: groups no longer contiguous
+    save_file(tensors, str(tmp_path / "gptq" / "model.safetensors"))
+    with pytest.raises(ValueError, match="down_proj: act-order \\(desc_act\\) GPTQ weights.* not supported"):
+        load_native(tmp_path / "gptq")
+
+
+def test_quantize_flag_must_fit_the_checkpoint(tiny_dir, tmp_path):
+    write_quantized(tiny_dir, tmp_path / "awq", "awq", group_size=32)
+    model = load_native(tmp_path / "awq")
+    quantize_model(model, "awq")  # TGI's way: --quantize names the checkpoint's format
+    for method in ("int4", "gptq"):
+        with pytest.raises(ValueError, match=f"--quantize {method}: the checkpoint is already quantized \\(awq\\)"):
+            quantize_model(model, method)
