@@ -14,11 +14,12 @@ from genserve.server.detokenizer import IncrementalDetokenizer
 from genserve.server.grammar import GrammarCompiler
 from genserve.server.kv_cache import KVCacheManager
 from genserve.server.outputs import RequestOutput, TokenInfo, TopToken
-from genserve.server.request import Request, RequestStatus
+from genserve.server.request import Request
 from genserve.server.sampler import SamplingRow, make_generator
 from genserve.server.sampling_params import SamplingParams
 from genserve.server.scheduler import Scheduler, SchedulerConfig
 from genserve.server.speculation import NgramProposer, num_accepted
+from genserve.server.stopping import grammar_stop, text_stop
 
 logger = logging.getLogger(__name__)
 
@@ -308,21 +309,21 @@ class LLMEngine:
                     for t, lp in result.top_tokens[index]]
             infos.append(TokenInfo(token_id, step.token_text, result.logprobs[index], token_id in self.special_ids,
                                    tops))
-            if step.matched_stop is not None:
+            if (stop := text_stop(step.matched_stop)) is not None:
                 matched_stop = step.matched_stop
                 del request.token_ids[request.num_tokens - (len(new_ids) - 1 - j):]
-                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, "stop_sequence")
-                request.finish_reason = "stop_sequence"  # also when the same token hit the length limit
+                self.scheduler.finish_request(request, *stop)
+                request.finish_reason = stop[1]  # also when the same token hit the length limit
                 break
         grammar = state.row.grammar
         if grammar is not None and not request.is_finished:
             token_id = new_ids[-1]  # a grammar request never drafts: one token per step
-            if not grammar.accept(token_id):  # cannot happen with the mask applied; never loop on it
+            stop, rejected = grammar_stop(grammar, token_id)
+            if rejected:  # cannot happen with the mask applied; never loop on it
                 logger.error("grammar rejected token %d: %s", token_id, grammar.error,
                              extra={"request_id": request.request_id})
-                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, "eos_token")
-            elif grammar.is_finished:  # the grammar allows nothing but end-of-sequence: end it here
-                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, "eos_token")
+            if stop is not None:
+                self.scheduler.finish_request(request, *stop)
         output = RequestOutput(
             request_id=request.request_id,
             new_tokens=infos,

@@ -13,6 +13,7 @@ import torch
 
 from genserve.server.grammar import GrammarMatcher, allowed_token_mask, fill_bitmasks
 from genserve.server.sampling_params import SamplingParams
+from genserve.server.stopping import holds_back_stops
 from genserve.server.transfer import HostBatch, to_host
 
 
@@ -27,7 +28,7 @@ class SamplingRow:
 
     @property
     def holds_back_stops(self) -> bool:
-        return len(self.token_ids) - self.num_prompt_tokens < self.params.min_tokens
+        return holds_back_stops(len(self.token_ids) - self.num_prompt_tokens, self.params)
 
     def banned_token_ids(self) -> set[int]:
         """vLLM's bad_words: a word's last token, where the output so far ends with the tokens before it."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from genserve.server.kv_cache import KVCacheManager
 from genserve.server.request import Request, RequestStatus
 from genserve.server.speculation import num_accepted
+from genserve.server.stopping import token_stop
 
 
 @dataclass(slots=True)
@@ -184,7 +185,7 @@ class Scheduler:
                 request.append_output_token(token_id)
                 if request.first_token_time is None:
                     request.first_token_time = time.monotonic()
-                if (stop := self._stop_reason(request, token_id)) is not None:
+                if (stop := token_stop(request, token_id)) is not None:
                     break
             # stopped on a kept draft: its KV is computed, the drafts after it are dropped
             request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens)
@@ -193,16 +194,6 @@ class Scheduler:
                 self.finish_request(request, *stop)
                 finished.append(request)
         return finished
-
-    @staticmethod
-    def _stop_reason(request: Request, token_id: int) -> tuple[RequestStatus, str] | None:
-        if token_id in request.eos_token_ids and not request.sampling_params.ignore_eos:
-            return RequestStatus.FINISHED_STOPPED, "eos_token"
-        if token_id in request.sampling_params.stop_token_ids:
-            return RequestStatus.FINISHED_STOPPED, "eos_token"
-        if request.num_output_tokens >= request.max_new_tokens:
-            return RequestStatus.FINISHED_LENGTH, "length"
-        return None
 
     def finish_request(self, request: Request, status: RequestStatus, reason: str) -> None:
         """Finish or abort: blocks go back to the pool at once."""
