@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     from genserve.server.benchmark.command import add_parser as add_benchmark_parser
 
     add_benchmark_parser(sub)
+    from genserve.server.convert_checkpoint import add_parser as add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 
@@ -224,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         from genserve.server.benchmark.command import run as run_benchmark
 
         return run_benchmark(args)
+    if args.command == "convert":
+        from genserve.server.convert_checkpoint import run as run_convert
+
+        return run_convert(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from genserve.server.model_files import prepare_default_model, resolve_model
 
