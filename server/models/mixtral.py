@@ -17,9 +17,7 @@ from genserve.server.models.llama import LlamaAttention, head_dim_of
 class MixtralDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        window = layer_sliding_window(config, layer_idx)
-        # only a windowed layer passes the option (as common.paged_attention does)
-        self.self_attn = LlamaAttention(config, rotary_emb, **({"sliding_window": window} if window else {}))
+        self.self_attn = LlamaAttention(config, rotary_emb, layer_sliding_window(config, layer_idx))
         self.block_sparse_moe = SparseMoeBlock(config.hidden_size, config.num_local_experts, config.intermediate_size,
                                                mixtral_routing(config), config.hidden_act)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
