@@ -377,7 +377,8 @@ class Attention(nn.Module):
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int,
                  gather_index: torch.Tensor | None) -> torch.Tensor:
         num_new = q.shape[0]
-        window = self.sliding_window
+        # a window as long as the context cuts nothing: keep SDPA's causal fast path
+        window = self.sliding_window if self.sliding_window is not None and ctx_len > self.sliding_window else None
         first_key = 0 if window is None else max(0, ctx_len - num_new - window + 1)  # older keys are out of reach
         if gather_index is None:
             keys, values = k, v
