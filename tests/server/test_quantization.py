@@ -339,3 +339,20 @@ def test_smollm2_int4_greedy_equals_the_dequantized_float_model(smollm2_dir, tmp
     reference_dir = float_checkpoint(smollm2_dir, tmp_path / "dequantized",
                                      transform=lambda name, w: dequantize(*quantize_int4(w, group_size), group_size))
     assert quantized == hf_greedy(reference_dir, prompts)
+
+
+def test_smollm2_int8_greedy_equals_the_dequantized_float_model(smollm2_dir, tmp_path):
+    from quant_reference import engine_greedy, float_checkpoint, hf_greedy, tokenize
+
+    int8 = get_quant_method("int8")
+    prompts = tokenize(smollm2_dir)
+    with torch.no_grad():
+        engine, quantized = engine_greedy(smollm2_dir, prompts, quantize="int8")
+    assert engine.runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+    del engine
+
+    def dequantized(name, weight):
+        q, scale = int8.quantize_weight(weight)
+        return q.float() * scale.float()[:, None]
+
+    assert quantized == hf_greedy(float_checkpoint(smollm2_dir, tmp_path / "dequantized", transform=dequantized), prompts)
