@@ -51,6 +51,7 @@ from genserve.server.outputs import RequestOutput, TokenInfo
 logger = logging.getLogger("genserve.request")
 
 INLINE_TOKENIZE_CHARS = 4096
+TRACE_HEADERS = ("traceparent", "tracestate")
 Render = Callable[[AsyncIterator[tuple[int, RequestOutput]]], AsyncIterator[bytes]]
 
 
@@ -101,7 +102,8 @@ class GenerationService:
         """Open a request (count, slot or 429, unknown-field warning) and wait for the model; any error
         inside the block closes the record as failed."""
         record = self.begin(route, request.headers.get("x-request-id"), body)
-        record.request_headers = dict(request.headers)
+        # only what tracing reads (never the API key): W3C trace context
+        record.request_headers = {k: request.headers[k] for k in TRACE_HEADERS if k in request.headers}
         with self.guard(record):
             await self.wait_ready()
             yield record

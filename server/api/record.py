@@ -35,7 +35,7 @@ class RequestRecord:
     status: int = 200
     error: str | None = None
     done: bool = False
-    request_headers: dict[str, str] = field(default_factory=dict)  # e.g. a caller's `traceparent`
+    request_headers: dict[str, str] = field(default_factory=dict)  # a caller's `traceparent` / `tracestate`
 
     def mark_validated(self) -> None:
         if self.validated is None:

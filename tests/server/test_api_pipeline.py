@@ -52,12 +52,14 @@ async def served(tokenizer):
 ])
 async def test_every_request_ends_once_with_its_record(served, route, body, status):
     client, engine, ended = served
-    r = await client.post(route, json=body, headers={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"})
+    r = await client.post(route, json=body, headers={"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+                                                     "authorization": "Bearer secret"})
     assert r.status_code == status, r.text
     assert len(ended) == 1
     record = ended[0]
     assert record.done and record.status == status and record.end >= record.start
     assert record.request_headers["traceparent"].startswith("00-aaa")
+    assert "authorization" not in record.request_headers  # the record never keeps credentials
     if status == 200:
         assert record.validated is not None and record.first_token is not None
         assert record.num_generated_tokens > 0
