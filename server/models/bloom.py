@@ -10,10 +10,11 @@ from torch import nn
 
 from genserve.server.distributed import get_tp_rank, get_tp_size
 from genserve.server.layers.activation import Activation
+from genserve.server.layers.attention import Attention
 from genserve.server.layers.embedding import VocabParallelEmbedding
 from genserve.server.layers.linear import ColumnParallelLinear, RowParallelLinear
 from genserve.server.layers.norm import LayerNorm
-from genserve.server.models.common import CausalLM, add_prefix, paged_attention
+from genserve.server.models.common import CausalLM, add_prefix
 from genserve.server.models.gpt_neox import split_heads_qkv
 
 
@@ -38,7 +39,7 @@ class BloomAttention(nn.Module):
         self.num_heads = heads // get_tp_size()
         first = get_tp_rank() * self.num_heads
         slopes = alibi_slopes(heads)[first:first + self.num_heads]
-        self.attn = paged_attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5,
+        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5,
                                     alibi_slopes=slopes)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Pieces every decoder-only family shares: the paged attention it builds, the window of each layer, and the
-causal-LM shell (model dtype, vocab-parallel LM head, tied embeddings, final logit soft-capping)."""
+"""Pieces the decoder-only families share: the window of each layer, the causal-LM shell (model dtype,
+vocab-parallel LM head, tied embeddings, final logit soft-capping), loading fused or transposed checkpoint tensors."""
 
 from __future__ import annotations
 
@@ -7,17 +7,8 @@ import torch
 from torch import nn
 
 from genserve.server.distributed import get_tp_size
-from genserve.server.layers.attention import Attention
 from genserve.server.layers.embedding import ParallelLMHead
 from genserve.server.models.llama import config_dtype, default_dtype
-
-
-def paged_attention(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, *,
-                    sliding_window: int | None = None, logit_softcap: float | None = None,
-                    alibi_slopes: torch.Tensor | None = None) -> Attention:
-    options = {"sliding_window": sliding_window, "logit_softcap": logit_softcap, "alibi_slopes": alibi_slopes}
-    # only the options a layer uses, so a layer without them builds on any Attention
-    return Attention(num_heads, num_kv_heads, head_dim, scale, **{k: v for k, v in options.items() if v is not None})
 
 
 def layer_sliding_window(config, layer_idx: int) -> int | None:

@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from genserve.server.layers.activation import gated_activation
+from genserve.server.layers.attention import Attention
 from genserve.server.layers.embedding import VocabParallelEmbedding
 from genserve.server.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from genserve.server.layers.norm import GemmaRMSNorm
 from genserve.server.layers.rotary import RotaryEmbedding
-from genserve.server.models.common import CausalLM, layer_sliding_window, paged_attention
+from genserve.server.models.common import CausalLM, layer_sliding_window
 from genserve.server.models.llama import head_dim_of
 from genserve.server.models.qwen3 import norm_heads
 
@@ -35,7 +36,7 @@ class GemmaAttention(nn.Module):
             self.k_norm = GemmaRMSNorm(head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
         self.rotary_emb = rotary_emb
-        self.attn = paged_attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
                                     config.query_pre_attn_scalar**-0.5,
                                     sliding_window=layer_sliding_window(config, layer_idx),
                                     # Gemma 3 has no attention soft-capping (transformers ignores the field there)

@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from genserve.server.layers.activation import Activation
+from genserve.server.layers.attention import Attention
 from genserve.server.layers.embedding import VocabParallelEmbedding
 from genserve.server.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from genserve.server.layers.norm import LayerNorm
-from genserve.server.models.common import CausalLM, add_prefix, load_fused, paged_attention
+from genserve.server.models.common import CausalLM, add_prefix, load_fused
 
 # causal-mask buffers that older checkpoints saved beside the weights
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -37,7 +38,7 @@ class GPT2Attention(nn.Module):
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             scale /= layer_idx + 1
         self.q_size = self.c_attn.q_size
-        self.attn = paged_attention(self.c_attn.num_heads, self.c_attn.num_kv_heads, head_dim, scale)
+        self.attn = Attention(self.c_attn.num_heads, self.c_attn.num_kv_heads, head_dim, scale)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.c_attn(hidden).split([self.q_size] * 3, dim=-1)

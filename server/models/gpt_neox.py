@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from genserve.server.layers.activation import Activation
+from genserve.server.layers.attention import Attention
 from genserve.server.layers.embedding import VocabParallelEmbedding
 from genserve.server.layers.linear import ColumnParallelLinear, RowParallelLinear
 from genserve.server.layers.norm import LayerNorm
 from genserve.server.layers.rotary import RotaryEmbedding
-from genserve.server.models.common import CausalLM, paged_attention
+from genserve.server.models.common import CausalLM
 
 # causal-mask buffers that older checkpoints saved beside the weights
 MASK_BUFFERS = (".attention.bias", ".attention.masked_bias")
@@ -33,7 +34,7 @@ class GPTNeoXAttention(nn.Module):
         self.dense = RowParallelLinear(hidden, hidden, bias=bias)
         self.num_heads = self.query_key_value.output_size // (3 * self.head_dim)
         self.rotary_emb = rotary_emb
-        self.attn = paged_attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = split_heads_qkv(self.query_key_value(hidden), self.num_heads, self.head_dim)

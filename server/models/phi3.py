@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from genserve.server.layers.attention import Attention
 from genserve.server.layers.embedding import VocabParallelEmbedding
 from genserve.server.layers.linear import QKVParallelLinear, RowParallelLinear
 from genserve.server.layers.norm import RMSNorm
 from genserve.server.layers.rotary import RotaryEmbedding
-from genserve.server.models.common import CausalLM, layer_sliding_window, load_fused, paged_attention
+from genserve.server.models.common import CausalLM, layer_sliding_window, load_fused
 from genserve.server.models.llama import LlamaMLP, head_dim_of
 
 
@@ -25,7 +26,7 @@ class Phi3Attention(nn.Module):
         self.o_proj = RowParallelLinear(heads * head_dim, config.hidden_size)
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.rotary_emb = rotary_emb
-        self.attn = paged_attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5,
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5,
                                     sliding_window=layer_sliding_window(config, layer_idx))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from genserve.server.layers.attention import Attention
 from genserve.server.layers.embedding import VocabParallelEmbedding
 from genserve.server.layers.linear import QKVParallelLinear, RowParallelLinear
 from genserve.server.layers.norm import RMSNorm
 from genserve.server.layers.rotary import RotaryEmbedding
-from genserve.server.models.common import CausalLM, layer_sliding_window, paged_attention
+from genserve.server.models.common import CausalLM, layer_sliding_window
 from genserve.server.models.llama import LlamaMLP, head_dim_of
 
 
@@ -35,7 +36,7 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.rotary_emb = rotary_emb
-        self.attn = paged_attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5,
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim**-0.5,
                                     sliding_window=layer_sliding_window(config, layer_idx))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

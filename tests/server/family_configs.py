@@ -1,23 +1,14 @@
-"""Tiny random checkpoints of every natively served family, built from each family's own transformers config.
-
-Windows are shorter than the test prompts when the paged Attention takes `sliding_window` (and attention
-soft-capping / ALiBi likewise only when it takes them); until then the configs leave them off."""
+"""Tiny random checkpoints of every natively served family, built from each family's own transformers config;
+sliding windows are shorter than the test prompts."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
 import transformers
 
-from genserve.server.layers.attention import Attention
-
-ATTENTION_OPTIONS = set(inspect.signature(Attention.__init__).parameters)
-HAS_WINDOWS = "sliding_window" in ATTENTION_OPTIONS
-HAS_SOFTCAP = "logit_softcap" in ATTENTION_OPTIONS
-HAS_ALIBI = "alibi_slopes" in ATTENTION_OPTIONS
-WINDOW = 8 if HAS_WINDOWS else None  # test prompts run to 40 tokens
+WINDOW = 8  # test prompts run to 40 tokens
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -32,13 +23,13 @@ def _longrope(rotary_dim: int) -> dict:
 def family_configs() -> dict[str, tuple[str, dict]]:
     """name -> (transformers config class, overrides of TINY)."""
     gemma = dict(head_dim=16, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24,
-                 sliding_window=WINDOW or 4096)
+                 sliding_window=WINDOW)
     return {
         "qwen3": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=False)),
         "qwen3-tied-window-bias": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True, attention_bias=True,
-                                                       use_sliding_window=HAS_WINDOWS, sliding_window=WINDOW,
+                                                       use_sliding_window=True, sliding_window=WINDOW,
                                                        max_window_layers=1)),
-        "gemma2": ("Gemma2Config", dict(gemma, attn_logit_softcapping=5.0 if HAS_SOFTCAP else None,
+        "gemma2": ("Gemma2Config", dict(gemma, attn_logit_softcapping=5.0,
                                         final_logit_softcapping=5.0)),
         "gemma3": ("Gemma3TextConfig", dict(
             gemma, num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
@@ -57,10 +48,9 @@ def family_configs() -> dict[str, tuple[str, dict]]:
                                                              use_parallel_residual=True)),
         "gpt-neox-sequential": ("GPTNeoXConfig", dict(intermediate_size=128, rotary_pct=0.5, rotary_emb_base=500.0,
                                                       use_parallel_residual=False)),
-        **({"bloom": ("BloomConfig", dict(n_layer=2, n_head=4)),
-            "bloom-6-heads": ("BloomConfig", dict(hidden_size=96, n_layer=2, n_head=6,
-                                                  apply_residual_connection_post_layernorm=True))}
-           if HAS_ALIBI else {}),
+        "bloom": ("BloomConfig", dict(n_layer=2, n_head=4)),
+        "bloom-6-heads": ("BloomConfig", dict(hidden_size=96, n_layer=2, n_head=6,
+                                              apply_residual_connection_post_layernorm=True)),
     }
 
 
