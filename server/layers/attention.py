@@ -249,7 +249,6 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.logit_softcap = logit_softcap
-        self.alibi_slopes: torch.Tensor | None
         # not a parameter: computed from the config, never in a checkpoint
         self.register_buffer("alibi_slopes", None if alibi_slopes is None else alibi_slopes.float(), persistent=False)
         self.k_cache = torch.empty(0)
@@ -284,8 +283,9 @@ class Attention(nn.Module):
                                            meta.prefill_gather_index[i])
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
-    def _flash_window(self) -> tuple[int, int]:
-        return (-1, 0) if self.sliding_window is None else (self.sliding_window - 1, 0)
+    def _flash_window(self, causal: bool) -> tuple[int, int]:
+        # FlashAttention's (left, right) reach; decode rows are one query each, which sees every key unwindowed
+        return ((-1, 0) if causal else (-1, -1)) if self.sliding_window is None else (self.sliding_window - 1, 0)
 
     def _refuse_flash(self, what: str) -> None:
         if self.has_score_mods:
@@ -305,7 +305,7 @@ class Attention(nn.Module):
             shape = (pages, meta.block_size, self.num_kv_heads, self.head_dim)
             return varlen_attn(q, self.k_cache.view(shape), self.v_cache.view(shape), meta.decode_cu_queries,
                                meta.decode_cu_lens, 1, meta.decode_max_len, scale=self.scale, enable_gqa=True,
-                               window_size=self._decode_flash_window(), seqused_k=meta.decode_context_lens,
+                               window_size=self._flash_window(causal=False), seqused_k=meta.decode_context_lens,
                                block_table=meta.decode_block_tables)
         if backend == "varlen":
             keys = self.k_cache.index_select(0, meta.decode_slots)  # [S, KVH, D], no padding
@@ -314,13 +314,9 @@ class Attention(nn.Module):
                 self._refuse_flash("decode")
                 return varlen_attn(q, keys, values, meta.decode_cu_queries, meta.decode_cu_lens, 1,
                                    meta.decode_max_len, scale=self.scale, enable_gqa=True,
-                                   window_size=self._decode_flash_window())
+                                   window_size=self._flash_window(causal=False))
             return self._packed_decode(q, keys, values, meta.decode_host_cu_lens)
         return self._gather_decode(q, meta)
-
-    def _decode_flash_window(self) -> tuple[int, int]:
-        # one query per row: without a window every key counts
-        return (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
 
     def _packed_decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        cu_lens: list[int]) -> torch.Tensor:
@@ -371,7 +367,7 @@ class Attention(nn.Module):
         starts = meta.prefill_starts
         max_query = max(starts[i + 1] - starts[i] for i in range(len(starts) - 1))
         return varlen_attn(q, keys, values, meta.prefill_cu_queries, meta.prefill_cu_lens, max_query,
-                           max(meta.prefill_context_lens), scale=self.scale, window_size=self._flash_window(),
+                           max(meta.prefill_context_lens), scale=self.scale, window_size=self._flash_window(causal=True),
                            enable_gqa=True)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int,
