@@ -88,10 +88,11 @@ class FallbackRunner:
     def _reusable(self, group: list[ScheduledRequest]) -> KVRows | None:
         """The earlier batch holding exactly this group's requests, each at its computed length, if aligned."""
         if not self.is_batching:  # one request per forward: its own cache (layer types from its config)
-            home = self.homes.get(group[0].request.request_id) if group[0].request.num_computed_tokens else None
-            if home is None:
-                return KVRows(self.model.new_cache(), [group[0].request.request_id], [0], [0])
-            return home[0]
+            request = group[0].request
+            if request.num_computed_tokens == 0:
+                return KVRows(self.model.new_cache(), [request.request_id], [0], [0])
+            assert request.request_id in self.homes, "a request's past must be cached"
+            return self.homes[request.request_id][0]
         first = self.homes.get(group[0].request.request_id)
         if first is None or len(first[0].request_ids) != len(group) or not first[0].is_aligned:
             return None

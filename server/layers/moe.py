@@ -16,7 +16,6 @@ from torch import nn
 
 from genserve.server.distributed import all_reduce, get_tp_rank, get_tp_size
 from genserve.server.layers.activation import gated_activation
-from genserve.server.layers.linear import ReplicatedLinear
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +142,17 @@ def _copy(target: torch.Tensor, loaded: torch.Tensor) -> None:
     target.copy_(loaded)
 
 
+class Router(nn.Module):
+    """The replicated gate [E, H]. Not a LinearBase, so --quantize leaves it (and routing) in the model dtype."""
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class SparseMoeBlock(nn.Module):
     """Router (`gate`, replicated) + `experts`; the checkpoint's own module name is the caller's choice."""
 
@@ -150,7 +160,7 @@ class SparseMoeBlock(nn.Module):
                  hidden_act: str = "silu") -> None:
         super().__init__()
         self.routing = routing
-        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False)
+        self.gate = Router(hidden_size, num_experts)
         self.experts = Experts(num_experts, hidden_size, intermediate_size, hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
