@@ -139,6 +139,11 @@ class ModelRunner:
         windows = [layer.sliding_window for layer in self.attention_layers]
         # blocks behind the window can go back to the pool only when every layer has one
         self.kv_sliding_window = None if None in windows else max(windows)
+        if any(windows):
+            logger.info("sliding window: %s on %d of %d layers; %s", sorted({w for w in windows if w}),
+                        sum(bool(w) for w in windows), len(windows),
+                        "blocks behind it return to the pool" if self.kv_sliding_window else
+                        "every block kept (the other layers attend fully)")
         self._allocate_kv_cache()
         buckets = graph_batch_sizes(config.cuda_graphs, device, config.max_batch_size)
         if buckets:

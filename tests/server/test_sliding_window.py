@@ -302,6 +302,7 @@ def test_six_prompts_over_http_match_transformers_natively(tiny_dir, num_shard, 
         info = httpx.get(server.base_url + "/info", timeout=10).json()
         assert info.get("model_path_kind", "native") == "native"
         assert "transformers fallback" not in server.log()
+        assert "sliding window: [16]" in server.log()
         assert generate_concurrently(server.base_url, prompts_ids, tok, 30) == expected
     finally:
         server.stop()
