@@ -20,6 +20,7 @@ KINDS = {
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
     "Ingress": ("networking.k8s.io/v1", "ingresses"),
     "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
+    "PodMonitor": ("monitoring.coreos.com/v1", "podmonitors"),
     "Pod": ("v1", "pods"),
     "Secret": ("v1", "secrets"),
     "Job": ("batch/v1", "jobs"),

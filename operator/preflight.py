@@ -53,6 +53,9 @@ def fill_state(kube: Kube, namespace: str, name: str, spec: ServiceSpec, status:
     cache = cache_volumes.claim_name(name, spec)
     # None clears a key the merge patch would otherwise keep from an earlier mode
     fields: dict[str, Any] = {"mode": spec.cache.mode, "claimName": cache, "fillJob": None, "filledJob": None}
+    if spec.model.pvc is not None:
+        return FillState(True, {**fields, "phase": "SourceMounted"},
+                         (True, "SourceMounted", f"the model is read from claim {spec.model.pvc.claim} (pvc:// source)"))
     if not cache_volumes.uses_fill_job(spec):
         how = "a per-pod volume" if not spec.cache.is_shared else f"claim {cache}"
         return FillState(True, {**fields, "phase": "InitStep"},

@@ -292,6 +292,20 @@ def build_service_monitor(name: str, namespace: str) -> dict[str, Any]:
     }
 
 
+def build_pod_monitor(name: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _meta(name, namespace),
+        "spec": {"selector": {"matchLabels": {**selector(name), "app.kubernetes.io/component": "server"}},
+                 "podMetricsEndpoints": [{
+                     "port": "http", "path": "/metrics", "interval": "15s",
+                     # the `service` label the dashboards group by, as a ServiceMonitor would set it
+                     "relabelings": [{"sourceLabels": ["__meta_kubernetes_pod_label_genserve_dev_service"],
+                                      "targetLabel": "service"}]}]},
+    }
+
+
 def desired_replicas(spec: ServiceSpec, status: dict[str, Any], live_replicas: int | None = None) -> int:
     """Replicas the Deployment should run. With autoscaling the autoscaler owns the live count (then its
     last decision in status), clamped to the current bounds; otherwise spec.replicas."""
@@ -338,8 +352,10 @@ def build_children(name: str, namespace: str, spec: ServiceSpec, settings: Opera
         absent.append(("PersistentVolumeClaim", f"{name}-model-cache"))
     optional = [("PodDisruptionBudget", spec.max_replicas > 1, lambda: build_pdb(name, namespace)),
                 ("Ingress", spec.ingress.enabled, lambda: build_ingress(name, namespace, spec))]
-    if has_service_monitor:
-        optional.append(("ServiceMonitor", spec.monitoring, lambda: build_service_monitor(name, namespace)))
+    if has_service_monitor:  # the Prometheus Operator's CRDs: ServiceMonitor and PodMonitor come together
+        by_pod = spec.monitor_kind == "PodMonitor"
+        optional += [("ServiceMonitor", spec.monitoring and not by_pod, lambda: build_service_monitor(name, namespace)),
+                     ("PodMonitor", spec.monitoring and by_pod, lambda: build_pod_monitor(name, namespace))]
     if not spec.inference_pool.enabled:
         absent += [("InferencePool", name), ("HTTPRoute", name)]  # a GET of an API not served is a 404
     elif has_inference_pool:

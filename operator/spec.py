@@ -131,6 +131,8 @@ class ServiceSpec:
     pod_annotations: dict[str, str] = field(default_factory=dict)
     pod_labels: dict[str, str] = field(default_factory=dict)
     monitoring: bool = True
+    # PodMonitor scrapes every server pod, also while the Service points at the activator
+    monitor_kind: str = "ServiceMonitor"
 
     @property
     def is_sharded(self) -> bool:
@@ -328,6 +330,7 @@ def parse_spec(raw: dict[str, Any], default_image: str) -> ServiceSpec:
         pod_annotations=dict(raw.get("podAnnotations") or {}),
         pod_labels=dict(raw.get("podLabels") or {}),
         monitoring=bool((raw.get("monitoring") or {}).get("enabled", True)),
+        monitor_kind=(raw.get("monitoring") or {}).get("kind", "ServiceMonitor"),
     )
     if spec.quantize_needs_gpu:
         raise SpecError("QuantizeNeedsGPU", f"spec.server.quantize={spec.server.quantize} needs shards >= 1")
@@ -335,6 +338,8 @@ def parse_spec(raw: dict[str, Any], default_image: str) -> ServiceSpec:
         raise SpecError("InvalidIngress", "spec.ingress.host is required when the ingress is enabled")
     if spec.cache.access_mode not in ACCESS_MODES:
         raise SpecError("InvalidField", f"spec.cache.accessMode must be one of {', '.join(ACCESS_MODES)}")
+    if spec.monitor_kind not in ("ServiceMonitor", "PodMonitor"):
+        raise SpecError("InvalidField", "spec.monitoring.kind must be ServiceMonitor or PodMonitor")
     check_cache_fits_replicas(spec)
     return spec
 

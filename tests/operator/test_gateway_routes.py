@@ -25,6 +25,7 @@ POOL_CRD = yaml.safe_load((DATA / "inferencepools.inference.networking.k8s.io.ya
 ROUTE_CRD = yaml.safe_load((DATA / "httproutes.gateway.networking.k8s.io.yaml").read_text())
 POOL, ROUTE = "inference.networking.k8s.io/v1/inferencepools", "gateway.networking.k8s.io/v1/httproutes"
 GROUP, VERSION, PLURAL = "genserve.dev", "v1alpha1", "textgenerationservices"
+WAIT = 30  # generous: the emulator and the operator share two busy cores
 SPEC = {"model": {"id": "Qwen/Qwen2.5-7B-Instruct"}, "autoscaling": {"enabled": True, "maxReplicas": 6},
         "routing": {"inferencePool": {"enabled": True, "gatewayRef": {"name": "inference-gateway",
                                                                       "namespace": "gateway",
@@ -112,7 +113,7 @@ def degraded(api, namespace, name):
 def test_pool_without_its_crds_is_degraded_and_the_service_still_runs(operator, api, cluster, namespace):
     create(api, namespace, "nopool", {**SPEC, "shards": 0})
     condition = wait_for(lambda: (c := degraded(api, namespace, "nopool")) and c["status"] == "True" and c,
-                         timeout=20, what="Degraded")
+                         timeout=WAIT, what="Degraded")
     assert condition["reason"] == "InferencePoolUnavailable" and "inference.networking.k8s.io/v1" in condition["message"]
     assert cluster.get("apps/v1/deployments", namespace, "nopool") is not None
     assert cluster.get("v1/services", namespace, "nopool") is not None
@@ -132,17 +133,17 @@ def inference_extension(cluster):
 
 def test_pool_and_route_are_created_when_the_crds_exist(inference_extension, operator, api, cluster, namespace):
     create(api, namespace, "pooled", {**SPEC, "shards": 0})
-    pool = wait_for(lambda: cluster.get(POOL, namespace, "pooled"), timeout=20, what="the InferencePool")
-    route = wait_for(lambda: cluster.get(ROUTE, namespace, "pooled"), timeout=20, what="the HTTPRoute")
+    pool = wait_for(lambda: cluster.get(POOL, namespace, "pooled"), timeout=WAIT, what="the InferencePool")
+    route = wait_for(lambda: cluster.get(ROUTE, namespace, "pooled"), timeout=WAIT, what="the HTTPRoute")
     for obj, crd in ((pool, POOL_CRD), (route, ROUTE_CRD)):
         stored = {k: v for k, v in obj.items() if k != "status"}
         stored["metadata"] = {}
         validate(stored, crd)
     assert pool["metadata"]["ownerReferences"][0]["kind"] == "TextGenerationService"
     assert route["spec"]["rules"][0]["backendRefs"][0]["name"] == "pooled"
-    wait_for(lambda: (c := degraded(api, namespace, "pooled")) and c["status"] == "False", timeout=20,
+    wait_for(lambda: (c := degraded(api, namespace, "pooled")) and c["status"] == "False", timeout=WAIT,
              what="Degraded=False")
     client.CustomObjectsApi(api).patch_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, "pooled", {"spec": {"routing": {"inferencePool": {"enabled": False}}}})
     wait_for(lambda: cluster.get(POOL, namespace, "pooled") is None and cluster.get(ROUTE, namespace, "pooled")
-             is None, timeout=20, what="the pool and route removed")
+             is None, timeout=WAIT, what="the pool and route removed")

@@ -194,3 +194,25 @@ def test_service_monitor_is_created_when_its_crd_exists(operator, api, cluster, 
         wait_for(lambda: cluster.get(key, namespace, "watched") is None, what="the ServiceMonitor removed")
     finally:
         cluster.call(lambda c: c.resources.__delitem__(key))
+
+
+def test_pod_monitor_per_service_when_asked(operator, api, cluster, namespace):
+    keys = {"ServiceMonitor": "monitoring.coreos.com/v1/servicemonitors",
+            "PodMonitor": "monitoring.coreos.com/v1/podmonitors"}
+    verbs = {"get", "list", "watch", "create", "patch", "delete"}
+    for kind, key in keys.items():
+        info = ResourceInfo(kind=kind, namespaced=True, verbs=verbs)
+        cluster.call(lambda c, k=key, i=info: c.resources.__setitem__(k, i))
+    try:
+        create(api, namespace, "podmon", {"model": {"id": "m"}, "shards": 0, "monitoring": {"kind": "PodMonitor"}})
+        monitor = wait_for(lambda: cluster.get(keys["PodMonitor"], namespace, "podmon"), timeout=30, what="the PodMonitor")
+        assert monitor["spec"]["selector"]["matchLabels"]["genserve.dev/service"] == "podmon"
+        assert cluster.get(keys["ServiceMonitor"], namespace, "podmon") is None
+        client.CustomObjectsApi(api).patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "podmon", {"spec": {"monitoring": {"kind": "ServiceMonitor"}}})
+        wait_for(lambda: cluster.get(keys["ServiceMonitor"], namespace, "podmon")
+                 and cluster.get(keys["PodMonitor"], namespace, "podmon") is None, timeout=30,
+                 what="switched to a ServiceMonitor")
+    finally:
+        for key in keys.values():
+            cluster.call(lambda c, k=key: c.resources.__delitem__(k))

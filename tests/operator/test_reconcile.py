@@ -215,3 +215,17 @@ def test_server_args_use_the_tgi_launcher_flags():
 def test_builders_are_pure():
     spec = parse_spec(SPECS["tensor-parallel"], "img")
     assert build_deployment("a", "ns", spec, SETTINGS, 2) == build_deployment("a", "ns", spec, SETTINGS, 2)
+
+
+def test_pod_monitor_instead_of_the_service_monitor():
+    spec = parse_spec({"model": {"id": "m"}, "monitoring": {"kind": "PodMonitor"}}, SETTINGS.default_image)
+    wanted, absent = build_children("svc", "ns", spec, SETTINGS, 1, True)
+    monitor = by_kind(wanted)["PodMonitor"]
+    pod_labels = by_kind(wanted)["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    assert endpoint["relabelings"][0]["targetLabel"] == "service"
+    assert "ServiceMonitor" not in by_kind(wanted) and ("ServiceMonitor", "svc") in absent
+    _, absent = build_children("svc", "ns", parse_spec({"model": {"id": "m"}}, "img"), SETTINGS, 1, True)
+    assert ("PodMonitor", "svc") in absent
