@@ -76,20 +76,36 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """Longest run of cached full blocks matching the request's tokens, and how many tokens they hold.
 
-        The last token is never taken from the cache: its logits must be computed to sample.
+        The last token is never taken from the cache: its logits must be computed to sample. With a sliding
+        window only the blocks the first new token can see must be cached; the ones before are `null_block`.
         """
         if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs:
             return [], 0
         state = self._hash_state(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
         self._extend_hashes(request, state, max_blocks)
-        hits: list[int] = []
+        found: list[int | None] = []
         for i in range(max_blocks):
             block_id = self.cached.get(state.hashes[i])
-            if block_id is None or self.blocks[block_id].token_ids != self._block_tokens(request, i):
+            if block_id is not None and self.blocks[block_id].token_ids != self._block_tokens(request, i):
+                block_id = None
+            if block_id is None and self.sliding_window is None:
                 break
-            hits.append(block_id)
-        return hits, len(hits) * self.block_size
+            found.append(block_id)
+        num_hit_blocks, run = 0, 0  # run: cached blocks in a row ending at block i
+        for i, block_id in enumerate(found):
+            run = run + 1 if block_id is not None else 0
+            if run and run >= (i + 1) - self._first_needed_block((i + 1) * self.block_size):
+                num_hit_blocks = i + 1
+        first = self._first_needed_block(num_hit_blocks * self.block_size)
+        hits = [self.null_block] * first + found[first:num_hit_blocks]
+        return hits, num_hit_blocks * self.block_size
+
+    def _first_needed_block(self, position: int) -> int:
+        """The first block a query at `position` (and every later one) reads."""
+        if self.sliding_window is None:
+            return 0
+        return max(position - self.sliding_window + 1, 0) // self.block_size
 
     def record_prefix_lookup(self, num_tokens: int, num_hit: int) -> None:
         """Count a lookup once, when its request is admitted (a blocked request looks up every step)."""
@@ -109,10 +125,11 @@ class KVCacheManager:
             self._free_behind_window(request)
         num_tokens = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         num_needed = -(-num_tokens // self.block_size) - len(request.block_ids) - len(computed_blocks)
-        num_hits_in_free_queue = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
+        held = [b for b in computed_blocks if b != self.null_block]
+        num_hits_in_free_queue = sum(1 for b in held if self.blocks[b].ref_count == 0)
         if num_needed > self.num_free_blocks - num_hits_in_free_queue:
             return None
-        for block_id in computed_blocks:
+        for block_id in held:
             self._touch(block_id)
         request.block_ids.extend(computed_blocks)
         new_blocks = [self._pop_free_block() for _ in range(max(num_needed, 0))]
@@ -154,8 +171,7 @@ class KVCacheManager:
     def _free_behind_window(self, request: Request) -> None:
         """Release the blocks no future query can see: the next token (at num_computed_tokens) and every one
         after it read keys from num_computed_tokens - w + 1 on; freed blocks form a prefix of the list."""
-        first_needed = request.num_computed_tokens - self.sliding_window + 1
-        for i in reversed(range(min(max(first_needed, 0) // self.block_size, len(request.block_ids)))):
+        for i in reversed(range(min(self._first_needed_block(request.num_computed_tokens), len(request.block_ids)))):
             block_id = request.block_ids[i]
             if block_id == self.null_block:
                 break

@@ -128,13 +128,19 @@ def test_windowed_requests_sharing_blocks_free_only_their_own_references():
     compute(kv, first, 17)
     second = make_request("b", list(range(16)) + [50, 51])
     hits, num_hit = kv.get_computed_blocks(second)
-    assert num_hit == 16 and kv.allocate_slots(second, 2, hits) is not None
+    shared = first.block_ids[3]  # the only block position 16's window (13..16) needs
+    assert num_hit == 16 and hits == [kv.null_block] * 3 + [shared]
+    assert kv.allocate_slots(second, 2, hits) is not None
     second.num_computed_tokens = 18
     kv.cache_full_blocks(second)
-    shared = hits[0]
     assert kv.blocks[shared].ref_count == 2
-    assert kv.allocate_slots(first, 1) is not None  # first drops blocks 0..2 (it reads from token 14 on)
-    assert first.block_ids[:3] == [kv.null_block] * 3 and kv.blocks[shared].ref_count == 1
+    for token in (17, 18):  # first reads from token 16 on after two more tokens: block 3 is behind it
+        first.token_ids.append(token)
+        compute(kv, first, 1)
+    assert kv.allocate_slots(first, 1) is not None
+    assert first.block_ids[:4] == [kv.null_block] * 4 and kv.blocks[shared].ref_count == 1
+    second.token_ids.append(52)
+    compute(kv, second, 1)
     assert kv.allocate_slots(second, 1) is not None
     assert kv.blocks[shared].ref_count == 0 and shared in kv.free_queue
     # an evicted block leaves the cache: a later lookup stops before it instead of reading another request's KV
@@ -152,3 +158,31 @@ def test_no_window_or_a_full_layer_keeps_every_block():
     req = make_request("a", range(30))
     compute(kv, req, 30)
     assert kv.allocate_slots(req, 1) is not None and kv.null_block not in req.block_ids
+
+
+def test_a_windowed_prefix_hit_needs_only_the_blocks_its_window_reads():
+    kv = KVCacheManager(num_blocks=20, block_size=4, sliding_window=4)
+    first = make_request("a", range(30))
+    compute(kv, first, 30)
+    first.token_ids.append(99)
+    compute(kv, first, 1)  # blocks 0..5 are behind the window now, back in the free queue (still cached)
+    assert first.block_ids[:6] == [kv.null_block] * 6
+    head, kept = kv.blocks[0].block_id, first.block_ids[6]
+    other = make_request("c", range(1000, 1068))
+    assert kv.allocate_slots(other, 68) is not None  # evicts 12 unused blocks and 5 of the freed ones
+    assert [kv.cached.get(h) is not None for h in kv.hash_states["a"].hashes[:7]] == [True] + [False] * 5 + [True]
+    # a request with the same 30 tokens: its first new token (position 28) reads tokens 25..28, so block 6 is
+    # all it needs; the chain's evicted blocks become null_block entries, never read
+    second = make_request("b", list(range(30)) + [7])
+    hits, num_hit = kv.get_computed_blocks(second)
+    assert num_hit == 28 and hits == [kv.null_block] * 6 + [kept] and head == 0
+    assert kv.allocate_slots(second, second.num_tokens - num_hit, hits) is not None
+    assert kv.blocks[kept].ref_count == 2 and second.block_ids[:7] == hits
+    for request in (first, second, other):
+        kv.free(request)
+    assert kv.num_free_blocks == 20
+    # without a window the chain stops at the first evicted block
+    plain = KVCacheManager(num_blocks=20, block_size=4)
+    compute(plain, make_request("a", range(30)), 30)
+    hits, num_hit = plain.get_computed_blocks(make_request("b", list(range(30)) + [7]))
+    assert num_hit == 28 and len(hits) == 7 and plain.null_block not in hits

@@ -226,13 +226,16 @@ def test_blocks_behind_the_window_return_to_the_pool_during_a_long_generation(ti
     kv = engine.kv_cache
     for round_ in range(2):
         ids = [engine.add_request(p, SamplingParams(max_new_tokens=max_new)) for p in prompts]
-        tokens, most_used, freed = {}, 0, False
+        tokens, most_used, freed, window_hits = {}, 0, False, False
         hits = kv.prefix_cache_hits
         while engine.has_unfinished:
             for output in engine.step()[0]:
                 tokens.setdefault(output.request_id, []).extend(t.id for t in output.new_tokens)
             running = engine.scheduler.running
             freed |= any(kv.null_block in r.block_ids for r in running)
+            # right after its prompt's step a request has freed nothing: null entries there are prefix hits
+            # that needed only the blocks their window reads
+            window_hits |= any(kv.null_block in r.block_ids for r in running if r.num_output_tokens == 1)
             if all(r.num_output_tokens >= 2 for r in running):  # every request past its prompt's step
                 most_used = max(most_used, kv.num_used_blocks)
                 if windowed:  # the blocks of its last window and the next token: at most 3 blocks of 16
@@ -242,6 +245,7 @@ def test_blocks_behind_the_window_return_to_the_pool_during_a_long_generation(ti
         assert freed == windowed
         if windowed:
             assert most_used <= 3 * len(prompts) < -(-longest // 16) * len(prompts)
+        assert window_hits == (windowed and round_ == 1)
         if round_ == 1:
             assert kv.prefix_cache_hits > hits
         assert kv.num_used_blocks == 0
