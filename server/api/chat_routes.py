@@ -111,7 +111,7 @@ def chat_unsupported(body: ChatCompletionRequest, svc: GenerationService) -> Too
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """OpenAI chat completions: the tokenizer's chat template, `n`, logprobs, tools, streaming with usage."""
     svc = service(request)
-    async with svc.opening(request, "/v1/chat/completions", body) as record:
+    async with svc.opening(request, request.url.path, body) as record:  # /invocations, /vertex too
         plan = chat_unsupported(body, svc)  # tools: one step before generation (grammar + template)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         top_n = (body.top_logprobs or 0) if body.logprobs else 0

@@ -65,7 +65,7 @@ async def completion_prompts(svc: GenerationService, body: CompletionRequest) ->
 async def completions(body: CompletionRequest, request: Request):
     """OpenAI (legacy) completions: `echo`, `logprobs` (int), prompt lists; `suffix` is rejected."""
     svc = service(request)
-    async with svc.opening(request, "/v1/completions", body) as record:
+    async with svc.opening(request, request.url.path, body) as record:  # /invocations too
         if body.suffix is not None:
             raise APIError(422, "Suffix is not supported and can be achieved by preprocessing the prompt.",
                            "suffix not supported")

@@ -84,3 +84,12 @@ async def test_a_failing_observer_never_fails_a_request(served):
     client._transport.app.state.service.finish_observers.insert(0, broken)
     r = await client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
     assert r.status_code == 200 and len(ended) == 1
+
+
+async def test_records_are_named_after_the_route_called(served):
+    client, _, ended = served
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    for route, body in [("/v1/chat/completions", chat), ("/invocations", chat),
+                        ("/invocations", {"prompt": "Hi", "max_tokens": 2}), ("/vertex", {"instances": [chat]})]:
+        assert (await client.post(route, json=body)).status_code == 200
+    assert [r.route for r in ended] == ["/v1/chat/completions", "/invocations", "/invocations", "/vertex"]
