@@ -138,6 +138,26 @@ def test_preempted_requests_recompute_and_stay_exact(family):
     assert got == reference(hf, prompts, max_new=24)
 
 
+def test_a_request_aborted_mid_decode_leaves_the_others_exact(family):
+    _, path, hf = family
+    prompts = random_prompts([8, 15, 4, 11], seed=6)
+    engine = make_engine(path)
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    tokens = {i: [] for i in ids}
+    for step in range(10_000):
+        if step == 3:
+            engine.abort(ids[1])  # its row leaves the shared cache; the next forward regathers the rest
+        if not engine.has_unfinished:
+            break
+        for o in engine.step()[0]:
+            tokens[o.request_id].extend(t.id for t in o.new_tokens)
+    expected = reference(hf, prompts)
+    assert [tokens[i] for i in ids[:1] + ids[2:]] == expected[:1] + expected[2:]
+    assert 0 < len(tokens[ids[1]]) < MAX_NEW and tokens[ids[1]] == expected[1][:len(tokens[ids[1]])]
+    assert not engine.runner.homes
+
+
 def test_prompt_logprobs_in_a_batched_prefill_equal_transformers(family):
     _, path, hf = family
     prompts = random_prompts([9, 11, 10], seed=3)
