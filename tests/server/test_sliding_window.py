@@ -310,3 +310,46 @@ def test_six_prompts_over_http_match_transformers_natively(tiny_dir, num_shard, 
         assert generate_concurrently(server.base_url, prompts_ids, tok, 30) == expected
     finally:
         server.stop()
+
+
+def save_scored_model(path, tokenizer_dir, family: str):
+    """Tiny Gemma 2 (soft-capped scores, sliding and global layers) or BLOOM (ALiBi) with head_dim 64, so the
+    native kernel's soft-capping and ALiBi run inside a real model."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=49152, initializer_range=0.3, tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    if family == "gemma2":
+        config = transformers.Gemma2Config(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=64, max_position_embeddings=512, sliding_window=WINDOW, query_pre_attn_scalar=64,
+            attn_logit_softcapping=5.0, final_logit_softcapping=30.0, **common)
+    else:
+        config = transformers.BloomConfig(hidden_size=128, n_layer=2, n_head=2, **common)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["gemma2", "bloom"])
+def test_soft_capping_and_alibi_through_the_native_kernel_match_transformers(family, tmp_path, smollm2_dir, prompts):
+    from genserve.server.models import get_model_class
+
+    if get_model_class([{"gemma2": "Gemma2ForCausalLM", "bloom": "BloomForCausalLM"}[family]]) is None:
+        pytest.skip(f"no native {family} model")
+    path = save_scored_model(tmp_path / family, smollm2_dir, family)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = [model.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False)[0, len(p):].tolist()
+                    for p in prompts]
+    engine = make_engine(path)
+    runner = engine.runner
+    layers = runner.attention_layers
+    assert all(layer.has_score_mods for layer in layers)
+    if family == "gemma2":
+        assert [layer.sliding_window for layer in layers] == [WINDOW, None]
+    backends = ["gather", "varlen"] + (["kernel"] if runner.decode_backend == "kernel" else [])
+    for backend in backends:
+        runner.decode_backend, runner.decode_flash = backend, False
+        assert run_staggered(engine, prompts, SamplingParams(max_new_tokens=20), first_batch=3) == expected, backend
