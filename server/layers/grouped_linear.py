@@ -50,7 +50,8 @@ class GroupedWeights:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), packed, self.group_size,
                                                             scale_and_zeros.to(x.dtype))
             y = y if bias is None else y.add_(bias)
-        elif x.device.type == "cpu" and rows <= GROUPED_MAX_ROWS and kernels.load_cpu_kernels():
+        elif (x.device.type == "cpu" and rows <= GROUPED_MAX_ROWS and weight.shape[0] % 4 == 0
+              and kernels.load_cpu_kernels()):
             y = kernels.int4_linear(flat, weight, scale, self.layer.weight_min, self.group_size, bias)
         else:
             y = F.linear(flat, self.dequantized(x.dtype), bias)

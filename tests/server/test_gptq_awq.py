@@ -160,3 +160,49 @@ def test_quantize_flag_must_fit_the_checkpoint(tiny_dir, tmp_path):
     for method in ("int4", "gptq"):
         with pytest.raises(ValueError, match=f"--quantize {method}: the checkpoint is already quantized \\(awq\\)"):
             quantize_model(model, method)
+
+
+def tp_worker(rank: int, world_size: int, port: int, root: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from test_layers_tp import scenario_logits
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    os.environ["GENSERVE_INT4_KERNEL"] = "ours"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        for name in ("float", "gptq", "awq"):
+            model = load_native(os.path.join(root, name))
+            if name == "float":
+                quantize_model(model, "int4-g32")
+            down = model.model.layers[0].mlp.down_proj
+            assert down.weight.dtype == torch.uint8 and down.weight.shape == (64, 32)  # 64 of 128 columns
+            expected = torch.load(os.path.join(root, f"{name}_logits.pt"))
+            torch.testing.assert_close(scenario_logits(model), expected, rtol=1e-4, atol=1e-4)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # as test_quantization's tp worker: gloo teardown at exit can abort a finished rank
+
+
+def test_tp2_ranks_hold_their_slices_of_the_groups(tmp_path, monkeypatch):
+    """int4-g32 quantized per rank, GPTQ and AWQ g32 loaded per rank: the same logits as one rank."""
+    import torch.multiprocessing as mp
+    from test_layers_tp import free_port, scenario_logits
+
+    monkeypatch.setenv("GENSERVE_INT4_KERNEL", "ours")
+    make_tiny_checkpoint(tmp_path / "float", "LlamaConfig",
+                         dict(hidden_size=64, intermediate_size=128, tie_word_embeddings=True))
+    for name in ("gptq", "awq"):
+        write_quantized(tmp_path / "float", tmp_path / name, name, group_size=32)
+    for name in ("float", "gptq", "awq"):
+        model = load_native(tmp_path / name)
+        if name == "float":
+            quantize_model(model, "int4-g32")
+        torch.save(scenario_logits(model), tmp_path / f"{name}_logits.pt")
+    try:
+        mp.spawn(tp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessRaisedException as e:
+        pytest.fail(str(e))

@@ -1,0 +1,148 @@
+"""Single-stream decode speed, memory and greedy agreement of quantized SmolLM2 weights, in-process.
+
+Variants: fp32, --quantize int8, int4 (groups of 128), int4-g32, the Q4_1 .gguf served quantized, and
+llama.cpp (llama-cpp-python from /work/peers/llamacpp, when present) on the same .gguf in the same run.
+Decode tok/s = (72 - 8) new tokens / (time for 72 - time for 8), best of the rounds, so prefill and
+start-up cancel out. Agreement: 16 prompts x 32 greedy tokens against fp32, the first divergence each.
+
+    .venv/bin/python benchmarks/quantized_decode.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from genserve.server.cpu_env import configure_openmp_wait
+
+configure_openmp_wait()
+
+import torch  # noqa: E402
+
+from genserve.server.config import EngineConfig  # noqa: E402
+from genserve.server.engine import LLMEngine  # noqa: E402
+from genserve.server.layers.linear import LinearBase  # noqa: E402
+from genserve.server.model_files import DEFAULT_MODEL_GGUF, cache_dir, prepare_default_model  # noqa: E402
+from genserve.server.sampling_params import SamplingParams  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+LLAMACPP_PYTHON = Path("/work/peers/llamacpp/bin/python")
+PROMPT = "Write a short story about a robot who learns to paint."
+SHORT, LONG = 8, 72
+AGREEMENT_PROMPTS = [
+    "The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,", "The best way to learn is",
+    "Water boils at", "import numpy as np\n", "My favourite colour is", "The meaning of life", "Translate to French: hello",
+    "A haiku about autumn:", "SELECT * FROM", "The sun rises in the", "Photosynthesis is", "Dear Sir or Madam,",
+    "List three fruits:",
+]
+
+LLAMACPP_SCRIPT = """
+import itertools, json, sys, time
+from llama_cpp import Llama
+path, prompt, threads, short, long, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), *map(int, sys.argv[4:7])
+llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+tokens = llm.tokenize(prompt.encode())
+def run(n):
+    llm.reset()
+    start = time.perf_counter()
+    list(itertools.islice(llm.generate(tokens, top_k=1, temp=0.0, reset=True), n))
+    return time.perf_counter() - start
+run(short)
+best = min(run(long) - run(short) for _ in range(rounds))
+print(json.dumps({"decode_tok_s": (long - short) / best}))
+"""
+
+
+def lscpu() -> str:
+    try:
+        return subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def linear_bytes(model) -> tuple[int, int]:
+    """(bytes allocated for the linears' weights + scales + mins, bf16 bytes of the same weights)."""
+    storages, bf16 = {}, 0
+    for m in model.modules():
+        if isinstance(m, LinearBase):
+            bf16 += m.input_size * m.output_size * 2
+            for name, p in m.named_parameters(recurse=False):
+                if name != "bias":
+                    storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+            if getattr(m, "packed_weight", None) is not None:  # oneDNN's opaque layout: fp32, same size
+                storages[id(m.packed_weight)] = m.input_size * m.output_size * 4
+    return sum(storages.values()), bf16
+
+
+def decode_rate(engine: LLMEngine, prompt: list[int], rounds: int) -> float:
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        engine.generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))
+        return time.perf_counter() - start
+
+    run(SHORT)
+    return (LONG - SHORT) / min(run(LONG) - run(SHORT) for _ in range(rounds))
+
+
+def first_divergence(reference: list[int], other: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(reference, other, strict=False)) if a != b), len(reference))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    model_dir = prepare_default_model()
+    gguf = sorted((cache_dir() / "gguf").rglob(DEFAULT_MODEL_GGUF))
+    variants = {"fp32": (str(model_dir), None), "int8": (str(model_dir), "int8"),
+                "int4 (g128)": (str(model_dir), "int4"), "int4-g32": (str(model_dir), "int4-g32")}
+    if gguf:
+        variants["GGUF Q4_1"] = (str(gguf[0]), None)
+    rows, reference = [], None
+    for name, (model_id, quantize) in variants.items():
+        engine = LLMEngine(EngineConfig(model_id=model_id, quantize=quantize, dtype="float32",
+                                        num_threads=args.threads, max_batch_total_tokens=8192, max_total_tokens=512))
+        prompt = engine.tokenizer.encode(PROMPT)
+        rate = decode_rate(engine, prompt, args.rounds)
+        stored, bf16 = linear_bytes(engine.runner.model)
+        outputs = engine.generate([engine.tokenizer.encode(p) for p in AGREEMENT_PROMPTS],
+                                  SamplingParams(max_new_tokens=32, ignore_eos=True))
+        reference = reference or outputs
+        divergence = [first_divergence(r, o) for r, o in zip(reference, outputs, strict=True)]
+        rows.append({"variant": name, "decode_tok_s": round(rate, 1), "linear_MiB": round(stored / 2**20, 1),
+                     "linear_vs_bf16": round(stored / bf16, 3), "weights_MiB": round(engine.runner.weight_bytes / 2**20, 1),
+                     "first_divergence_vs_fp32": divergence,
+                     "tokens_before_divergence": round(sum(divergence) / (32 * len(divergence)), 3)})
+        print(rows[-1], flush=True)
+        del engine
+    if gguf and LLAMACPP_PYTHON.is_file():
+        out = subprocess.run([str(LLAMACPP_PYTHON), "-c", LLAMACPP_SCRIPT, str(gguf[0]), PROMPT, str(args.threads),
+                              str(SHORT), str(LONG), str(args.rounds)], capture_output=True, text=True)
+        if out.returncode == 0:
+            rows.append({"variant": "llama.cpp Q4_1 (llama-cpp-python)", **json.loads(out.stdout.strip().splitlines()[-1])})
+        else:
+            rows.append({"variant": "llama.cpp Q4_1", "error": out.stderr.strip()[-300:]})
+        print(rows[-1], flush=True)
+    report = {"threads": args.threads, "torch": torch.__version__, "python": sys.version.split()[0],
+              "lscpu": lscpu(), "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quantized_decode.json").write_text(json.dumps(report, indent=2))
+    lines = ["# Quantized decode, SmolLM2-135M-Instruct, one stream, in-process",
+             "", f"{args.threads} threads, torch {torch.__version__}; `benchmarks/quantized_decode.py`.", "",
+             "| variant | decode tok/s | linears MiB | linears / bf16 bytes | tokens before divergence vs fp32 |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['variant']} | {row.get('decode_tok_s', row.get('error', ''))} | "
+                     f"{row.get('linear_MiB', '')} | {row.get('linear_vs_bf16', '')} | "
+                     f"{row.get('tokens_before_divergence', '')} |")
+    lines += ["", "```", report["lscpu"].strip(), "```"]
+    (RESULTS / "quantized_decode.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
