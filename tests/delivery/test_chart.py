@@ -24,6 +24,10 @@ OPTIONS: dict[str, dict] = {
         "enabled": True, "namespace": "monitoring", "labels": {"release": "kube-prometheus-stack"},
         "interval": "30s", "scrapeTimeout": "20s", "port": "http", "path": "/metrics",
         "selector": {"app.kubernetes.io/managed-by": "genserve-operator"}, "serviceLabel": "genserve.dev/service"}},
+    "prometheus-rule": {"prometheusRule": {
+        "enabled": True, "namespace": "monitoring", "labels": {"release": "kube-prometheus-stack"},
+        "targetSelector": 'container="server",namespace=~"llm-.*"', "queueWaiting": 20, "kvCacheUsage": 0.9,
+        "ttftP90Seconds": 1.5, "for": "5m"}},
     "dashboards-elsewhere": {"dashboards": {"enabled": True, "namespace": "monitoring",
                                             "labels": {"grafana_dashboard": "1"},
                                             "annotations": {"grafana_folder": "genserve"}}},
@@ -122,9 +126,16 @@ def test_rendered_manifests_validate(option, version):
 
 def _check_monitor(obj: dict) -> None:
     """kubernetes-validate has no Prometheus Operator schemas: check the fields we set by hand."""
-    assert obj["kind"] in ("ServiceMonitor", "PodMonitor")
+    assert obj["kind"] in ("ServiceMonitor", "PodMonitor", "PrometheusRule")
     assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}
     spec = obj["spec"]
+    if obj["kind"] == "PrometheusRule":
+        for group in spec["groups"]:
+            assert set(group) == {"name", "rules"}
+            for rule in group["rules"]:
+                assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"} and rule["expr"].strip()
+                assert re.fullmatch(r"\d+(ms|s|m|h)", rule["for"])
+        return
     assert spec["selector"]["matchLabels"]
     assert spec["namespaceSelector"] == {"any": True} or spec["namespaceSelector"]["matchNames"]
     endpoints = spec["endpoints" if obj["kind"] == "ServiceMonitor" else "podMetricsEndpoints"]
@@ -265,6 +276,24 @@ def test_monitors_off_by_default_and_selecting_model_pods():
     assert find(scoped, "ServiceMonitor")[0]["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
 
 
+def test_prometheus_rule_alerts_on_the_model_signals():
+    assert not find(render_objects(), "PrometheusRule")
+    (rule,) = find(render_objects(OPTIONS["prometheus-rule"]), "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["namespace"] == "monitoring"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert set(alerts) == {"GenserveServerDown", "GenserveQueueGrowing", "GenserveKvCacheNearFull",
+                           "GenserveTimeToFirstTokenHigh"}
+    assert alerts["GenserveServerDown"]["expr"] == 'up{container="server",namespace=~"llm-.*"} == 0'
+    assert "genserve_num_requests_waiting) > 20" in alerts["GenserveQueueGrowing"]["expr"]
+    assert alerts["GenserveKvCacheNearFull"]["expr"].endswith("> 0.9")
+    assert "genserve_time_to_first_token_seconds_bucket[5m]" in alerts["GenserveTimeToFirstTokenHigh"]["expr"]
+    assert alerts["GenserveTimeToFirstTokenHigh"]["expr"].endswith("> 1.5") and alerts["GenserveQueueGrowing"]["for"] == "5m"
+    # Prometheus' own templates survive Helm's
+    assert "{{ $labels.service }}" in alerts["GenserveKvCacheNearFull"]["annotations"]["summary"]
+    assert all(a["labels"]["severity"] in ("critical", "warning") for a in alerts.values())
+
+
 def test_dashboards_as_sidecar_configmaps():
     maps = find(render_objects(), "ConfigMap")
     files = sorted((CHART / "dashboards").glob("*.json"))
@@ -338,3 +367,49 @@ def test_operator_command_line_parses_with_kopf(option):
     assert params["modules"] == ("genserve.operator.main",)
     assert params["liveness_endpoint"].endswith("/healthz")
     assert params["clusterwide"] != bool(params["namespaces"])
+
+
+def test_prometheus_rule_passes_promtool(tmp_path):
+    """The rendered rules as Prometheus itself parses them (Debian's `prometheus` package ships promtool)."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    (rule,) = find(render_objects(OPTIONS["prometheus-rule"]), "PrometheusRule")
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 rules found" in result.stdout
+    # and Prometheus' rule engine on synthetic series: each alert fires on its signal, none on a healthy one
+    where = {"namespace": "llm-a", "service": "chat"}
+    labels = 'namespace="llm-a",service="chat"'
+    ttft = 'genserve_time_to_first_token_seconds_bucket{' + labels + ',le="%s"}'
+
+    def series(up, kv, waiting, slow):
+        return [{"series": 'up{container="server",namespace="llm-a",pod="chat-0"}', "values": up},
+                {"series": "genserve_kv_cache_usage_ratio{" + labels + ',pod="chat-0"}', "values": kv},
+                {"series": "genserve_num_requests_waiting{" + labels + ',pod="chat-0"}', "values": waiting},
+                {"series": ttft % "1", "values": "0+0x30" if slow else "0+10x30"},
+                {"series": ttft % "5", "values": "0+10x30"}, {"series": ttft % "+Inf", "values": "0+10x30"}]
+
+    def firing(name, severity, summary, **extra):
+        return {"eval_time": "20m", "alertname": name, "exp_alerts": [
+            {"exp_labels": {"severity": severity, **extra}, "exp_annotations": {"summary": summary}}]}
+
+    alerts = [firing("GenserveServerDown", "critical", "genserve server llm-a/chat-0 is not answering /metrics",
+                     container="server", namespace="llm-a", pod="chat-0"),
+              firing("GenserveKvCacheNearFull", "warning", "llm-a/chat: KV cache 97% full; requests get preempted",
+                     **where),
+              firing("GenserveQueueGrowing", "warning", "llm-a/chat: 50 requests waiting and the queue still grows",
+                     **where),
+              firing("GenserveTimeToFirstTokenHigh", "warning", "llm-a/chat: TTFT p90 4.6s", **where)]
+    quiet = [{"eval_time": "20m", "alertname": a["alertname"], "exp_alerts": []} for a in alerts]
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump({"rule_files": [path.name], "evaluation_interval": "1m", "tests": [
+        {"interval": "1m", "input_series": series("0x30", "0.97x30", "30+1x30", slow=True), "alert_rule_test": alerts},
+        {"interval": "1m", "input_series": series("1x30", "0.5x30", "25x30", slow=False), "alert_rule_test": quiet}]}))
+    result = subprocess.run([promtool, "test", "rules", "test.yaml"], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
