@@ -125,6 +125,10 @@ class LLMEngine:
         if self.config.load_format != "dummy":
             check_safetensors_headers(self.model_dir)  # before any worker or weight: a one-line error
 
+        if getattr(hf_config, "is_encoder_decoder", False):  # T5, BART: the prompt is the encoder input
+            from genserve.server.seq2seq_runner import Seq2SeqRunner
+
+            return Seq2SeqRunner(self.config, hf_config, self.model_dir, self.device, self.torch_dtype)
         if self.config.use_transformers_fallback or get_model_class(getattr(hf_config, "architectures", None)) is None:
             from genserve.server.fallback_runner import FallbackRunner
 
@@ -134,8 +138,12 @@ class LLMEngine:
             if self.config.num_shard > 1:
                 raise ValueError("--num-shard > 1 needs a native model implementation; the transformers "
                                  f"fallback ({getattr(hf_config, 'architectures', None)}) runs on one device")
-            logger.warning("no native implementation for %s: using the transformers fallback (no paged cache)",
-                           getattr(hf_config, "architectures", None))
+            if self.config.use_transformers_fallback:
+                logger.info("--use-transformers-fallback: serving %s through transformers (no paged cache)",
+                            getattr(hf_config, "architectures", None))
+            else:
+                logger.warning("no native implementation for %s: using the transformers fallback (no paged cache)",
+                               getattr(hf_config, "architectures", None))
             return FallbackRunner(self.config, hf_config, self.model_dir, self.device, self.torch_dtype)
         from genserve.server.model_runner import ModelRunner
 

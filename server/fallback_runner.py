@@ -62,7 +62,7 @@ class FallbackRunner:
 
     def __init__(self, config: EngineConfig, hf_config, model_dir, device: torch.device, dtype: torch.dtype) -> None:
         self.model = TransformersCausalLM(model_dir, dtype=dtype, device=device, load_format=config.load_format,
-                                          trust_remote_code=config.trust_remote_code)
+                                          trust_remote_code=config.trust_remote_code, hf_config=hf_config)
         quantize_model(self.model, config.quantize)  # raises: only native models can be quantized
         self.block_size = config.block_size
         tokens = config.max_batch_total_tokens or config.max_batch_size * config.max_total_tokens

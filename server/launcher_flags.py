@@ -105,7 +105,7 @@ def apply_launcher_flags(args: argparse.Namespace) -> None:
     if args.sharded is not None:
         args.num_shard = resolve_num_shard(args.sharded, int(args.num_shard))
     if args.usage_stats != "off":
-        logger.info("usage statistics (--usage-stats %s): genserve collects and sends none", args.usage_stats)
+        logger.debug("usage statistics (--usage-stats %s): genserve collects and sends none", args.usage_stats)
     if args.print_env:
         print(environment_report(), flush=True)
 

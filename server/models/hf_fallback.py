@@ -118,17 +118,20 @@ def gather_rows(sources: list[tuple[KVRows, int] | None], past_lengths: list[int
 
 class TransformersCausalLM:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                 load_format: str = "auto", trust_remote_code: bool = False):
+                 load_format: str = "auto", trust_remote_code: bool = False, hf_config=None):
+        """hf_config: the engine's config, with launcher overrides (--rope-factor) applied; read from
+        model_dir when None."""
+        if hf_config is None:
+            hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         if load_format == "dummy":
             # transformers' own random init (normal(0, initializer_range), norms 1), seeded: no weights read
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model = AutoModelForCausalLM.from_config(
-                    AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code),
-                    dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32,
+                                                         trust_remote_code=trust_remote_code)
         else:
             check_safetensors_headers(model_dir)
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto",
+            model = AutoModelForCausalLM.from_pretrained(model_dir, config=hf_config, dtype=dtype or "auto",
                                                          trust_remote_code=trust_remote_code)
         self.model = model.to(device).eval()
         self.config = self.model.config

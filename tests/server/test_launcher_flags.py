@@ -158,3 +158,11 @@ def test_tokenizer_config_path_replaces_the_chat_template(smollm2_dir, tmp_path)
             bad.write_text("{not json")
         with pytest.raises(ValueError, match=message):
             make_engine(smollm2_dir, tokenizer_config_path=str(bad))
+
+
+def test_rope_factor_reaches_the_transformers_fallback(smollm2_dir):
+    """The fallback builds its transformers model from the engine's config, overrides included."""
+    engine = make_engine(smollm2_dir, rope_factor=2.0, use_transformers_fallback=True, max_total_tokens=4096,
+                         max_input_tokens=4000)
+    rope = engine.runner.model.config.rope_parameters
+    assert rope["rope_type"] == "linear" and rope["factor"] == 2.0
