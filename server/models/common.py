@@ -1,4 +1,4 @@
-"""Pieces the decoder-only families share: the window of each layer, the causal-LM shell (model dtype,
+"""Pieces the decoder-only families share: the window of each layer (llama.py's), the causal-LM shell (model dtype,
 vocab-parallel LM head, tied embeddings, final logit soft-capping), loading fused or transposed checkpoint tensors."""
 
 from __future__ import annotations
@@ -8,19 +8,7 @@ from torch import nn
 
 from genserve.server.distributed import get_tp_size
 from genserve.server.layers.embedding import ParallelLMHead
-from genserve.server.models.llama import config_dtype, default_dtype
-
-
-def layer_sliding_window(config, layer_idx: int) -> int | None:
-    """The window of layer `layer_idx`: per `layer_types` where the config has them, else the config's one
-    window on every layer (None: full attention)."""
-    window = getattr(config, "sliding_window", None)
-    if not window or not getattr(config, "use_sliding_window", True):
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return window if layer_types[layer_idx] == "sliding_attention" else None
-    return window
+from genserve.server.models.llama import config_dtype, default_dtype, layer_sliding_window  # noqa: F401 (shared)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

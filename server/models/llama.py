@@ -45,7 +45,7 @@ def layer_sliding_window(config, layer_idx: int) -> int | None:
     if not window or not getattr(config, "use_sliding_window", True):
         return None
     layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
+    if layer_types:
         return window if layer_types[layer_idx] == "sliding_attention" else None
     return window
 
