@@ -75,8 +75,10 @@ class Seq2SeqRunner:
             else:
                 past = begin - num_prompt + 1
                 home = self.homes.get(request.request_id)
-                assert home is not None and home[0].decoder_length == past, "a request's decoder past must be cached"
-                continuing.setdefault((past, end - begin), []).append((s, request.token_ids[begin:end]))
+                assert home is not None and home[0].lengths[home[1]] == past, "a request's decoder past must be cached"
+                # rows of different decoder lengths share a forward only where left padding keeps positions
+                key = (0 if self.model.pads_decoder else past, end - begin)
+                continuing.setdefault(key, []).append((s, request.token_ids[begin:end]))
         next_logits: dict[str, torch.Tensor] = {}
         for group_rows in starting.values():
             for group in split(group_rows, self.max_rows):
@@ -95,19 +97,23 @@ class Seq2SeqRunner:
         """Encode the group's prompts, then run the decoder from its start token (cross K/V computed here)."""
         states, mask = self.model.encode([s.request.prompt_token_ids for s, _ in group])
         cache = self.model.new_cache()
-        logits = self.model.decode([chunk for _, chunk in group], cache, states, mask)
-        return self._keep(group, DecoderRows(cache, [s.request.request_id for s, _ in group], states, mask), logits)
+        chunks = [chunk for _, chunk in group]
+        logits = self.model.decode(chunks, cache, [0] * len(group), states, mask)
+        batch = DecoderRows(cache, [s.request.request_id for s, _ in group], states, mask, [0] * len(group))
+        return self._keep(group, batch, logits, len(chunks[0]))
 
     def _continue(self, group: list[tuple[ScheduledRequest, list[int]]]) -> dict[str, torch.Tensor]:
         batch = self._reusable(group)
         if batch is not None:
             group = sorted(group, key=lambda item: self.homes[item[0].request.request_id][1])
         else:
-            cache, states, mask = gather_decoder_rows([self.homes[s.request.request_id] for s, _ in group])
-            batch = DecoderRows(cache, [s.request.request_id for s, _ in group], states, mask)
-        logits = self.model.decode([chunk for _, chunk in group], batch.cache, batch.encoder_states,
-                                   batch.encoder_mask)
-        return self._keep(group, batch, logits)
+            sources = [self.homes[s.request.request_id] for s, _ in group]
+            cache, states, mask = gather_decoder_rows(sources)
+            batch = DecoderRows(cache, [s.request.request_id for s, _ in group], states, mask,
+                                [rows.lengths[r] for rows, r in sources])
+        chunks = [chunk for _, chunk in group]
+        logits = self.model.decode(chunks, batch.cache, batch.lengths, batch.encoder_states, batch.encoder_mask)
+        return self._keep(group, batch, logits, len(chunks[0]))
 
     def _reusable(self, group: list[tuple[ScheduledRequest, list[int]]]) -> DecoderRows | None:
         """The earlier batch holding exactly this group's requests: it grows in place, nothing gathered."""
@@ -118,9 +124,10 @@ class Seq2SeqRunner:
             return None
         return first
 
-    def _keep(self, group, batch: DecoderRows, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _keep(self, group, batch: DecoderRows, logits: torch.Tensor, num_new: int) -> dict[str, torch.Tensor]:
         ids = [s.request.request_id for s, _ in group]
         batch.request_ids = ids
+        batch.lengths = [length + num_new for length in batch.lengths]
         for row, request_id in enumerate(ids):
             self.homes[request_id] = (batch, row)
         return {request_id: logits[row] for row, request_id in enumerate(ids)}

@@ -1,0 +1,266 @@
+"""Encoder-decoder models (T5, BART) are served exactly: greedy ids equal transformers float32
+`AutoModelForSeq2SeqLM.generate`, with requests joining mid-decode, chunked prefill, preemption and
+abort, several requests per decoder forward, and over real HTTP through /generate, /generate_stream
+and /v1/completions (chat answers 422: these models have no chat template)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+import transformers
+from http_server import start_server
+from model_helpers import torch_threads
+
+from genserve.server.config import EngineConfig
+from genserve.server.engine import LLMEngine
+from genserve.server.fallback_runner import BATCHING_ENV
+from genserve.server.sampling_params import SamplingParams
+
+VOCAB = 49152  # SmolLM2's tokenizer
+EOS = 2
+MAX_NEW = 10
+FAMILIES = {
+    # T5: relative position bias, decoder starts from the pad token
+    "t5": lambda: transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                        pad_token_id=0, eos_token_id=EOS, decoder_start_token_id=0,
+                                        initializer_factor=3.0),
+    # BART: learned positions in both stacks, decoder starts from eos; no forced bos/eos (TGI applies none)
+    "bart": lambda: transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                            decoder_ffn_dim=64, max_position_embeddings=256, pad_token_id=1,
+                                            bos_token_id=0, eos_token_id=EOS, decoder_start_token_id=EOS,
+                                            forced_bos_token_id=None, forced_eos_token_id=None, init_std=0.3),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def save_family(path, family: str, tokenizer_dir):
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForSeq2SeqLM.from_config(FAMILIES[family]()).eval()
+    hf.save_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.chat_template = None  # like t5-small / bart-large: no chat template
+    tokenizer.save_pretrained(path)
+    return hf
+
+
+def reference(hf, prompts: list[list[int]], max_new: int = MAX_NEW, stop_at_eos: bool = False) -> list[list[int]]:
+    """transformers' greedy generate; the decoder start token it returns first is not a generated token."""
+    out = []
+    for p in prompts:
+        kwargs = {"eos_token_id": EOS} if stop_at_eos else {"min_new_tokens": max_new}
+        with torch.no_grad():
+            ids = hf.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False, **kwargs)[0, 1:].tolist()
+        out.append(ids[:ids.index(EOS) + 1] if stop_at_eos and EOS in ids else ids)
+    return out
+
+
+def random_prompts(lengths, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def make_engine(model_dir, **overrides) -> LLMEngine:
+    settings = dict(model_id=str(model_dir), dtype="float32", max_total_tokens=256, max_batch_total_tokens=8192,
+                    max_batch_prefill_tokens=48, num_threads=1)
+    return LLMEngine(EngineConfig(**{**settings, **overrides}))
+
+
+def record_decoder_batches(engine) -> list[int]:
+    sizes, decode = [], engine.runner.model.decode
+
+    def recording(chunks, *args, **kwargs):
+        sizes.append(len(chunks))
+        return decode(chunks, *args, **kwargs)
+
+    engine.runner.model.decode = recording
+    return sizes
+
+
+def record_encoder_calls(engine) -> list[int]:
+    lengths, encode = [], engine.runner.model.encode
+
+    def recording(prompts):
+        lengths.extend(len(p) for p in prompts)
+        return encode(prompts)
+
+    engine.runner.model.encode = recording
+    return lengths
+
+
+def run_arriving(engine, prompts, params) -> list[list[int]]:
+    """One new request per step: each joins while the earlier ones decode."""
+    ids, tokens = [], {}
+    for step in range(10_000):
+        if step < len(prompts):
+            ids.append(engine.add_request(prompts[step], params))
+        elif not engine.has_unfinished:
+            break
+        for o in engine.step()[0]:
+            tokens.setdefault(o.request_id, []).extend(t.id for t in o.new_tokens)
+    return [tokens[i] for i in ids]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory, smollm2_dir):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, save_family(path, request.param, smollm2_dir)
+
+
+def test_prompts_sent_at_once_share_decoder_forwards_and_equal_transformers(family):
+    """The prefill budget (48) starts them in two steps, so two decoder lengths: T5 left-pads them into
+    one forward (relative positions); BART's learned positions keep each length in its own forward."""
+    name, path, hf = family
+    prompts = random_prompts([5, 17, 9, 30, 3, 12])
+    engine = make_engine(path)
+    assert engine.model_path_kind == "transformers-seq2seq"
+    sizes, encoded = record_decoder_batches(engine), record_encoder_calls(engine)
+    assert engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)) == reference(hf, prompts)
+    assert sorted(encoded) == sorted(len(p) for p in prompts)  # each prompt encoded exactly once
+    assert max(sizes) == (6 if name == "t5" else 3), sizes
+    assert not engine.runner.homes and engine.kv_cache.num_used_blocks == 0
+
+
+def test_requests_joining_mid_decode_with_chunked_prefill_equal_transformers(family):
+    _, path, hf = family
+    prompts = random_prompts([5, 70, 12, 1, 50, 7, 22, 3])  # 70 and 50 take two or more prefill chunks
+    engine = make_engine(path)
+    encoded = record_encoder_calls(engine)
+    assert run_arriving(engine, prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)) == reference(
+        hf, prompts)
+    assert sorted(encoded) == sorted(len(p) for p in prompts)  # a chunked prompt is encoded once, when complete
+
+
+def test_preempted_requests_recompute_and_stay_exact(family):
+    _, path, hf = family
+    prompts = random_prompts([20, 18, 25, 16, 22, 19], seed=2)
+    engine = make_engine(path, max_batch_total_tokens=96, block_size=16, max_batch_prefill_tokens=64)
+    got = engine.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True))
+    assert engine.scheduler.num_preemptions > 0
+    assert got == reference(hf, prompts, max_new=24)
+
+
+def test_a_request_aborted_mid_decode_leaves_the_others_exact(family):
+    _, path, hf = family
+    prompts = random_prompts([8, 15, 4, 11], seed=6)
+    engine = make_engine(path)
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    tokens = {i: [] for i in ids}
+    for step in range(10_000):
+        if step == 3:
+            engine.abort(ids[1])  # its row leaves the shared cache; the next forward regathers the rest
+        if not engine.has_unfinished:
+            break
+        for o in engine.step()[0]:
+            tokens[o.request_id].extend(t.id for t in o.new_tokens)
+    expected = reference(hf, prompts)
+    assert [tokens[i] for i in ids[:1] + ids[2:]] == expected[:1] + expected[2:]
+    assert 0 < len(tokens[ids[1]]) < MAX_NEW and tokens[ids[1]] == expected[1][:len(tokens[ids[1]])]
+    assert not engine.runner.homes
+
+
+def test_one_at_a_time_switch_gives_the_same_tokens(family, monkeypatch):
+    _, path, hf = family
+    monkeypatch.setenv(BATCHING_ENV, "0")
+    engine = make_engine(path)
+    sizes = record_decoder_batches(engine)
+    prompts = random_prompts([6, 3, 9], seed=4)
+    assert engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)) == reference(hf, prompts)
+    assert set(sizes) == {1}
+
+
+def test_max_new_tokens_counts_generated_tokens_only(family):
+    """The prompt is the encoder's: a request may ask for max_total_tokens - prompt tokens, no fewer."""
+    _, path, hf = family
+    engine = make_engine(path, max_total_tokens=64, max_input_tokens=40)
+    prompt = random_prompts([40], seed=7)[0]
+    assert engine.validate(prompt, SamplingParams(max_new_tokens=None)) == 24
+    with pytest.raises(ValueError, match="must be <= 64"):
+        engine.validate(prompt, SamplingParams(max_new_tokens=25))
+    assert engine.generate([prompt], SamplingParams(max_new_tokens=24, ignore_eos=True)) == reference(
+        hf, [prompt], max_new=24)
+
+
+# ---- over HTTP --------------------------------------------------------------------------------
+
+HTTP_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
+                "In a galaxy far away", "SELECT * FROM"]
+
+
+@pytest.fixture(scope="module")
+def served(family, tmp_path_factory):
+    name, path, hf = family
+    server = start_server(tmp_path_factory.mktemp(f"serve-{name}"), "--model-id", str(path),
+                          "--max-batch-size", "16")
+    yield server, hf, transformers.AutoTokenizer.from_pretrained(path)
+    server.stop()
+
+
+def test_info_names_the_seq2seq_path(served):
+    server, _, _ = served
+    assert httpx.get(server.base_url + "/info", timeout=10).json()["model_path_kind"] == "transformers-seq2seq"
+    assert "model path: transformers-seq2seq" in server.log()
+
+
+def test_generate_routes_sent_at_once_equal_transformers(served):
+    server, hf, tokenizer = served
+    prompts = [tokenizer.encode(p) for p in HTTP_PROMPTS]
+    expected = reference(hf, prompts, stop_at_eos=True)
+
+    def generate(prompt: str) -> dict:
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": MAX_NEW, "details": True}}
+        response = httpx.post(server.base_url + "/generate", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def stream(prompt: str) -> list[dict]:
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": MAX_NEW}}
+        events = []
+        with httpx.stream("POST", server.base_url + "/generate_stream", json=body, timeout=300) as response:
+            assert response.status_code == 200
+            events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+        return events
+
+    def completion(prompt: str) -> dict:
+        body = {"model": "m", "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0, "logprobs": 1}
+        response = httpx.post(server.base_url + "/v1/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(3 * len(HTTP_PROMPTS)) as pool:
+        generated = [pool.submit(generate, p) for p in HTTP_PROMPTS]
+        streamed = [pool.submit(stream, p) for p in HTTP_PROMPTS]
+        completed = [pool.submit(completion, p) for p in HTTP_PROMPTS]
+        generated, streamed, completed = ([f.result() for f in fs] for fs in (generated, streamed, completed))
+    for ids, body, events, comp in zip(expected, generated, streamed, completed, strict=True):
+        details = body["details"]
+        assert [t["id"] for t in details["tokens"]] == ids
+        assert details["generated_tokens"] == len(ids)
+        assert details["finish_reason"] == ("eos_token" if ids[-1] == EOS else "length")
+        assert body["generated_text"] == tokenizer.decode(ids, skip_special_tokens=True)
+        assert [e["token"]["id"] for e in events] == ids
+        assert events[-1]["generated_text"] == body["generated_text"]
+        assert events[-1]["details"]["finish_reason"] == details["finish_reason"]
+        assert comp["choices"][0]["text"] == body["generated_text"]
+        assert comp["choices"][0]["finish_reason"] == ("stop" if ids[-1] == EOS else "length")
+        assert comp["usage"]["completion_tokens"] == len(ids)
+    assert [c["usage"]["prompt_tokens"] for c in completed] == [len(p) for p in prompts]
+
+
+def test_chat_without_a_template_answers_422(served):
+    server, _, _ = served
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    response = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert "template" in error["error"].lower() and error["error_type"] == "template_error"
