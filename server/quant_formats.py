@@ -4,7 +4,8 @@ written by gguf_weights.py, loaded straight into grouped weights (layers/grouped
 GPTQ (AutoGPTQ's packing, 4-bit):
     qweight int32 [K / 8, N]  8 values along the input dim, value j at bits 4j
     qzeros  int32 [G, N / 8]  8 zeros along the output dim; format "gptq" (v1) stores zero - 1
-    scales  fp16  [G, N];  g_idx int32 [K] = group of each input column (act-order when not k // size)
+    scales  fp16  [G, N];  g_idx int32 [K] = group of each input column (act-order when not k // size:
+    columns sorted by group, the layer reading x in that order)
 AWQ (AutoAWQ's GEMM packing, 4-bit):
     qweight int32 [K, N / 8]  8 values along the output dim, slot i holds column AWQ_ORDER[i]
     qzeros  int32 [G, N / 8]  same packing;  scales fp16 [G, N]
@@ -25,7 +26,7 @@ from torch import nn
 
 from genserve.server.layers import grouped_linear
 from genserve.server.layers.grouped_weights import dequantize, pack_nibbles
-from genserve.server.layers.linear import LinearBase
+from genserve.server.layers.linear import LinearBase, RowParallelLinear
 from genserve.server.loader import IGNORED_SUFFIXES, _expected_shards, _map_name, default_weight_loader
 
 logger = logging.getLogger(__name__)
@@ -78,14 +79,20 @@ def gptq_layer(prefix: str, parts: dict[str, torch.Tensor], config: dict):
     _check(prefix, tuple(scales.shape) == (num_groups, n),
            f"scales {tuple(scales.shape)} for {k} inputs in groups of {group_size} and {n} outputs")
     _check(prefix, tuple(qzeros.shape) == (num_groups, n // 8), f"qzeros {tuple(qzeros.shape)}")
+    q = unpack_int32(qweight, dim=0)
+    in_order = torch.arange(k) // group_size
     g_idx = parts.get("g_idx")
-    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group_size):
-        raise ValueError(f"{prefix}: act-order (desc_act) GPTQ weights, whose groups are not contiguous input "
-                         f"columns, are not supported; quantize with desc_act=False")
+    perm = None
+    if g_idx is not None and not torch.equal(g_idx.long(), in_order):
+        # act-order: columns quantized in another order; sorted by group they are contiguous groups again,
+        # and the layer reads its input in that order (x[:, perm])
+        perm = torch.argsort(g_idx.long(), stable=True)
+        _check(prefix, torch.equal(g_idx.long()[perm], in_order), "g_idx does not put group_size columns in each group")
+        q = q[perm]
     zeros = unpack_int32(qzeros, dim=1)
     if config.get("checkpoint_format", "gptq") == "gptq":
         zeros = zeros + 1  # v1 stores zero - 1
-    return _grouped(unpack_int32(qweight, dim=0), zeros, scales) + (group_size,)
+    return _grouped(q, zeros, scales) + (group_size, perm)
 
 
 def awq_layer(prefix: str, parts: dict[str, torch.Tensor], config: dict):
@@ -101,7 +108,7 @@ def awq_layer(prefix: str, parts: dict[str, torch.Tensor], config: dict):
         slots = unpack_int32(packed, dim=1).view(packed.shape[0], -1, 8)
         return slots[..., list(AWQ_COLUMN_SLOT)].reshape(packed.shape[0], -1)
 
-    return _grouped(columns(qweight), columns(qzeros), scales) + (group_size,)
+    return _grouped(columns(qweight), columns(qzeros), scales) + (group_size, None)
 
 
 def check_config(method: str, config: dict) -> None:
@@ -114,8 +121,9 @@ def check_config(method: str, config: dict) -> None:
             raise ValueError("AWQ without zero points is not supported")
 
 
-def converted_tensors(files: list[Path], method: str, config: dict) -> tuple[dict[str, torch.Tensor], int]:
-    """Every tensor of a GPTQ / AWQ checkpoint, its quantized linears as X.weight / X.weight_scale / X.weight_min."""
+def converted_tensors(files: list[Path], method: str, config: dict) -> tuple[dict[str, torch.Tensor], int, dict]:
+    """Every tensor of a GPTQ / AWQ checkpoint, its quantized linears as X.weight / X.weight_scale / X.weight_min;
+    the group size; {X: input column order} for act-order layers."""
     check_config(method, config)
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
@@ -130,16 +138,18 @@ def converted_tensors(files: list[Path], method: str, config: dict) -> tuple[dic
             out[name] = tensor
     if not layers:
         raise ValueError(f"checkpoint's quantization_config says {method} but no tensor holds qweight/scales")
-    group_sizes = set()
+    group_sizes, perms = set(), {}
     for prefix, parts in layers.items():
         missing = [p for p in ("qweight", "qzeros", "scales") if p not in parts]
         _check(prefix, not missing, f"missing {', '.join(missing)}")
         convert = gptq_layer if method == "gptq" else awq_layer
-        qweight, scale, mins, group_size = convert(prefix, parts, config)
+        qweight, scale, mins, group_size, perm = convert(prefix, parts, config)
+        if perm is not None:
+            perms[prefix] = perm
         out[f"{prefix}.weight"], out[f"{prefix}.weight_scale"], out[f"{prefix}.weight_min"] = qweight, scale, mins
         group_sizes.add(group_size)
     _check("group_size", len(group_sizes) == 1, f"layers quantized with different group sizes {group_sizes}")
-    return out, group_sizes.pop()
+    return out, group_sizes.pop(), perms
 
 
 def _layer_formats(model: nn.Module, tensors: dict[str, torch.Tensor], packed: dict) -> dict[str, set]:
@@ -175,9 +185,9 @@ def load_quantized_checkpoint(model: nn.Module, model_dir: Path, dtype: torch.dt
         tensors: dict[str, torch.Tensor] = {}
         for file in files:
             tensors.update(load_file(str(file)))
-        group_size = config["group_size"]
+        group_size, perms = config["group_size"], {}
     elif method in ("gptq", "awq"):
-        tensors, group_size = converted_tensors(files, method, config)
+        tensors, group_size, perms = converted_tensors(files, method, config)
     else:
         raise ValueError(f"checkpoint quantized with {method!r} (its quantization_config): genserve serves "
                          f"gptq, awq and gguf checkpoints")
@@ -194,12 +204,27 @@ def load_quantized_checkpoint(model: nn.Module, model_dir: Path, dtype: torch.dt
             continue
         (bits, scale_dtype), = formats
         grouped_linear.prepare_for_loading(layer, bits, group_size, scale_dtype)
+        _set_input_order(layer, module, perms, packed)
     _load(model, tensors, packed, model_dir)
     model.checkpoint_quantization = method
     layers = grouped_linear.grouped_layers(model)
     logger.info("%s checkpoint: %d linear layers kept quantized (groups of %d)", method, len(layers), group_size)
     grouped_linear.choose_kernels(model, dtype or getattr(model, "dtype", torch.float32))
     return True
+
+
+def _set_input_order(layer: LinearBase, module: str, perms: dict, packed: dict) -> None:
+    """Act-order: the layer reads its input permuted; every part of a fused layer must share the order."""
+    mine = [perm for prefix, perm in perms.items() if _map_name(f"{prefix}.weight", packed)[0] == f"{module}.weight"]
+    if not mine:
+        return
+    expected = len(set(shard for part, shard in packed.values() if module.endswith(f".{part}"))) or 1
+    if len(mine) != expected or any(not torch.equal(mine[0], perm) for perm in mine):
+        raise ValueError(f"{module}: act-order parts with different input column orders cannot be fused")
+    if isinstance(layer, RowParallelLinear) and layer.tp_size > 1:
+        raise ValueError(f"{module}: act-order (desc_act) GPTQ weights under tensor parallelism are not supported "
+                         f"(a row-parallel shard would need input columns held by other ranks)")
+    layer.quant_method.input_order = mine[0]
 
 
 def _load(model: nn.Module, tensors: dict[str, torch.Tensor], packed: dict, model_dir: Path) -> None:

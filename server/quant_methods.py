@@ -8,7 +8,7 @@ METHODS = {
     "int8": "int8 weights, one scale per output channel, quantized at load",
     "eetq": "TGI's name for int8 (the same weights and kernels)",
     "int4": "int4 weights in groups of 128 input columns, scale and zero point per group, quantized at load",
-    "int4-g32": "int4 in groups of 32 (finer, 5.5 bits per weight)",
+    "int4-g32": "int4 in groups of 32 (finer, 5 bits per weight)",
     "fp8": "float8 e4m3fn weights, one scale per output channel, quantized at load",
     "gptq": "a GPTQ 4-bit safetensors checkpoint, served as it is (quantization_config read from the model)",
     "awq": "an AWQ 4-bit (GEMM) safetensors checkpoint, served as it is",

@@ -36,6 +36,7 @@ class GroupedWeights:
         self.bits = bits
         self.name = f"int{bits}-g{group_size}"
         self.torch_int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed, scale_and_zeros) when chosen
+        self.input_order: torch.Tensor | None = None  # act-order GPTQ: columns are held in this order of x
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         layer = self.layer
@@ -45,6 +46,8 @@ class GroupedWeights:
               bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         flat = x.reshape(rows, -1)
+        if self.input_order is not None:
+            flat = flat.index_select(1, self.input_order)
         if self.torch_int4 is not None:
             packed, scale_and_zeros = self.torch_int4
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), packed, self.group_size,

@@ -43,12 +43,12 @@ def to_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def pack_gptq(q, zero, scale, group_size):
+def pack_gptq(q, zero, scale, group_size, g_idx=None):
     q_kn = q.T  # [K, N]
     shifts = torch.arange(8) * 4
     qweight = (q_kn.view(-1, 8, q_kn.shape[1]) << shifts[None, :, None]).sum(1)
     qzeros = ((zero - 1).view(zero.shape[0], -1, 8) << shifts).sum(-1)  # v1: zero - 1
-    g_idx = (torch.arange(q.shape[1]) // group_size).to(torch.int32)
+    g_idx = (torch.arange(q.shape[1]) // group_size if g_idx is None else g_idx).to(torch.int32)
     return {"qweight": to_int32(qweight), "qzeros": to_int32(qzeros), "scales": scale, "g_idx": g_idx}
 
 
@@ -70,8 +70,11 @@ FORMATS = {
 }
 
 
-def write_quantized(source, target, method: str, group_size: int | None = None):
-    """Quantize `source`'s linears into `method`'s checkpoint at `target`; returns the dequantized tensors."""
+def write_quantized(source, target, method: str, group_size: int | None = None, act_order: bool = False):
+    """Quantize `source`'s linears into `method`'s checkpoint at `target`; returns the dequantized tensors.
+
+    act_order (GPTQ): columns quantized in a shuffled order, one per input size (layers sharing an input
+    share it, as GPTQ's order follows the input's statistics); g_idx[order[i]] = i // group_size."""
     pack, default_group, config = FORMATS[method]
     group_size = group_size or default_group
     tensors = {}
@@ -82,16 +85,26 @@ def write_quantized(source, target, method: str, group_size: int | None = None):
         if not is_linear_weight(name):
             quantized[name] = reference[name] = weight
             continue
-        q, zero, scale = quantize_rtn(weight, group_size)
         prefix = name.removesuffix(".weight")
-        quantized.update({f"{prefix}.{part}": t for part, t in pack(q, zero, scale, group_size).items()})
-        reference[name] = dequantized(q, zero, scale, group_size)
+        if not act_order:
+            q, zero, scale = quantize_rtn(weight, group_size)
+            quantized.update({f"{prefix}.{part}": t for part, t in pack(q, zero, scale, group_size).items()})
+            reference[name] = dequantized(q, zero, scale, group_size)
+            continue
+        k = weight.shape[1]
+        order = torch.randperm(k, generator=torch.Generator().manual_seed(k))
+        q_sorted, zero, scale = quantize_rtn(weight[:, order], group_size)
+        q, g_idx, w = torch.empty_like(q_sorted), torch.empty(k, dtype=torch.int64), torch.empty_like(weight)
+        q[:, order], g_idx[order], w[:, order] = q_sorted, torch.arange(k) // group_size, \
+            dequantized(q_sorted, zero, scale, group_size)
+        quantized.update({f"{prefix}.{part}": t for part, t in pack_gptq(q, zero, scale, group_size, g_idx).items()})
+        reference[name] = w
     target.mkdir(parents=True)
     for file in source.iterdir():
         if file.is_file() and not file.name.endswith(".safetensors"):
             shutil.copy(file, target / file.name)
     saved = json.loads((source / "config.json").read_text())
-    saved["quantization_config"] = dict(config, group_size=group_size)
+    saved["quantization_config"] = dict(config, group_size=group_size, desc_act=act_order)
     (target / "config.json").write_text(json.dumps(saved))
     save_file(quantized, str(target / "model.safetensors"))
     return reference
@@ -117,11 +130,12 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_tiny_model_logits_equal_the_dequantized_weights(tiny_dir, tmp_path, method):
+@pytest.mark.parametrize("method,act_order", [("gptq", False), ("awq", False), ("gptq", True)],
+                         ids=["gptq", "awq", "gptq-act-order"])
+def test_tiny_model_logits_equal_the_dequantized_weights(tiny_dir, tmp_path, method, act_order):
     from test_layers_tp import scenario_logits
 
-    reference = write_quantized(tiny_dir, tmp_path / "q", method, group_size=32)
+    reference = write_quantized(tiny_dir, tmp_path / "q", method, group_size=32, act_order=act_order)
     model = load_native(tmp_path / "q")
     expected = load_native(float_checkpoint(tiny_dir, tmp_path / "f", weights=reference))
     torch.testing.assert_close(scenario_logits(model), scenario_logits(expected), rtol=1e-4, atol=1e-4)
@@ -147,9 +161,14 @@ def test_bad_checkpoints_fail_in_one_line_naming_the_problem(tiny_dir, tmp_path)
     edit_config(tmp_path / "gptq", quant_method="gptq", desc_act=True)
     tensors = load_file(str(tmp_path / "gptq" / "model.safetensors"))
     name = "model.layers.0.mlp.down_proj.g_idx"
-    tensors[name] = tensors[name][torch.randperm(96)]  # act-order: groups no longer contiguous
+    tensors[name] = torch.zeros_like(tensors[name])  # one group of 96 columns, two of none
     save_file(tensors, str(tmp_path / "gptq" / "model.safetensors"))
-    with pytest.raises(ValueError, match="down_proj: act-order \\(desc_act\\) GPTQ weights.* not supported"):
+    with pytest.raises(ValueError, match="down_proj: g_idx does not put group_size columns in each group"):
+        load_native(tmp_path / "gptq")
+    tensors[name] = (torch.arange(96) // 32).flip(0).to(torch.int32)  # a valid act-order
+    tensors["model.layers.0.mlp.up_proj.g_idx"] = (torch.arange(64) // 32).flip(0).to(torch.int32)  # not gate's
+    save_file(tensors, str(tmp_path / "gptq" / "model.safetensors"))
+    with pytest.raises(ValueError, match="gate_up_proj: act-order parts with different input column orders"):
         load_native(tmp_path / "gptq")
 
 
