@@ -31,7 +31,7 @@ FAMILIES = {
     # BART: learned positions in both stacks, decoder starts from eos; no forced bos/eos (TGI applies none)
     "bart": lambda: transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
                                             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                                            decoder_ffn_dim=64, max_position_embeddings=256, pad_token_id=1,
+                                            decoder_ffn_dim=64, max_position_embeddings=1024, pad_token_id=1,
                                             bos_token_id=0, eos_token_id=EOS, decoder_start_token_id=EOS,
                                             forced_bos_token_id=None, forced_eos_token_id=None, init_std=0.3),
 }
@@ -224,7 +224,7 @@ def test_generate_routes_sent_at_once_equal_transformers(served):
         return response.json()
 
     def stream(prompt: str) -> list[dict]:
-        body = {"inputs": prompt, "parameters": {"max_new_tokens": MAX_NEW}}
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": MAX_NEW, "details": True}}
         events = []
         with httpx.stream("POST", server.base_url + "/generate_stream", json=body, timeout=300) as response:
             assert response.status_code == 200
