@@ -6,6 +6,7 @@ and /v1/completions (chat answers 422: these models have no chat template)."""
 from __future__ import annotations
 
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -189,6 +190,34 @@ def test_max_new_tokens_counts_generated_tokens_only(family):
         engine.validate(prompt, SamplingParams(max_new_tokens=25))
     assert engine.generate([prompt], SamplingParams(max_new_tokens=24, ignore_eos=True)) == reference(
         hf, [prompt], max_new=24)
+
+
+def test_an_eos_from_generation_config_stops_generated_tokens(family, tmp_path):
+    """eos is a generated token (the decoder start token never is): the request stops on it, reason eos."""
+    _, path, hf = family
+    prompts = random_prompts([7, 13, 4], seed=8)
+    first = reference(hf, prompts[:1])[0]
+    eos = first[3]  # a token greedy decoding produces: it becomes the model's eos
+    shutil.copytree(path, tmp_path / "model")
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS, eos]}))
+    engine = make_engine(tmp_path / "model")
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=MAX_NEW)) for p in prompts]
+    tokens, reasons = {i: [] for i in ids}, {}
+    while engine.has_unfinished:
+        for o in engine.step()[0]:
+            tokens[o.request_id].extend(t.id for t in o.new_tokens)
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+    expected = []
+    for p in prompts:
+        with torch.no_grad():
+            expected.append(hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False,
+                                        eos_token_id=[EOS, eos], pad_token_id=0)[0, 1:].tolist())
+    expected = [e[:min(e.index(t) + 1 for t in (EOS, eos) if t in e)] if {EOS, eos} & set(e) else e
+                for e in expected]
+    assert [tokens[i] for i in ids] == expected
+    assert tokens[ids[0]][-1] == eos and reasons[ids[0]] == "eos_token"
+    assert [reasons[i] for i in ids] == ["eos_token" if e[-1] in (EOS, eos) else "length" for e in expected]
 
 
 # ---- over HTTP --------------------------------------------------------------------------------
