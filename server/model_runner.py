@@ -37,7 +37,7 @@ from genserve.server.prompt_scores import (
 )
 from genserve.server.sampler import Sampler, SampleResult, SamplingRow
 from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
-from genserve.server.step_payload import HEADER_SIZE, pack_step
+from genserve.server.step_payload import HEADER_SIZE, SHUTDOWN_HEADER, StepHeader, StepLayout, pack_step
 from genserve.server.transfer import to_device, to_host
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class ModelRunner:
         header, values, sampling_order, prompt_targets = pack_step(out, self.block_size)
         payload = torch.tensor(values, dtype=torch.long)
         if self.tp_size > 1:
-            distributed.broadcast_cpu(torch.tensor(header, dtype=torch.long))
+            distributed.broadcast_cpu(torch.tensor(header.to_list(), dtype=torch.long))
             distributed.broadcast_cpu(payload)
         inputs = self._unpack(header, values, payload)
         inputs.sampling_order = sampling_order
@@ -234,50 +234,44 @@ class ModelRunner:
 
     def receive(self) -> StepInputs | None:
         """Rank > 0: the next step from rank 0, or None when rank 0 shuts down."""
-        header = distributed.broadcast_cpu(torch.empty(HEADER_SIZE, dtype=torch.long)).tolist()
-        if header[0] == 0:
+        header = StepHeader.from_list(distributed.broadcast_cpu(torch.empty(HEADER_SIZE, dtype=torch.long)).tolist())
+        if header is None:
             return None
-        payload = distributed.broadcast_cpu(torch.empty(header[7], dtype=torch.long))
+        payload = distributed.broadcast_cpu(torch.empty(header.payload_len, dtype=torch.long))
         return self._unpack(header, payload.tolist(), payload)
 
-    def _unpack(self, header: list[int], values: list[int], payload: torch.Tensor | None = None) -> StepInputs:
-        # payload: [input_ids T | positions T | sample rows S | decode context lens B | prefill begins P |
-        #           prefill ends P | decode block tables B*max_blocks | each prefill's blocks | prompt rows R |
-        #           prompt token ids R]; `values` is the same on the host, so nothing here reads the device
-        _, num_tokens, num_decodes, max_blocks, num_prefills, num_samples, max_len, _, num_prompt_rows = header
+    def _unpack(self, header: StepHeader, values: list[int], payload: torch.Tensor | None = None) -> StepInputs:
+        # `values` is the payload on the host, so nothing here reads the device
+        at = StepLayout.of(header)
+        num_decodes, num_prefills, max_blocks = header.num_decodes, header.num_prefills, header.max_blocks
         bs = self.block_size
         t = to_device(payload if payload is not None else values, self.device)  # the step's one copy in
-        o = 2 * num_tokens + num_samples
-        lens, host_lens = t[o:o + num_decodes], values[o:o + num_decodes]
-        o += num_decodes
-        begins, ends = values[o:o + num_prefills], values[o + num_prefills:o + 2 * num_prefills]
-        o_begins = o
-        o += 2 * num_prefills
+        lens, host_lens = t[at.decode_lens], values[at.decode_lens]
+        begins, ends = values[at.prefill_begins], values[at.prefill_ends]
         inputs = StepInputs(
-            input_ids=t[:num_tokens],
-            positions=t[num_tokens:2 * num_tokens],
+            input_ids=t[at.input_ids],
+            positions=t[at.positions],
             meta=AttentionMetadata(slot_mapping=t[:0], num_decode_tokens=num_decodes),
-            sample_indices=t[2 * num_tokens:2 * num_tokens + num_samples],
+            sample_indices=t[at.sample_rows],
             sampling_order=[],
         )
-        if num_prompt_rows:
-            end = t.shape[0]
-            inputs.prompt_rows = t[end - 2 * num_prompt_rows:end - num_prompt_rows]
-            inputs.prompt_token_ids = t[end - num_prompt_rows:]
+        if header.num_prompt_rows:
+            inputs.prompt_rows, inputs.prompt_token_ids = t[at.prompt_rows], t[at.prompt_token_ids]
         meta, slots = inputs.meta, []
         if num_decodes:
-            table = t[o:o + num_decodes * max_blocks].view(num_decodes, max_blocks)
-            o += num_decodes * max_blocks
-            if self.graphs is not None and num_decodes == num_tokens:
+            table = t[at.decode_tables].view(num_decodes, max_blocks)
+            if self.graphs is not None and num_decodes == header.num_tokens:
                 inputs.graph_bucket = self.graphs.bucket_for(num_decodes, max_blocks)
             if inputs.graph_bucket is not None:  # DecodeGraphs builds the metadata from its own buffers
                 inputs.decode_block_tables, inputs.decode_context_lens = table, lens
                 return inputs
             last = lens - 1
             slots.append(table[torch.arange(num_decodes, device=self.device), last // bs] * bs + last % bs)
-            set_decode_metadata(meta, self.decode_backend, table, lens, bs, max_len, host_lens, self.decode_flash)
+            set_decode_metadata(meta, self.decode_backend, table, lens, bs, header.max_len, host_lens,
+                                self.decode_flash)
         offsets = torch.arange(bs, device=self.device) if num_prefills else None
         starts, contexts = [0], []
+        o = at.prefill_blocks.start
         for begin, end in zip(begins, ends, strict=True):
             num_blocks = -(-end // bs)
             context_slots = (t[o:o + num_blocks, None] * bs + offsets).view(-1)[:end]
@@ -291,7 +285,7 @@ class ModelRunner:
         if self.prefill_flash and num_prefills:
             meta.prefill_flash = True
             meta.prefill_slots = torch.cat(contexts) if len(contexts) > 1 else contexts[0]
-            spans = t[o_begins:o_begins + 2 * num_prefills].view(2, num_prefills)
+            spans = t[at.prefill_begins.start:at.prefill_ends.stop].view(2, num_prefills)
             meta.prefill_cu_queries = t.new_zeros(num_prefills + 1, dtype=torch.int32)
             meta.prefill_cu_queries[1:] = (spans[1] - spans[0]).cumsum(0)
             meta.prefill_cu_lens = t.new_zeros(num_prefills + 1, dtype=torch.int32)
@@ -343,8 +337,7 @@ class ModelRunner:
     def shutdown(self) -> None:
         """Rank 0: tell the workers to stop, join them and leave the process group."""
         if self.tp_size > 1:
-            header = torch.zeros(HEADER_SIZE, dtype=torch.long)
-            distributed.broadcast_cpu(header)
+            distributed.broadcast_cpu(torch.tensor(SHUTDOWN_HEADER, dtype=torch.long))
             distributed.shutdown()
             self.tp_size = 1
 

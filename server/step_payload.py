@@ -1,4 +1,7 @@
-"""A step as rank 0 broadcasts it: a header and one flat list of ints (ModelRunner._unpack reads it back).
+"""A step as rank 0 broadcasts it: a header of named counts and one flat list of ints.
+
+`pack_step` writes the payload and `StepLayout` reads it back, side by side in this file, so the two
+cannot drift apart:
 
     payload: [input_ids T | positions T | sample rows S | decode context lens B | prefill begins P |
               prefill ends P | decode block tables B*max_blocks | each prefill's blocks | prompt rows R |
@@ -7,15 +10,68 @@
 
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass, fields
+
 from genserve.server.prompt_scores import PromptTarget, prompt_target
 from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
 
-# step header: [is_step, num_tokens, num_decodes, max_blocks, num_prefills, num_samples, max_len, payload_len,
-#               num_prompt_logprob_rows]
-HEADER_SIZE = 9
+
+@dataclass(frozen=True, slots=True)
+class StepHeader:
+    """The counts a rank needs to cut the payload; broadcast first, as HEADER_SIZE ints (is_step first)."""
+
+    num_tokens: int  # T: every new token of the step
+    num_decodes: int  # B: decode rows (drafts included), first in the token order
+    max_blocks: int  # columns of the decode block tables
+    num_prefills: int  # P: prompt chunks after the decodes
+    num_samples: int  # S: rows that sample a token
+    max_len: int  # longest decode context
+    payload_len: int
+    num_prompt_rows: int  # R: rows whose logits score a prompt token
+
+    def to_list(self) -> list[int]:
+        return [1, *astuple(self)]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> StepHeader | None:
+        """None for the shutdown header (is_step = 0)."""
+        return cls(*values[1:]) if values[0] else None
 
 
-def pack_step(out: SchedulerOutput, bs: int) -> tuple[list[int], list[int], list[ScheduledRequest],
+HEADER_SIZE = 1 + len(fields(StepHeader))
+SHUTDOWN_HEADER = [0] * HEADER_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class StepLayout:
+    """Where each section of a payload lies (the reading side of `pack_step`)."""
+
+    input_ids: slice
+    positions: slice
+    sample_rows: slice
+    decode_lens: slice
+    prefill_begins: slice
+    prefill_ends: slice
+    decode_tables: slice
+    prefill_blocks: slice  # each prefill's blocks, one run after another
+    prompt_rows: slice
+    prompt_token_ids: slice
+
+    @classmethod
+    def of(cls, h: StepHeader) -> StepLayout:
+        sizes = [h.num_tokens, h.num_tokens, h.num_samples, h.num_decodes, h.num_prefills, h.num_prefills,
+                 h.num_decodes * h.max_blocks]
+        cuts = [0]
+        for size in sizes:
+            cuts.append(cuts[-1] + size)
+        prompt_start = h.payload_len - 2 * h.num_prompt_rows
+        spans = [slice(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+        return cls(*spans, prefill_blocks=slice(cuts[-1], prompt_start),
+                   prompt_rows=slice(prompt_start, prompt_start + h.num_prompt_rows),
+                   prompt_token_ids=slice(prompt_start + h.num_prompt_rows, h.payload_len))
+
+
+def pack_step(out: SchedulerOutput, bs: int) -> tuple[StepHeader, list[int], list[ScheduledRequest],
                                                       list[PromptTarget]]:
     """The step as a header and one flat list of ints (the payload `_unpack` reads), plus the sampling
     order and prompt targets that stay on rank 0."""
@@ -73,6 +129,7 @@ def pack_step(out: SchedulerOutput, bs: int) -> tuple[list[int], list[int], list
     scored_ids = [t for _, _, ids, _ in prompt_targets for t in ids]
     values = (input_ids + positions + sample_rows + context_lens + begins + ends + tables + prompt_rows
               + scored_ids)
-    header = [1, len(input_ids), len(context_lens), max_blocks, len(prefills), len(sample_rows), max_len,
-              len(values), len(prompt_rows)]
+    header = StepHeader(num_tokens=len(input_ids), num_decodes=len(context_lens), max_blocks=max_blocks,
+                        num_prefills=len(prefills), num_samples=len(sample_rows), max_len=max_len,
+                        payload_len=len(values), num_prompt_rows=len(prompt_rows))
     return header, values, sampling_order, prompt_targets

@@ -139,3 +139,31 @@ def test_a_cuda_step_synchronizes_once(tiny_dir):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert counts and max(counts) == 1, counts  # the one copy out
+
+
+def test_step_layout_reads_back_what_pack_step_wrote():
+    """The payload's sections, cut by StepLayout from the header alone, are the lists pack_step packed."""
+    from genserve.server.request import Request
+    from genserve.server.sampling_params import SamplingParams
+    from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
+    from genserve.server.step_payload import HEADER_SIZE, StepHeader, StepLayout, pack_step
+
+    decode = Request("d", list(range(40)), SamplingParams(), max_new_tokens=4)
+    decode.num_computed_tokens, decode.block_ids = 39, [7, 3, 9]
+    prefill = Request("p", list(range(100, 130)), SamplingParams(prompt_logprobs=True), max_new_tokens=4)
+    prefill.num_computed_tokens, prefill.block_ids = 16, [1, 2]
+    out = SchedulerOutput(scheduled=[ScheduledRequest(decode, 1), ScheduledRequest(prefill, 14)])
+    header, values, order, _ = pack_step(out, 16)
+    assert len(header.to_list()) == HEADER_SIZE and StepHeader.from_list(header.to_list()) == header
+    assert StepHeader.from_list([0] * HEADER_SIZE) is None
+    at = StepLayout.of(header)
+    assert values[at.input_ids] == [39, *range(116, 130)]
+    assert values[at.positions] == [39, *range(16, 30)]
+    assert values[at.sample_rows] == [0, 14] and [s.request.request_id for s in order] == ["d", "p"]
+    assert values[at.decode_lens] == [40]
+    assert values[at.prefill_begins] == [16] and values[at.prefill_ends] == [30]
+    assert values[at.decode_tables] == [7, 3, 9]
+    assert values[at.prefill_blocks] == [1, 2]
+    # the chunk's positions 16..28 score prompt tokens 17..29 (the last prompt position samples instead)
+    assert values[at.prompt_rows] == list(range(1, 14)) and values[at.prompt_token_ids] == list(range(117, 130))
+    assert at.prompt_token_ids.stop == header.payload_len == len(values)
