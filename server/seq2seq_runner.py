@@ -22,9 +22,9 @@ import logging
 
 import torch
 
+from genserve.server import quant_methods
 from genserve.server.config import EngineConfig
 from genserve.server.fallback_runner import is_batching_enabled
-from genserve.server.layers.quantization import quantize_model
 from genserve.server.model_runner import StepOutput
 from genserve.server.models.hf_seq2seq import DecoderRows, TransformersSeq2SeqLM, gather_decoder_rows
 from genserve.server.prompt_scores import PromptScores
@@ -48,9 +48,12 @@ class Seq2SeqRunner:
             raise ValueError(f"--speculate needs a decoder-only native model; {architectures} is encoder-decoder")
         if config.num_shard > 1:
             raise ValueError(f"--num-shard > 1 needs a native model; encoder-decoder {architectures} runs on one device")
+        if config.quantize:  # refused before any weight loads
+            quant_methods.check_method(config.quantize)
+            raise ValueError(f"`--quantize {config.quantize}` needs a native model; encoder-decoder {architectures} "
+                             "runs through transformers and cannot be quantized")
         self.model = TransformersSeq2SeqLM(model_dir, dtype=dtype, device=device, load_format=config.load_format,
                                            trust_remote_code=config.trust_remote_code)
-        quantize_model(self.model, config.quantize)  # raises: only native models can be quantized
         self.block_size = config.block_size
         tokens = config.max_batch_total_tokens or config.max_batch_size * config.max_total_tokens
         self.num_blocks = max(tokens // config.block_size, -(-config.max_total_tokens // config.block_size))

@@ -6,8 +6,12 @@ and /v1/completions (chat answers 422: these models have no chat template)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -218,6 +222,22 @@ def test_an_eos_from_generation_config_stops_generated_tokens(family, tmp_path):
     assert [tokens[i] for i in ids] == expected
     assert tokens[ids[0]][-1] == eos and reasons[ids[0]] == "eos_token"
     assert [reasons[i] for i in ids] == ["eos_token" if e[-1] in (EOS, eos) else "length" for e in expected]
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--speculate", "2"], r"--speculate needs a decoder-only native model"),
+    (["--num-shard", "2"], r"--num-shard > 1 needs a native model"),
+    (["--quantize", "eetq"], r"--quantize eetq` needs a native model; encoder-decoder"),
+])
+def test_engine_features_an_encoder_decoder_lacks_are_one_line_start_up_errors(family, flags, pattern):
+    _, path, _ = family
+    cmd = [str(Path(sys.executable).parent / "genserve"), "serve", "--model-id", str(path), "--port", "1",
+           "--dtype", "float32", "--device", "cpu", "--max-total-tokens", "128", *flags]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("genserve serve: error: ") and re.search(pattern, last), last
+    assert "Loading weights" not in result.stderr and "Uvicorn running" not in result.stdout + result.stderr
 
 
 # ---- over HTTP --------------------------------------------------------------------------------
