@@ -268,15 +268,17 @@ def int4_layer(monkeypatch, kernel: str) -> ReplicatedLinear:
 
 
 def test_int4_kernels_and_prefill_path_agree_with_the_dequantized_weight(monkeypatch):
+    from genserve.server.layers.grouped_linear import GROUPED_MAX_ROWS
+
     layer = int4_layer(monkeypatch, "ours")
     reference = ReplicatedLinear(576, 192, bias=True)
     reference.weight.data.copy_(layer.quant_method.dequantized(torch.float32))
     reference.bias.data.copy_(layer.bias)
-    x = torch.randn(12, 576)
+    x = torch.randn(GROUPED_MAX_ROWS + 4, 576)
     expected = reference(x)
-    decode = torch.cat([layer(x[i:i + 4]) for i in range(0, 12, 4)])  # 4 rows: our kernel
+    decode = torch.cat([layer(x[i:i + 4]) for i in range(0, len(x), 4)])  # 4 rows: our kernel
     torch.testing.assert_close(decode, expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)  # 12 rows: dequantize + dense GEMM
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)  # more rows: dequantize + dense GEMM
     torch_layer = int4_layer(monkeypatch, "torch")  # the same weights in torch's packed int4 layout
     torch.testing.assert_close(torch_layer(x[:4]), expected[:4], rtol=1e-3, atol=1e-3)
 
