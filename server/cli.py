@@ -42,6 +42,8 @@ ENGINE_HELP = {
     "speculate": "n-gram (prompt-lookup) draft tokens verified per decode step of greedy requests; 0 = off",
     "cuda_graphs": "decode batch sizes captured as CUDA graphs (steps padded up to the next one); 0 = off; "
                    "default 1,2,4,8,16,32 on CUDA, ignored without CUDA",
+    "kv_cache_dtype": "fp8_e4m3fn or fp8_e5m2 (fp8 = e4m3): K/V stored in float8, 2-4x the tokens per byte; "
+                      "decode then reads a widened copy (gather / varlen); default: the model dtype",
     "rope_scaling": "linear: scale rotary positions by --rope-factor (dynamic is refused: see docs/api.md)",
     "rope_factor": "rotary position scaling factor (alone: linear); the accepted context grows by it",
     "tokenizer_config_path": "a tokenizer_config.json whose chat_template replaces the model's",

@@ -57,6 +57,8 @@ class EngineConfig:
     speculate: int = 0
     # TGI's --cuda-graphs: decode batch sizes captured as CUDA graphs (None: 1,2,4,8,16,32 on CUDA; "0": off)
     cuda_graphs: str | None = None
+    # TGI's --kv-cache-dtype: fp8_e4m3fn | fp8_e5m2 K/V storage (None / auto: the model dtype)
+    kv_cache_dtype: str | None = None
     # TGI's --rope-scaling / --rope-factor: linear position scaling over the checkpoint's context
     rope_scaling: str | None = None
     rope_factor: float | None = None
@@ -69,6 +71,9 @@ class EngineConfig:
         from genserve.server.model_overrides import validate_rope_flags
 
         validate_rope_flags(self.rope_scaling, self.rope_factor)
+        if self.kv_cache_dtype not in (None, "", "auto", "fp8", "fp8_e4m3fn", "fp8_e5m2"):
+            raise ValueError("`--kv-cache-dtype` must be auto, fp8_e4m3fn or fp8_e5m2 (fp8 = fp8_e4m3fn); "
+                             f"got {self.kv_cache_dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"`--load-format` must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:

@@ -27,6 +27,7 @@ from genserve.server.layers.attention import (
     set_decode_metadata,
 )
 from genserve.server.layers.cpu_packing import pack_model_for_cpu
+from genserve.server.layers.kv_storage import is_float8, resolve_kv_cache_dtype
 from genserve.server.layers.quantization import quantize_model
 from genserve.server.models import get_model_class
 from genserve.server.prompt_scores import (
@@ -102,6 +103,7 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype)  # --kv-cache-dtype: the pool's dtype
         self.tp_size = distributed.get_tp_size()
         model_cls = get_model_class(getattr(hf_config, "architectures", None))
         assert model_cls is not None, "the engine picks the transformers fallback for unknown architectures"
@@ -121,7 +123,7 @@ class ModelRunner:
         # soft-capping or ALiBi in any layer: FlashAttention cannot change scores, so it serves no step
         score_mods = any(layer.has_score_mods for layer in self.attention_layers)
         self.decode_backend, self.decode_flash = choose_decode_backend(device, dtype, first.head_dim, self.block_size,
-                                                                       score_mods)
+                                                                       score_mods, is_float8(self.kv_dtype))
         self.prefill_flash = flash_attention_usable(device, dtype, first.head_dim) and not score_mods
         logger.info("decode attention: %s%s; prefill: %s", self.decode_backend,
                     " (FlashAttention)" if self.decode_flash else "",
@@ -171,7 +173,7 @@ class ModelRunner:
 
     def _num_kv_blocks(self, hf_config) -> int:
         first = self.attention_layers[0]
-        per_token = kv_bytes_per_token(hf_config, first.num_kv_heads, first.head_dim, self.dtype)
+        per_token = kv_bytes_per_token(hf_config, first.num_kv_heads, first.head_dim, self.kv_dtype)
         if self.config.max_batch_total_tokens is not None:
             tokens = self.config.max_batch_total_tokens
         else:
@@ -192,8 +194,8 @@ class ModelRunner:
                 f"the KV cache holds {num_blocks * self.block_size} tokens, less than one request of "
                 f"`max_total_tokens` ({self.config.max_total_tokens}); raise --max-batch-total-tokens"
             )
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
-                    num_blocks * self.block_size * per_token / 2**20)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s)", num_blocks, self.block_size,
+                    num_blocks * self.block_size * per_token / 2**20, str(self.kv_dtype).removeprefix("torch."))
         return num_blocks
 
     def _tokens_within(self, budget: int, per_layer_token: int) -> int:
@@ -210,8 +212,8 @@ class ModelRunner:
         num_slots = (self.num_blocks + 1) * self.block_size  # + the scratch block
         for layer in self.attention_layers:
             shape = (num_slots, layer.num_kv_heads, layer.head_dim)
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         """Rank 0: flatten the step into one int64 tensor, broadcast it at tp > 1, and unpack it."""

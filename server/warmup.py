@@ -126,7 +126,7 @@ def profile_max_step(runner) -> int:
     if device.type != "cuda" and CPU_PROFILE_TOKENS:
         run_tokens, run_rows = min(num_tokens, CPU_PROFILE_TOKENS), min(num_rows, CPU_PROFILE_ROWS)
     for layer in runner.attention_layers:
-        layer.k_cache = torch.zeros(bs, layer.num_kv_heads, layer.head_dim, dtype=runner.dtype, device=device)
+        layer.k_cache = torch.zeros(bs, layer.num_kv_heads, layer.head_dim, dtype=runner.kv_dtype, device=device)
         layer.v_cache = torch.zeros_like(layer.k_cache)
     peaks = []
     for (out, rows), scale in zip(max_size_steps(config, device, run_tokens, run_rows),

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.attention.varlen import varlen_attn
 
 from genserve.server import kernels
+from genserve.server.layers import kv_storage
 
 DECODE_BACKENDS = ("kernel", "gather", "varlen", "flash_paged")
 # decode backends whose inputs have static shapes for a given batch (graph capture needs them)
@@ -153,16 +154,17 @@ def flash_attention_usable(device: torch.device, dtype: torch.dtype, head_dim: i
 
 
 def choose_decode_backend(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int,
-                          score_mods: bool = False) -> tuple[str, bool]:
+                          score_mods: bool = False, kv_float8: bool = False) -> tuple[str, bool]:
     """(decode backend, whether it runs through FlashAttention); GENSERVE_DECODE_ATTENTION overrides.
 
     CPU: the native kernel when it builds, else gather (varlen's per-row SDPA is about as fast on CPU).
     CUDA: FlashAttention in place when the block size allows, else over packed contexts; gather
     without FlashAttention (float32, older GPUs). `score_mods`: some layer soft-caps its scores or adds
-    ALiBi, which FlashAttention cannot do, so it is never chosen."""
+    ALiBi, which FlashAttention cannot do, so it is never chosen. `kv_float8`: the pool holds float8, which
+    only the paths that copy it out (gather, varlen) can widen."""
     flash = flash_attention_usable(device, dtype, head_dim) and not score_mods
-    in_place = flash and block_size % FLASH_PAGE_MULTIPLE == 0
-    kernel = device.type == "cpu" and head_dim in kernels.SUPPORTED_HEAD_DIMS
+    in_place = flash and block_size % FLASH_PAGE_MULTIPLE == 0 and not kv_float8
+    kernel = device.type == "cpu" and head_dim in kernels.SUPPORTED_HEAD_DIMS and not kv_float8
     wanted = os.environ.get("GENSERVE_DECODE_ATTENTION", "auto")
     if wanted == "auto":
         if device.type == "cpu":
@@ -173,13 +175,14 @@ def choose_decode_backend(device: torch.device, dtype: torch.dtype, head_dim: in
                          f"got {wanted!r}")
     if wanted == "kernel" and not (kernel and kernels.load_cpu_kernels()):
         raise ValueError("GENSERVE_DECODE_ATTENTION=kernel needs a CPU device, a head_dim of "
-                         f"{SUPPORTED_HEAD_DIMS_TEXT} and a C++ compiler to build the kernel")
+                         f"{SUPPORTED_HEAD_DIMS_TEXT}, a C++ compiler to build the kernel and a KV cache in the "
+                         "model dtype (not --kv-cache-dtype fp8)")
     if wanted == "flash_paged" and score_mods:
         raise ValueError("GENSERVE_DECODE_ATTENTION=flash_paged cannot serve this model: FlashAttention has no "
                          "attention logit soft-capping or ALiBi; use kernel (CPU), gather or varlen")
     if wanted == "flash_paged" and not in_place:
-        raise ValueError("GENSERVE_DECODE_ATTENTION=flash_paged needs FlashAttention (CUDA sm80+, fp16/bf16) and "
-                         f"a --block-size that is a multiple of {FLASH_PAGE_MULTIPLE}")
+        raise ValueError("GENSERVE_DECODE_ATTENTION=flash_paged needs FlashAttention (CUDA sm80+, fp16/bf16), "
+                         f"a --block-size that is a multiple of {FLASH_PAGE_MULTIPLE} and a KV cache in the model dtype")
     return wanted, flash and wanted in ("varlen", "flash_paged")
 
 
@@ -266,8 +269,8 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        self.k_cache.index_copy_(0, meta.slot_mapping, k)
-        self.v_cache.index_copy_(0, meta.slot_mapping, v)
+        kv_storage.store(self.k_cache, meta.slot_mapping, k)
+        kv_storage.store(self.v_cache, meta.slot_mapping, v)
         nd = meta.num_decode_tokens
         if nd == num_tokens:  # decode-only step: no scatter into a shared output
             return self._decode(q, meta).view(num_tokens, self.num_heads * self.head_dim)
@@ -308,8 +311,8 @@ class Attention(nn.Module):
                                window_size=self._flash_window(causal=False), seqused_k=meta.decode_context_lens,
                                block_table=meta.decode_block_tables)
         if backend == "varlen":
-            keys = self.k_cache.index_select(0, meta.decode_slots)  # [S, KVH, D], no padding
-            values = self.v_cache.index_select(0, meta.decode_slots)
+            keys = kv_storage.load(self.k_cache, meta.decode_slots, q.dtype)  # [S, KVH, D], no padding
+            values = kv_storage.load(self.v_cache, meta.decode_slots, q.dtype)
             if meta.decode_flash:
                 self._refuse_flash("decode")
                 return varlen_attn(q, keys, values, meta.decode_cu_queries, meta.decode_cu_lens, 1,
@@ -345,8 +348,8 @@ class Attention(nn.Module):
         # one index_select straight into head-major [B, KVH, L, D], ready for attention without a copy
         rows = meta.head_major_rows(self.num_kv_heads)
         shape = (batch, self.num_kv_heads, context_len, self.head_dim)
-        keys = self.k_cache.view(-1, self.head_dim).index_select(0, rows).view(shape)
-        values = self.v_cache.view(-1, self.head_dim).index_select(0, rows).view(shape)
+        keys = kv_storage.load(self.k_cache.view(-1, self.head_dim), rows, q.dtype).view(shape)
+        values = kv_storage.load(self.v_cache.view(-1, self.head_dim), rows, q.dtype).view(shape)
         # a KV group's query heads act as SDPA's query length: one fused kernel, no KV-head expansion
         # (27% faster on CPU than matmul + softmax + matmul, which beat SDPA with enable_gqa)
         qg = q.view(batch, self.num_kv_heads, group, self.head_dim)
@@ -362,8 +365,8 @@ class Attention(nn.Module):
         """Every prefill chunk in one FlashAttention call over the chunks' whole contexts, packed (the new
         tokens' K/V are in the cache already); causal aligns each chunk's queries to the end of its context."""
         self._refuse_flash("prefill")
-        keys = self.k_cache.index_select(0, meta.prefill_slots)
-        values = self.v_cache.index_select(0, meta.prefill_slots)
+        keys = kv_storage.load(self.k_cache, meta.prefill_slots, q.dtype)
+        values = kv_storage.load(self.v_cache, meta.prefill_slots, q.dtype)
         starts = meta.prefill_starts
         max_query = max(starts[i + 1] - starts[i] for i in range(len(starts) - 1))
         return varlen_attn(q, keys, values, meta.prefill_cu_queries, meta.prefill_cu_lens, max_query,
@@ -380,7 +383,8 @@ class Attention(nn.Module):
             keys, values = k, v
         else:
             gather_index = gather_index[first_key:]
-            keys, values = self.k_cache.index_select(0, gather_index), self.v_cache.index_select(0, gather_index)
+            keys, values = (kv_storage.load(self.k_cache, gather_index, q.dtype),
+                            kv_storage.load(self.v_cache, gather_index, q.dtype))
         mask, bias, causal = None, None, False
         if gather_index is None and window is None and not self.has_score_mods:
             causal = True
