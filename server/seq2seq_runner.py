@@ -19,6 +19,7 @@ max_new_tokens, eos and stop sequences count generated tokens only, as TGI's Seq
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
@@ -94,7 +95,16 @@ class Seq2SeqRunner:
         if not order:
             return [], None, prompt_logprobs
         logits = torch.stack([next_logits[s.request.request_id] for s in order])
-        return order, self.sampler(logits, [rows[s.request.request_id] for s in order]), prompt_logprobs
+        return order, self.sampler(logits, [self._decoder_row(rows[s.request.request_id], s) for s in order]), \
+            prompt_logprobs
+
+    def _decoder_row(self, row: SamplingRow, s: ScheduledRequest) -> SamplingRow:
+        """The repetition penalty reads the decoder's tokens ([start] + generated), as TGI's and
+        transformers' do for encoder-decoder models, not the encoder's prompt."""
+        if row.params.repetition_penalty == 1.0:
+            return row
+        return replace(row, token_ids=[self.model.decoder_start_token_id, *row.token_ids[s.request.num_prompt_tokens:]],
+                       num_prompt_tokens=1)
 
     def _start(self, group: list[tuple[ScheduledRequest, list[int]]]) -> dict[str, torch.Tensor]:
         """Encode the group's prompts, then run the decoder from its start token (cross K/V computed here)."""

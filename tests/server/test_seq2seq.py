@@ -240,6 +240,21 @@ def test_engine_features_an_encoder_decoder_lacks_are_one_line_start_up_errors(f
     assert "Loading weights" not in result.stderr and "Uvicorn running" not in result.stdout + result.stderr
 
 
+def test_repetition_penalty_reads_decoder_tokens_as_transformers_does(family):
+    """Prompts hold the tokens greedy decoding picks, so penalizing the prompt would change the outputs."""
+    _, path, hf = family
+    prompts = [p + reference(hf, [p])[0][:6] for p in random_prompts([9, 14, 5], seed=9)]
+    engine = make_engine(path)
+    got = engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True, repetition_penalty=1.5))
+    expected = []
+    for p in prompts:
+        with torch.no_grad():
+            expected.append(hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                                        do_sample=False, repetition_penalty=1.5)[0, 1:].tolist())
+    assert got == expected
+    assert got != engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
+
+
 # ---- over HTTP --------------------------------------------------------------------------------
 
 HTTP_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
