@@ -213,6 +213,9 @@ def test_pod_monitor_per_service_when_asked(operator, api, cluster, namespace):
         wait_for(lambda: cluster.get(keys["ServiceMonitor"], namespace, "podmon")
                  and cluster.get(keys["PodMonitor"], namespace, "podmon") is None, timeout=30,
                  what="switched to a ServiceMonitor")
+        client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "podmon")
+        wait_for(lambda: cluster.get(f"{GROUP}/{VERSION}/{PLURAL}", namespace, "podmon") is None, timeout=30,
+                 what="the service gone while the monitor APIs are still served")
     finally:
         for key in keys.values():
             cluster.call(lambda c, k=key: c.resources.__delitem__(k))
