@@ -139,11 +139,6 @@ class ServiceSpec:
         return self.shards > 1
 
     @property
-    def quantize_needs_gpu(self) -> bool:
-        # the quantized kernels are CUDA-only
-        return self.shards == 0 and self.server.quantize is not None
-
-    @property
     def scales_to_zero(self) -> bool:
         return self.autoscaling.enabled and self.autoscaling.min_replicas == 0
 
@@ -332,8 +327,6 @@ def parse_spec(raw: dict[str, Any], default_image: str) -> ServiceSpec:
         monitoring=bool((raw.get("monitoring") or {}).get("enabled", True)),
         monitor_kind=(raw.get("monitoring") or {}).get("kind", "ServiceMonitor"),
     )
-    if spec.quantize_needs_gpu:
-        raise SpecError("QuantizeNeedsGPU", f"spec.server.quantize={spec.server.quantize} needs shards >= 1")
     if spec.ingress.enabled and not spec.ingress.host:
         raise SpecError("InvalidIngress", "spec.ingress.host is required when the ingress is enabled")
     if spec.cache.access_mode not in ACCESS_MODES:

@@ -141,7 +141,6 @@ def test_schema_rejects_invalid_specs(patch, pattern):
 @pytest.mark.parametrize(("patch", "message", "reason"), [
     ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}, "minReplicas must be <= maxReplicas",
      "InvalidReplicaBounds"),
-    ({"shards": 0, "server": {"quantize": "awq"}}, "quantized models need GPUs", "QuantizeNeedsGPU"),
     ({"ingress": {"enabled": True}}, "host is required", "InvalidIngress"),
     ({"server": {"maxInputTokens": 4096, "maxTotalTokens": 4096}}, "maxInputTokens must be < maxTotalTokens",
      "InvalidTokenLimits"),
@@ -166,3 +165,14 @@ def test_cel_rules_and_the_operator_reject_the_same_specs(patch, message, reason
     with pytest.raises(SpecError) as err:
         parse_spec(obj["spec"], "img")
     assert err.value.reason == reason
+
+
+def test_quantize_enum_is_the_servers_one_list():
+    """The CRD (and the chart's copy) offer exactly the methods the server serves, in its order; quantized
+    weights run on CPU too, so a CPU service (shards 0) may ask for them."""
+    from genserve.server.quant_methods import METHODS
+
+    version = load_crd()["spec"]["versions"][0]  # the chart's copy is kept equal by scripts/sync_crds.py
+    server = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["server"]
+    assert server["properties"]["quantize"]["enum"] == list(METHODS)
+    validate({**FULL, "spec": {**FULL["spec"], "shards": 0, "server": {"quantize": "int4"}}})
