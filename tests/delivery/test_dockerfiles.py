@@ -120,7 +120,7 @@ def test_server_image():
     assert all(i.startswith("nvidia/cuda:") and "runtime" in i for i in images), "CUDA runtime base"
     text = path.read_text()
     assert re.search(r"pip install[^\n]*--index-url[^\n]*torch==", text), "torch with CUDA from the PyTorch index"
-    assert '".[server]"' in text
+    assert '".[server,s3]"' in text  # s3: the init step fetches s3:// sources with this image
     runtime = stages(path)[-1]
     assert json.loads(last(runtime, "ENTRYPOINT")) == ["genserve", "serve"]
     env = " ".join(a for k, a in runtime if k == "ENV")
@@ -199,8 +199,10 @@ def test_server_entrypoint_parses_and_listens_on_the_exposed_port(monkeypatch):
     for name, value in _image_env(runtime).items():
         monkeypatch.setenv(name, value)
     argv = json.loads(last(runtime, "ENTRYPOINT"))[1:] + json.loads(last(runtime, "CMD") or "[]")
+    monkeypatch.setenv("HOSTNAME", "genserve-7d9f-abcde")  # what Kubernetes sets in the pod
     args = cli.build_parser().parse_args(argv)
-    assert args.command == "serve" and args.port == SERVER_PORT and args.hostname == "0.0.0.0"
+    assert args.command == "serve" and args.port == SERVER_PORT
+    assert cli.server_settings(args).hostname == "0.0.0.0"
 
 
 def test_operator_entrypoint_parses_with_kopf():
