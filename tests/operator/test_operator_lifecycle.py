@@ -141,7 +141,7 @@ def test_single_replica_has_no_pdb_and_scaling_down_removes_it(service, api, clu
 @pytest.mark.parametrize(("spec", "reason"), [
     ({"model": {"id": "m"}, "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
      "InvalidReplicaBounds"),
-    ({"model": {"id": "m"}, "shards": 0, "server": {"quantize": "awq"}}, "QuantizeNeedsGPU"),
+    ({"model": {"source": "ftp://host/m"}}, "UnsupportedModelSource"),
     ({"shards": 1}, "MissingModel"),
 ])
 def test_invalid_spec_is_degraded_with_a_reason(operator, api, cluster, namespace, spec, reason):
@@ -157,10 +157,11 @@ def test_invalid_spec_is_degraded_with_a_reason(operator, api, cluster, namespac
 
 
 def test_fixing_an_invalid_spec_clears_degraded(operator, api, cluster, namespace):
-    create(api, namespace, "fixme", {"model": {"id": "m"}, "shards": 0, "server": {"quantize": "awq"}})
+    create(api, namespace, "fixme", {"model": {"id": "m"}, "autoscaling": {"enabled": True, "minReplicas": 5,
+                                                                           "maxReplicas": 2}})
     wait_for(lambda: condition(get_tgs(api, namespace, "fixme"), "Degraded"), what="Degraded")
     client.CustomObjectsApi(api).patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, "fixme", {"spec": {"server": {"quantize": None}}})
+        GROUP, VERSION, namespace, PLURAL, "fixme", {"spec": {"autoscaling": {"minReplicas": 1}}})
     wait_for(lambda: condition(get_tgs(api, namespace, "fixme"), "Degraded")["status"] == "False",
              what="Degraded=False")
     assert cluster.get(DEPLOY, namespace, "fixme") is not None
