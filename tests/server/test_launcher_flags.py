@@ -69,7 +69,10 @@ def test_sharded_and_num_shard():
 
 def test_env_master_and_kernel_flags(monkeypatch):
     for var in ("MASTER_ADDR", "MASTER_PORT", "GENSERVE_CPU_KERNELS", "HF_HUB_CACHE"):
-        monkeypatch.delenv(var, raising=False)
+        # set first so monkeypatch restores the original at teardown: apply_launcher_flags writes os.environ,
+        # and a leaked MASTER_ADDR would send every later tensor-parallel test to a rendezvous that never comes
+        monkeypatch.setenv(var, "unset")
+        monkeypatch.delenv(var)
     args = _serve_args("--master-addr", "10.0.0.7", "--master-port", "29501", "--disable-custom-kernels",
                        "--weights-cache-override", "/tmp/weights", "--usage-stats", "off")
     launcher_flags.apply_launcher_flags(args)
