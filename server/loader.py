@@ -3,7 +3,9 @@ or fill it with random weights (`--load-format dummy`)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -68,29 +70,37 @@ def load_weights(model: nn.Module, model_dir: str | Path, load_format: str = "au
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir} (--load-format dummy serves random weights)")
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(file), framework="pt", device="cpu")) for file in files]
+        load_named_tensors(model, ((name, f.get_slice(name)) for f in handles for name in f.keys()), model_dir)
+
+
+@torch.no_grad()
+def load_named_tensors(model: nn.Module, named: Iterable[tuple[str, object]], source) -> None:
+    """Hand every (checkpoint name, tensor or safetensors slice) to its parameter's weight_loader; raise naming
+    `source` on missing or unexpected weights. The model may rename a checkpoint tensor or skip it
+    (`checkpoint_name` returning None: GPT-2's saved causal masks)."""
     packed = getattr(model, "packed_modules_mapping", {})
     is_tied = getattr(model, "tie_word_embeddings", False)
     params = dict(model.named_parameters())
-    # a model's name for a checkpoint tensor, None for one that is not a weight (GPT-2's saved causal masks)
     rename = getattr(model, "checkpoint_name", None) or (lambda name: name)
     loaded: dict[str, set] = defaultdict(set)
     unexpected = []
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                target = rename(name)
-                if target is None or target.endswith(IGNORED_SUFFIXES) or (is_tied and target == "lm_head.weight"):
-                    continue
-                param_name, shard_id = _map_name(target, packed)
-                param = params.get(param_name)
-                if param is None:
-                    unexpected.append(name)
-                    continue
-                weight_loader = getattr(param, "weight_loader", default_weight_loader)
-                weight_loader(param, f.get_slice(name), shard_id)
-                loaded[param_name].add(shard_id)
+    for name, tensor in named:
+        target = rename(name)
+        if target is None or target.endswith(IGNORED_SUFFIXES) or (is_tied and target == "lm_head.weight"):
+            continue
+        param_name, shard_id = _map_name(target, packed)
+        param = params.get(param_name)
+        if param is None:
+            unexpected.append(name)
+            continue
+        if isinstance(tensor, torch.Tensor) and param.is_floating_point() and tensor.is_floating_point():
+            tensor = tensor.to(param.dtype)
+        getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard_id)
+        loaded[param_name].add(shard_id)
     missing = [f"{name}{'' if shard is None else f' (shard {shard})'}"
                for name in params for shard in sorted(_expected_shards(name, packed) - loaded[name], key=str)]
     if unexpected or missing:
-        raise ValueError(f"checkpoint {model_dir} does not match {type(model).__name__}: "
+        raise ValueError(f"checkpoint {source} does not match {type(model).__name__}: "
                          f"missing {missing or 'none'}; unexpected {unexpected or 'none'}")

@@ -27,7 +27,7 @@ from torch import nn
 from genserve.server.layers import grouped_linear
 from genserve.server.layers.grouped_weights import dequantize, pack_nibbles
 from genserve.server.layers.linear import LinearBase, RowParallelLinear
-from genserve.server.loader import IGNORED_SUFFIXES, _expected_shards, _map_name, default_weight_loader
+from genserve.server.loader import _map_name, load_named_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def load_quantized_checkpoint(model: nn.Module, model_dir: Path, dtype: torch.dt
         (bits, scale_dtype), = formats
         grouped_linear.prepare_for_loading(layer, bits, group_size, scale_dtype)
         _set_input_order(layer, module, perms, packed)
-    _load(model, tensors, packed, model_dir)
+    load_named_tensors(model, tensors.items(), model_dir)
     model.checkpoint_quantization = method
     layers = grouped_linear.grouped_layers(model)
     logger.info("%s checkpoint: %d linear layers kept quantized (groups of %d)", method, len(layers), group_size)
@@ -225,28 +225,3 @@ def _set_input_order(layer: LinearBase, module: str, perms: dict, packed: dict) 
         raise ValueError(f"{module}: act-order (desc_act) GPTQ weights under tensor parallelism are not supported "
                          f"(a row-parallel shard would need input columns held by other ranks)")
     layer.quant_method.input_order = mine[0]
-
-
-def _load(model: nn.Module, tensors: dict[str, torch.Tensor], packed: dict, model_dir: Path) -> None:
-    """loader.load_weights' loop over in-memory tensors."""
-    is_tied = getattr(model, "tie_word_embeddings", False)
-    params = dict(model.named_parameters())
-    loaded: dict[str, set] = defaultdict(set)
-    unexpected = []
-    for name, tensor in tensors.items():
-        if name.endswith(IGNORED_SUFFIXES) or (is_tied and name == "lm_head.weight"):
-            continue
-        param_name, shard_id = _map_name(name, packed)
-        param = params.get(param_name)
-        if param is None:
-            unexpected.append(name)
-            continue
-        if param.is_floating_point() and tensor.is_floating_point():
-            tensor = tensor.to(param.dtype)
-        getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard_id)
-        loaded[param_name].add(shard_id)
-    missing = [f"{name}{'' if shard is None else f' (shard {shard})'}"
-               for name in params for shard in sorted(_expected_shards(name, packed) - loaded[name], key=str)]
-    if unexpected or missing:
-        raise ValueError(f"checkpoint {model_dir} does not match {type(model).__name__}: "
-                         f"missing {missing or 'none'}; unexpected {unexpected or 'none'}")

@@ -1,14 +1,103 @@
-"""Pieces the decoder-only families share: the window of each layer (llama.py's), the causal-LM shell (model dtype,
-vocab-parallel LM head, tied embeddings, final logit soft-capping), loading fused or transposed checkpoint tensors."""
+"""Pieces the decoder-only families share: the model dtype and each layer's window, Llama's pre-norm layer and
+layer stack, the causal-LM shell (vocab-parallel LM head, tied embeddings, final logit soft-capping), and loading
+fused or transposed checkpoint tensors."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from genserve.server.distributed import get_tp_size
-from genserve.server.layers.embedding import ParallelLMHead
-from genserve.server.models.llama import config_dtype, default_dtype, layer_sliding_window  # noqa: F401 (shared)
+from genserve.server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from genserve.server.layers.norm import RMSNorm
+from genserve.server.layers.rotary import RotaryEmbedding
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_sliding_window(config, layer_idx: int) -> int | None:
+    """The sliding window of layer `layer_idx`, as transformers decides it: `layer_types` where the config
+    has them (Qwen2 derives them from use_sliding_window and max_window_layers), else `sliding_window`
+    for every layer (Mistral; null there means full attention)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
+class PreNormDecoderLayer(nn.Module):
+    """Llama's layer: attention, then the MLP, each behind an RMSNorm that also adds the residual stream.
+
+    mlp_name: the MLP's checkpoint name (`mlp`; Mixtral's sparse block is `block_sparse_moe`)."""
+
+    def __init__(self, config, self_attn: nn.Module, mlp: nn.Module, mlp_name: str = "mlp") -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self._modules[self.mlp_name](hidden), residual
+
+
+LayerFactory = Callable[[object, int, RotaryEmbedding], nn.Module]
+
+
+class PreNormModel(nn.Module):
+    """Embeddings, `num_hidden_layers` layers from `make_layer(config, layer_idx, rotary_emb)` sharing one
+    cos/sin cache, and the final RMSNorm (which adds the last residual)."""
+
+    def __init__(self, config, make_layer: LayerFactory) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        rotary_emb = RotaryEmbedding(config, head_dim_of(config))
+        self.layers = nn.ModuleList(make_layer(config, i, rotary_emb) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def embedding(self) -> VocabParallelEmbedding:
+        return self.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:

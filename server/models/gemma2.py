@@ -13,8 +13,7 @@ from genserve.server.layers.embedding import VocabParallelEmbedding
 from genserve.server.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from genserve.server.layers.norm import GemmaRMSNorm
 from genserve.server.layers.rotary import RotaryEmbedding
-from genserve.server.models.common import CausalLM, layer_sliding_window
-from genserve.server.models.llama import head_dim_of
+from genserve.server.models.common import CausalLM, head_dim_of, layer_sliding_window
 from genserve.server.models.qwen3 import norm_heads
 
 

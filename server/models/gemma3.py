@@ -6,9 +6,8 @@ from __future__ import annotations
 from torch import nn
 
 from genserve.server.layers.rotary import RotaryEmbedding
-from genserve.server.models.common import CausalLM
+from genserve.server.models.common import CausalLM, head_dim_of
 from genserve.server.models.gemma2 import GEMMA_PACKED_MODULES, GemmaModel
-from genserve.server.models.llama import head_dim_of
 
 
 def rope_per_layer_type(config) -> dict[str, dict]:

@@ -1,7 +1,7 @@
 """Qwen3: Llama's layout with an RMSNorm over each q and k head before rotary, and per-layer sliding windows.
 
-Qwen3Attention, Qwen3DecoderLayer and Qwen3Model take the MLP as a part (`make_mlp(config, layer_idx)`), so
-Qwen3-MoE reuses them with its sparse block."""
+`qwen3_body` takes the MLP as a part (`make_mlp(config, layer_idx)`), so Qwen3-MoE reuses it with its sparse
+block."""
 
 from __future__ import annotations
 
@@ -11,12 +11,17 @@ import torch
 from torch import nn
 
 from genserve.server.layers.attention import Attention
-from genserve.server.layers.embedding import VocabParallelEmbedding
 from genserve.server.layers.linear import QKVParallelLinear, RowParallelLinear
 from genserve.server.layers.norm import RMSNorm
 from genserve.server.layers.rotary import RotaryEmbedding
-from genserve.server.models.common import CausalLM, layer_sliding_window
-from genserve.server.models.llama import LlamaMLP, head_dim_of
+from genserve.server.models.common import (
+    CausalLM,
+    PreNormDecoderLayer,
+    PreNormModel,
+    head_dim_of,
+    layer_sliding_window,
+)
+from genserve.server.models.llama import LlamaMLP
 
 
 def norm_heads(norm: nn.Module, x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -51,44 +56,12 @@ def dense_mlp(config, layer_idx: int) -> nn.Module:
     return LlamaMLP(config)
 
 
-class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, rotary_emb: RotaryEmbedding, mlp: nn.Module) -> None:
-        super().__init__()
-        self.self_attn = Qwen3Attention(config, layer_idx, rotary_emb)
-        self.mlp = mlp
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+def qwen3_body(config, make_mlp: Callable[[object, int], nn.Module] = dense_mlp) -> PreNormModel:
+    """Llama's layer stack with Qwen3's attention; `make_mlp(config, layer_idx)` builds each layer's MLP."""
+    def make_layer(config, layer_idx: int, rotary_emb: RotaryEmbedding) -> PreNormDecoderLayer:
+        return PreNormDecoderLayer(config, Qwen3Attention(config, layer_idx, rotary_emb), make_mlp(config, layer_idx))
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
-
-
-class Qwen3Model(nn.Module):
-    def __init__(self, config, make_mlp: Callable[[object, int], nn.Module] = dense_mlp) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        rotary_emb = RotaryEmbedding(config, head_dim_of(config))
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i, rotary_emb, make_mlp(config, i))
-                                    for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def embedding(self) -> VocabParallelEmbedding:
-        return self.embed_tokens
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+    return PreNormModel(config, make_layer)
 
 
 class Qwen3ForCausalLM(CausalLM):
@@ -101,7 +74,7 @@ class Qwen3ForCausalLM(CausalLM):
     }
 
     def build_body(self, config) -> nn.Module:
-        return Qwen3Model(config)
+        return qwen3_body(config)
 
 
 ARCHITECTURES = {"Qwen3ForCausalLM": Qwen3ForCausalLM}

@@ -9,7 +9,7 @@ from torch import nn
 from genserve.server.layers.moe import SparseMoeBlock, expert_checkpoint_mapping, qwen3_moe_routing
 from genserve.server.models.common import CausalLM
 from genserve.server.models.llama import LlamaMLP
-from genserve.server.models.qwen3 import Qwen3ForCausalLM, Qwen3Model
+from genserve.server.models.qwen3 import Qwen3ForCausalLM, qwen3_body
 
 
 def is_sparse_layer(config, layer_idx: int) -> bool:
@@ -34,7 +34,7 @@ class Qwen3MoeForCausalLM(CausalLM):
         }
 
     def build_body(self, config) -> nn.Module:
-        return Qwen3Model(config, make_mlp=moe_or_dense_mlp)
+        return qwen3_body(config, make_mlp=moe_or_dense_mlp)
 
 
 ARCHITECTURES = {"Qwen3MoeForCausalLM": Qwen3MoeForCausalLM}
