@@ -79,7 +79,9 @@ class ClusterThread:
                                     if str_resource(r) == resource and (namespace is None or ns == namespace)])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 120.0, interval: float = 0.05, what: str = "") -> Any:
+    """Polls until the predicate holds. The cap is generous on purpose: the emulator, the operator and the
+    test share two busy cores in CI, so a cap is there only to end a test that is really stuck."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -25,7 +25,7 @@ POOL_CRD = yaml.safe_load((DATA / "inferencepools.inference.networking.k8s.io.ya
 ROUTE_CRD = yaml.safe_load((DATA / "httproutes.gateway.networking.k8s.io.yaml").read_text())
 POOL, ROUTE = "inference.networking.k8s.io/v1/inferencepools", "gateway.networking.k8s.io/v1/httproutes"
 GROUP, VERSION, PLURAL = "genserve.dev", "v1alpha1", "textgenerationservices"
-WAIT = 30  # generous: the emulator and the operator share two busy cores
+WAIT = 120  # generous: the emulator and the operator share two busy cores
 SPEC = {"model": {"id": "Qwen/Qwen2.5-7B-Instruct"}, "autoscaling": {"enabled": True, "maxReplicas": 6},
         "routing": {"inferencePool": {"enabled": True, "gatewayRef": {"name": "inference-gateway",
                                                                       "namespace": "gateway",

@@ -11,7 +11,7 @@ from kubernetes import client
 GROUP, VERSION, PLURAL = "genserve.dev", "v1alpha1", "textgenerationservices"
 DEPLOY, PVC, JOB = "apps/v1/deployments", "v1/persistentvolumeclaims", "batch/v1/jobs"
 MODEL = {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-WAIT = 30  # generous: the emulator and the operator share two busy cores
+WAIT = 120  # generous: the emulator and the operator share two busy cores
 
 
 def create(api, namespace, name, spec):

@@ -206,16 +206,16 @@ def test_pod_monitor_per_service_when_asked(operator, api, cluster, namespace):
         cluster.call(lambda c, k=key, i=info: c.resources.__setitem__(k, i))
     try:
         create(api, namespace, "podmon", {"model": {"id": "m"}, "shards": 0, "monitoring": {"kind": "PodMonitor"}})
-        monitor = wait_for(lambda: cluster.get(keys["PodMonitor"], namespace, "podmon"), timeout=30, what="the PodMonitor")
+        monitor = wait_for(lambda: cluster.get(keys["PodMonitor"], namespace, "podmon"), what="the PodMonitor")
         assert monitor["spec"]["selector"]["matchLabels"]["genserve.dev/service"] == "podmon"
         assert cluster.get(keys["ServiceMonitor"], namespace, "podmon") is None
         client.CustomObjectsApi(api).patch_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, "podmon", {"spec": {"monitoring": {"kind": "ServiceMonitor"}}})
         wait_for(lambda: cluster.get(keys["ServiceMonitor"], namespace, "podmon")
-                 and cluster.get(keys["PodMonitor"], namespace, "podmon") is None, timeout=30,
+                 and cluster.get(keys["PodMonitor"], namespace, "podmon") is None,
                  what="switched to a ServiceMonitor")
         client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "podmon")
-        wait_for(lambda: cluster.get(f"{GROUP}/{VERSION}/{PLURAL}", namespace, "podmon") is None, timeout=30,
+        wait_for(lambda: cluster.get(f"{GROUP}/{VERSION}/{PLURAL}", namespace, "podmon") is None,
                  what="the service gone while the monitor APIs are still served")
     finally:
         for key in keys.values():

@@ -87,7 +87,7 @@ def test_real_server_queue_scales_the_deployment_up(operator, api, cluster, name
     for w in workers:
         w.start()
     try:
-        wait_for(lambda: replicas(cluster, namespace, "smol") > 1, timeout=30, interval=0.2,
+        wait_for(lambda: replicas(cluster, namespace, "smol") > 1, interval=0.2,
                  what="a scale-up from the real server's queue")
     finally:
         stop.set()

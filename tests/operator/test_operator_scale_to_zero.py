@@ -60,12 +60,12 @@ def test_idle_service_scales_to_zero_and_a_held_request_wakes_it(operator, api, 
     wait_for(lambda: tgs_status(api, namespace).get("runningRequests") == 1, what="a busy scrape")
     server.text = server_metrics(6)
     # then quiet: after scaleToZeroAfterSeconds the autoscaler takes it to zero
-    wait_for(lambda: replicas(cluster, namespace) == 0, timeout=IDLE_SECONDS + 6, what="scale to zero")
+    wait_for(lambda: replicas(cluster, namespace) == 0, what="scale to zero")
     decision = tgs_status(api, namespace)["lastScaleDecision"]
     assert decision["reason"] == "ScaleToZero" and decision["toReplicas"] == 0
     # the Service moves while the last pod is still ready (it is deleted only below); a generous cap, as
     # a loaded machine can stretch the operator's tick
-    wait_for(lambda: service_selector(cluster, namespace) == {"genserve.dev/activator": "chat"}, timeout=60,
+    wait_for(lambda: service_selector(cluster, namespace) == {"genserve.dev/activator": "chat"},
              what="the Service on the activator right after scaling to zero")
     core = client.CoreV1Api(api)
     core.delete_namespaced_pod("chat-0", namespace)
@@ -85,7 +85,7 @@ def test_idle_service_scales_to_zero_and_a_held_request_wakes_it(operator, api, 
     core.patch_namespaced_pod_status("chat-activator-0", namespace, {"status": {
         "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}})
     activator.text = activator.text.replace("waiting 0", "waiting 2")
-    wait_for(lambda: replicas(cluster, namespace) == 1, timeout=60, what="the wake-up")
+    wait_for(lambda: replicas(cluster, namespace) == 1, what="the wake-up")
     assert tgs_status(api, namespace)["lastScaleDecision"]["reason"] == "WakeUp"
     add_ready_pod(api, namespace, "chat", "chat-1", server.port)
     set_deployment_status(api, namespace, ready=1)
