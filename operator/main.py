@@ -9,6 +9,7 @@ import kopf
 
 from genserve.operator import controller
 from genserve.operator.autoscaler import ScalerState
+from genserve.operator.autoscaler_metrics import AutoscalerMetrics
 from genserve.operator.kube import Kube, load_api_client
 from genserve.operator.settings import GROUP, MANAGED_BY, PLURAL, VERSION, OperatorSettings
 
@@ -20,6 +21,9 @@ RESYNC_SECONDS = 60
 def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     config = OperatorSettings.from_env()
     memo.ctx = controller.Context(kube=Kube(load_api_client()), settings=config)
+    memo.autoscaler_metrics = AutoscalerMetrics()
+    if config.metrics_port:
+        memo.autoscaler_metrics.serve(config.metrics_port)
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -57,13 +61,16 @@ def tgs_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: An
 def tgs_autoscale(stopped: kopf.DaemonStopped, body: kopf.Body, spec: kopf.Spec, memo: kopf.Memo,
                   logger: logging.Logger, **_: Any) -> None:
     state = ScalerState()
+    meta = body["metadata"]
     while not stopped:
         try:
-            controller.autoscale_tick(memo.ctx, dict(body), state, logger)
+            decision = controller.autoscale_tick(memo.ctx, dict(body), state, logger)
+            memo.autoscaler_metrics.observe(dict(body), decision, memo.ctx.settings.default_image)
         except Exception as e:  # a failed tick must not end the loop; the next one retries
             logger.warning(f"autoscaler tick failed: {type(e).__name__}: {e}")
         interval = (spec.get("autoscaling") or {}).get("intervalSeconds")
         stopped.wait(interval if isinstance(interval, int) and interval >= 1 else 15)
+    memo.autoscaler_metrics.forget(meta["namespace"], meta["name"])
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)

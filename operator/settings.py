@@ -21,6 +21,8 @@ class OperatorSettings:
     prestop_sleep_seconds: int = 10
     # the activator of scaled-to-zero services runs from the operator's own image (the chart sets it)
     activator_image: str = "ghcr.io/genserve/genserve-operator:0.1.0"
+    # the autoscaler's decisions per service on /metrics (autoscaler_metrics.py); 0 = off, the chart sets 8081
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:

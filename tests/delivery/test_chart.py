@@ -24,6 +24,8 @@ OPTIONS: dict[str, dict] = {
         "enabled": True, "namespace": "monitoring", "labels": {"release": "kube-prometheus-stack"},
         "interval": "30s", "scrapeTimeout": "20s", "port": "http", "path": "/metrics",
         "selector": {"app.kubernetes.io/managed-by": "genserve-operator"}, "serviceLabel": "genserve.dev/service"}},
+    "operator-pod-monitor": {"operatorPodMonitor": {"enabled": True, "namespace": "monitoring",
+                                                    "labels": {"release": "kube-prometheus-stack"}, "interval": "15s"}},
     "prometheus-rule": {"prometheusRule": {
         "enabled": True, "namespace": "monitoring", "labels": {"release": "kube-prometheus-stack"},
         "targetSelector": 'container="server",namespace=~"llm-.*"', "queueWaiting": 20, "kvCacheUsage": 0.9,
@@ -43,6 +45,7 @@ OPTIONS: dict[str, dict] = {
                      "imagePullSecrets": [{"name": "regcred"}]},
     "operator-tuning": {"defaultServerImage": "registry.example.com/genserve-server:0.1.0",
                         "operator": {"logLevel": "debug", "jsonLogs": False, "peering": "genserve", "healthPort": 9090,
+                                     "metricsPort": 9091,
                                      "env": {"GENSERVE_OPERATOR_RECONCILE_INTERVAL_SECONDS": "30"},
                                      "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
                                      "extraArgs": ["--log-prefix"]}},
@@ -139,7 +142,7 @@ def _check_monitor(obj: dict) -> None:
     assert spec["selector"]["matchLabels"]
     assert spec["namespaceSelector"] == {"any": True} or spec["namespaceSelector"]["matchNames"]
     endpoints = spec["endpoints" if obj["kind"] == "ServiceMonitor" else "podMetricsEndpoints"]
-    allowed = {"port", "path", "interval", "scrapeTimeout", "relabelings"}
+    allowed = {"port", "path", "interval", "scrapeTimeout", "relabelings", "honorLabels"}
     for endpoint in endpoints:
         assert set(endpoint) <= allowed, set(endpoint) - allowed
         assert re.fullmatch(r"\d+(ms|s|m|h)", endpoint["interval"])
@@ -184,6 +187,8 @@ def test_operator_options_reach_the_container():
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["GENSERVE_OPERATOR_DEFAULT_IMAGE"] == "registry.example.com/genserve-server:0.1.0"
     assert env["GENSERVE_OPERATOR_PEERING"] == "genserve"
+    assert env["GENSERVE_OPERATOR_METRICS_PORT"] == "9091"
+    assert {"name": "metrics", "containerPort": 9091, "protocol": "TCP"} in container["ports"]
     assert env["GENSERVE_OPERATOR_RECONCILE_INTERVAL_SECONDS"] == "30"
     assert env["HTTPS_PROXY"] == "http://proxy:3128"
     image = _deployment(OPTIONS["image-pinned"])["spec"]["template"]["spec"]["containers"][0]["image"]
@@ -283,7 +288,7 @@ def test_prometheus_rule_alerts_on_the_model_signals():
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
     assert set(alerts) == {"GenserveServerDown", "GenserveQueueGrowing", "GenserveKvCacheNearFull",
-                           "GenserveTimeToFirstTokenHigh"}
+                           "GenserveTimeToFirstTokenHigh", "GenserveAutoscalerAtMaxReplicas"}
     assert alerts["GenserveServerDown"]["expr"] == 'up{container="server",namespace=~"llm-.*"} == 0'
     assert "genserve_num_requests_waiting) > 20" in alerts["GenserveQueueGrowing"]["expr"]
     assert alerts["GenserveKvCacheNearFull"]["expr"].endswith("> 0.9")
@@ -382,7 +387,7 @@ def test_prometheus_rule_passes_promtool(tmp_path):
     path.write_text(yaml.safe_dump(rule["spec"]))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 rules found" in result.stdout
+    assert "5 rules found" in result.stdout
     # and Prometheus' rule engine on synthetic series: each alert fires on its signal, none on a healthy one
     where = {"namespace": "llm-a", "service": "chat"}
     labels = 'namespace="llm-a",service="chat"'
