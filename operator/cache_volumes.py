@@ -31,7 +31,8 @@ def is_single_node_claim(spec: ServiceSpec) -> bool:
 
 
 def uses_fill_job(spec: ServiceSpec) -> bool:
-    return spec.cache.is_shared and not is_single_node_claim(spec) and spec.model.needs_download
+    needs_download = spec.model.needs_download or any(a.needs_download for a in spec.adapters)
+    return spec.cache.is_shared and not is_single_node_claim(spec) and needs_download
 
 
 def is_read_only(spec: ServiceSpec) -> bool:
@@ -117,7 +118,8 @@ def build_cache_pvc(name: str, namespace: str, spec: ServiceSpec, labels: dict[s
 
 def fill_job_name(name: str, spec: ServiceSpec) -> str:
     # a Job's pod template is immutable: a new model or claim is a new Job
-    key = "\0".join((spec.model.id, spec.model.revision, claim_name(name, spec) or "", spec.image))
+    key = "\0".join((spec.model.id, spec.model.revision, claim_name(name, spec) or "", spec.image,
+                     *(f"{a.name}={a.source}" for a in spec.adapters if a.needs_download)))
     return f"{name}-fill-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
@@ -126,12 +128,14 @@ def fill_job_selector(name: str) -> dict[str, str]:
 
 
 def build_fill_job(name: str, namespace: str, spec: ServiceSpec, labels: dict[str, str],
-                   pod_security: dict[str, Any], container_security: dict[str, Any]) -> dict[str, Any]:
+                   pod_security: dict[str, Any], container_security: dict[str, Any],
+                   adapter_containers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     pod_labels = {"app.kubernetes.io/name": "genserve", "app.kubernetes.io/instance": name,
                   "app.kubernetes.io/component": FILL_COMPONENT, "app.kubernetes.io/managed-by": FIELD_MANAGER}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "containers": [download_container(spec, container_security)],
+        "containers": ([download_container(spec, container_security)] if spec.model.needs_download else [])
+        + list(adapter_containers or []),
         "volumes": [cache_volume(name, spec) | {"persistentVolumeClaim": {"claimName": claim_name(name, spec)}},
                     {"name": "tmp", "emptyDir": {}}],
         "securityContext": pod_security,

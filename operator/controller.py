@@ -11,6 +11,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from genserve.operator import (
+    adapter_status,
     autoscaler,
     cache_volumes,
     gateway_routes,
@@ -119,6 +120,7 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
                   endpoint=reconcile.endpoint(name, namespace, ctx.settings.cluster_domain), desiredReplicas=replicas)
     fill = preflight.fill_state(ctx.kube, namespace, name, spec, body.get("status") or {})
     fields["cache"], conditions["CacheReady"] = fill.status, fill.condition
+    fields.update(_adapters_status(ctx, namespace, name, spec))
     if not fill.filled and deployment is None:
         conditions["Progressing"] = (not fill.failed, fill.condition[1], fill.condition[2])
     if spec.inference_pool.enabled and not has_pool:
@@ -229,7 +231,13 @@ def on_child_event(ctx: Context, event_type: str, child: dict[str, Any], logger:
             kopf.event(owner, type="Warning", reason="Restored", message=f"{kind} {name} was changed by hand; restored it")
     elif is_server:
         fields, conditions = status.deployment_status(child, replicas, spec.scales_to_zero)
+        fields.update(_adapters_status(ctx, meta["namespace"], meta["name"], spec))
         status.write_status(ctx.kube, meta["namespace"], meta["name"], fields, conditions)
+
+
+def _adapters_status(ctx: Context, namespace: str, name: str, spec: ServiceSpec) -> dict[str, Any]:
+    return adapter_status.adapters_status(ctx.kube, namespace, reconcile.selector(name), spec,
+                                          ctx.settings.scrape_timeout_seconds)
 
 
 def _unwanted(ctx: Context, owner: dict[str, Any], spec: ServiceSpec) -> list[tuple[str, str]]:

@@ -85,10 +85,10 @@ def _split(source: str) -> tuple[str, str]:
     return scheme, rest
 
 
-def _s3(rest: str, raw: dict[str, Any]) -> S3Spec:
+def _s3(rest: str, raw: dict[str, Any], where: str = "spec.model.s3") -> S3Spec:
     bucket, _, prefix = rest.partition("/")
     creds = raw.get("credentialsSecretRef") or {}
-    where = "spec.model.s3.credentialsSecretRef"
+    where = f"{where}.credentialsSecretRef"
     if creds and not creds.get("name"):
         raise SourceError("InvalidSecretRef", f"{where}.name is required")
     return S3Spec(
@@ -134,13 +134,18 @@ def source_env(model: ModelSpec) -> list[dict[str, Any]]:
         ref = model.token_secret
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     if model.s3:
-        s3 = model.s3
-        if s3.endpoint:
-            # boto3 reads the endpoint of an S3-compatible store from here (botocore >= 1.31)
-            env.append({"name": "AWS_ENDPOINT_URL_S3", "value": s3.endpoint})
-        if s3.region:
-            env.append({"name": "AWS_DEFAULT_REGION", "value": s3.region})
-        for name, ref in (("AWS_ACCESS_KEY_ID", s3.access_key_id), ("AWS_SECRET_ACCESS_KEY", s3.secret_access_key)):
-            if ref:
-                env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        env += s3_env(model.s3)
+    return env
+
+
+def s3_env(s3: S3Spec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    if s3.endpoint:
+        # boto3 reads the endpoint of an S3-compatible store from here (botocore >= 1.31)
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": s3.endpoint})
+    if s3.region:
+        env.append({"name": "AWS_DEFAULT_REGION", "value": s3.region})
+    for name, ref in (("AWS_ACCESS_KEY_ID", s3.access_key_id), ("AWS_SECRET_ACCESS_KEY", s3.secret_access_key)):
+        if ref:
+            env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return env

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from genserve.operator import cache_volumes
+from genserve.operator import adapters, cache_volumes
 from genserve.operator.kube import Kube
 from genserve.operator.spec import ServiceSpec
 
@@ -19,7 +19,7 @@ class Problem:
 
 def missing_reference(kube: Kube, namespace: str, name: str, spec: ServiceSpec) -> Problem | None:
     """A referenced Secret, Secret key or claim that is not there: the pods would fail to start with it."""
-    refs = spec.model.secret_refs()
+    refs = spec.model.secret_refs() + adapters.secret_refs(spec.adapters)
     if spec.api_key_secret:
         refs.append(("spec.apiKeySecretRef", spec.api_key_secret))
     for where, ref in refs:
@@ -33,6 +33,7 @@ def missing_reference(kube: Kube, namespace: str, name: str, spec: ServiceSpec) 
         claims.append(("spec.model.source", spec.model.pvc.claim))
     if spec.cache.is_shared and spec.cache.existing_claim:
         claims.append(("spec.cache.existingClaim", spec.cache.existing_claim))
+    claims += [(f"spec.adapters ({a.name})", a.pvc.claim) for a in spec.adapters if a.pvc]
     for where, claim in claims:
         if kube.get("PersistentVolumeClaim", namespace, claim) is None:
             return Problem("ClaimNotFound", f"PersistentVolumeClaim {claim} ({where}) does not exist in {namespace}")
@@ -53,7 +54,7 @@ def fill_state(kube: Kube, namespace: str, name: str, spec: ServiceSpec, status:
     cache = cache_volumes.claim_name(name, spec)
     # None clears a key the merge patch would otherwise keep from an earlier mode
     fields: dict[str, Any] = {"mode": spec.cache.mode, "claimName": cache, "fillJob": None, "filledJob": None}
-    if spec.model.pvc is not None:
+    if spec.model.pvc is not None and not cache_volumes.uses_fill_job(spec):
         return FillState(True, {**fields, "phase": "SourceMounted"},
                          (True, "SourceMounted", f"the model is read from claim {spec.model.pvc.claim} (pvc:// source)"))
     if not cache_volumes.uses_fill_job(spec):

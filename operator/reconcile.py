@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from genserve.operator import cache_volumes, gateway_routes
+from genserve.operator import adapter_volumes, cache_volumes, gateway_routes
 from genserve.operator.cache_volumes import CACHE_MOUNT
 from genserve.operator.settings import FIELD_MANAGER, SERVICE_LABEL, OperatorSettings
 from genserve.operator.spec import ServiceSpec
@@ -49,7 +49,7 @@ def server_args(spec: ServiceSpec) -> list[str]:
                         ("--dtype", s.dtype), ("--quantize", s.quantize)):
         if value is not None:
             args += [flag, str(value)]
-    return args + list(s.extra_args)
+    return args + adapter_volumes.server_flags(spec) + list(s.extra_args)
 
 
 def _resources(spec: ServiceSpec) -> dict[str, Any]:
@@ -73,6 +73,8 @@ def _probe(path: str, period: int, failures: int, timeout: int = 5) -> dict[str,
 
 def _volumes(name: str, spec: ServiceSpec, settings: OperatorSettings) -> tuple[list[dict], list[dict]]:
     source_volumes, source_mounts = cache_volumes.source_volumes(spec)
+    adapter_sources, adapter_mounts = adapter_volumes.source_volumes(spec)
+    source_volumes, source_mounts = source_volumes + adapter_sources, source_mounts + adapter_mounts
     volumes = [cache_volumes.cache_volume(name, spec), {"name": "tmp", "emptyDir": {}}, *source_volumes]
     mounts = [cache_volumes.cache_mount(spec, for_server=True), {"name": "tmp", "mountPath": "/tmp"},
               *source_mounts]
@@ -94,10 +96,12 @@ def _pod_security() -> dict[str, Any]:
 
 
 def _init_containers(spec: ServiceSpec) -> list[dict[str, Any]]:
-    """The download step, unless the fill Job has done it once for all (or a pvc:// source needs none)."""
-    if not spec.model.needs_download or cache_volumes.uses_fill_job(spec):
+    """The download steps (model, adapters), unless the fill Job has done them once for all (pvc:// sources
+    need none)."""
+    if cache_volumes.uses_fill_job(spec):
         return []
-    return [cache_volumes.download_container(spec, _container_security())]
+    model = [cache_volumes.download_container(spec, _container_security())] if spec.model.needs_download else []
+    return model + adapter_volumes.fetch_containers(spec, _container_security())
 
 
 def build_deployment(name: str, namespace: str, spec: ServiceSpec, settings: OperatorSettings,
@@ -326,7 +330,8 @@ def routes_to_activator(spec: ServiceSpec, deployment: dict[str, Any] | None) ->
 
 
 def build_fill_job(name: str, namespace: str, spec: ServiceSpec) -> dict[str, Any]:
-    return cache_volumes.build_fill_job(name, namespace, spec, labels(name), _pod_security(), _container_security())
+    return cache_volumes.build_fill_job(name, namespace, spec, labels(name), _pod_security(), _container_security(),
+                                        adapter_volumes.fetch_containers(spec, _container_security()))
 
 
 def build_children(name: str, namespace: str, spec: ServiceSpec, settings: OperatorSettings, replicas: int,

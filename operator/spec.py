@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from genserve.operator.adapters import AdapterSpec, parse_adapters
 from genserve.operator.model_source import ModelSpec, SecretKeyRef, SourceError, parse_model
 
 QUANTIZE = ("awq", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8", "eetq",
@@ -133,6 +134,8 @@ class ServiceSpec:
     monitoring: bool = True
     # PodMonitor scrapes every server pod, also while the Service points at the activator
     monitor_kind: str = "ServiceMonitor"
+    adapters: list[AdapterSpec] = field(default_factory=list)
+    max_loras: int | None = None
 
     @property
     def is_sharded(self) -> bool:
@@ -297,6 +300,7 @@ def parse_spec(raw: dict[str, Any], default_image: str) -> ServiceSpec:
     """Parse and validate `spec`; raises SpecError with a reason for the Degraded condition."""
     try:
         model = parse_model(raw.get("model") or {})
+        adapters = parse_adapters(raw.get("adapters"), model)
     except SourceError as e:
         raise SpecError(e.reason, str(e)) from e
     ingress = raw.get("ingress") or {}
@@ -326,6 +330,8 @@ def parse_spec(raw: dict[str, Any], default_image: str) -> ServiceSpec:
         pod_labels=dict(raw.get("podLabels") or {}),
         monitoring=bool((raw.get("monitoring") or {}).get("enabled", True)),
         monitor_kind=(raw.get("monitoring") or {}).get("kind", "ServiceMonitor"),
+        adapters=adapters,
+        max_loras=_int(raw, "maxLoras", None, 1),
     )
     if spec.ingress.enabled and not spec.ingress.host:
         raise SpecError("InvalidIngress", "spec.ingress.host is required when the ingress is enabled")

@@ -83,6 +83,14 @@ def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
                            help=help_text + (f" (default: {default})" if default is not None else ""))
 
 
+def _metrics_compat(value: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = sorted(set(names) - {"tgi", "vllm"})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown metric name set {', '.join(unknown)} (choose from tgi, vllm)")
+    return names
+
+
 def _add_server_flags(group: argparse._ArgumentGroup) -> None:
     def add(flag: str, default, kind=str, help_text: str = "", env: str | None = ""):
         env = flag.lstrip("-").replace("-", "_").upper() if env == "" else env
@@ -105,6 +113,9 @@ def _add_server_flags(group: argparse._ArgumentGroup) -> None:
     add("--graceful-termination-timeout", 90, int, "seconds to let in-flight requests finish after SIGTERM")
     add("--huggingface-hub-cache", None, str, "where Hub downloads go (HF_HUB_CACHE)")
     add("--prometheus-port", None, int, "also serve /metrics on this port (TGI's separate metrics listener)")
+    add("--metrics-compat", "tgi", _metrics_compat,
+        "comma-separated metric name sets on /metrics: tgi (always) and vllm (vLLM's vllm:* names, for vLLM "
+        "dashboards and the Gateway API inference extension's endpoint picker)")
     add("--otlp-endpoint", None, str, "send OpenTelemetry traces (OTLP over HTTP) to this collector URL")
     add("--otlp-service-name", "genserve", str, "service.name of the traces")
     group.add_argument("--json-output", action=argparse.BooleanOptionalAction, default=_bool(_env("JSON_OUTPUT", False)),
@@ -160,6 +171,7 @@ def server_settings(args: argparse.Namespace):
         api_key=args.api_key or None,
         cors_allow_origin=origins,
         graceful_termination_timeout=args.graceful_termination_timeout,
+        metrics_compat=args.metrics_compat,
         json_output=args.json_output,
         sha=os.environ.get("GENSERVE_GIT_SHA"),
         docker_label=os.environ.get("DOCKER_LABEL"),

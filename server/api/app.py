@@ -23,6 +23,7 @@ from genserve.server.api.generation import GenerationService
 from genserve.server.api.record import RequestRecord
 from genserve.server.api.settings import ServerSettings, server_version
 from genserve.server.metrics import Metrics
+from genserve.server.metrics_vllm import enable_vllm_metrics
 from genserve.server.tracing import RequestTimes, trace_request, tracing_enabled
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ def create_app(engine: EngineClient, settings: ServerSettings | None = None) -> 
     metrics.bind_engine(engine)
     service = GenerationService(engine, settings, metrics)
     service.finish_observers.append(trace_record)
+    if "vllm" in settings.metrics_compat:
+        enable_vllm_metrics(metrics, service, str(engine.model_id), cfg.max_total_tokens or 4096)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

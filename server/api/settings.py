@@ -24,6 +24,7 @@ class ServerSettings:
     api_key: str | None = None
     cors_allow_origin: list[str] = field(default_factory=list)
     graceful_termination_timeout: int = 90
+    metrics_compat: tuple[str, ...] = ()  # metric name sets exported beside TGI's: "vllm"
     json_output: bool = False
     exit_on_engine_failure: bool = False
     model_sha: str | None = None
