@@ -51,7 +51,8 @@ def flag(args: list[str], name: str) -> str:
 # ---- the spec and the manifests, pure --------------------------------------------------------------
 
 def test_adapters_reach_the_server_flags_the_fetch_step_and_read_only_claims():
-    pod, _ = pod_of({"model": MODEL, "shards": 0, "adapters": ADAPTERS, "maxLoras": 2})
+    pod, wanted = pod_of({"model": MODEL, "shards": 0, "adapters": ADAPTERS, "maxLoras": 2})
+    kubernetes_validate.validate(wanted[0], "1.29.0", strict=True)
     server = pod["containers"][0]
     assert flag(server["args"], "--lora-adapters") == ("sql=/data/adapters/sql,chat.v2=/data/adapters/chat.v2,"
                                                        "legal=/data/adapters/legal,"
@@ -98,6 +99,7 @@ def test_shared_cache_fill_job_fetches_the_adapters_and_a_new_list_is_a_new_job(
     spec = {"model": MODEL, "shards": 0, "cache": {"mode": "shared"}, "adapters": ADAPTERS[:1]}
     _, wanted = pod_of(spec, cache_filled=False)
     job = next(o for o in wanted if o["kind"] == "Job")
+    kubernetes_validate.validate(job, "1.29.0", strict=True)
     assert [c["name"] for c in job["spec"]["template"]["spec"]["containers"]] == ["download", "adapters"]
     assert fill_job_name("svc", parse_spec(spec, "img")) != fill_job_name(
         "svc", parse_spec({**spec, "adapters": ADAPTERS[:2]}, "img"))
@@ -205,6 +207,13 @@ def test_fetch_step_fails_in_one_line_on_a_folder_that_is_no_adapter(peft_adapte
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("adapter p: ")
     assert "adapter_config.json" in result.stderr and not (tmp_path / "root" / "data" / "adapters" / "p").exists()
+
+
+def test_fetch_step_imports_nothing_the_server_image_lacks():
+    probe = ("import sys, genserve.operator.adapter_fetch; "
+             "print(sorted(m for m in ('kopf', 'kubernetes', 'prometheus_client') if m in sys.modules))")
+    result = subprocess.run([str(BIN / "python"), "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
 
 
 # ---- the real operator against the emulator ---------------------------------------------------------
