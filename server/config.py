@@ -66,6 +66,11 @@ class EngineConfig:
     tokenizer_config_path: str | None = None
     # vLLM's --scheduling-policy: fcfs, or priority (waiting requests by their `priority`, lowest first)
     scheduling_policy: str = "fcfs"
+    # TGI's --lora-adapters: name=path or Hub ids, comma-separated (docs/lora.md); vLLM's limits beside it
+    lora_adapters: str | None = None
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    enable_lora_runtime_updates: bool = False
 
     def __post_init__(self) -> None:
         from genserve.server.model_overrides import validate_rope_flags
@@ -83,6 +88,15 @@ class EngineConfig:
             raise ValueError(f"`--speculate` must be >= 0; got {self.speculate}")
         if self.cuda_graphs is not None:
             parse_batch_sizes(self.cuda_graphs)
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("`--max-loras` and `--max-lora-rank` must be >= 1")
+        if self.enable_lora_runtime_updates and self.num_shard > 1:
+            raise ValueError("`--enable-lora-runtime-updates` needs --num-shard 1: the other ranks read adapters "
+                             "from --lora-adapters only")
+
+    @property
+    def is_lora_enabled(self) -> bool:
+        return bool(self.lora_adapters) or self.enable_lora_runtime_updates
 
     def resolve_limits(self, max_position_embeddings: int) -> None:
         """Fill the limits left unset, the way TGI's launcher derives them."""

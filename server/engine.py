@@ -11,8 +11,10 @@ from pathlib import Path
 
 from genserve.server.config import EngineConfig
 from genserve.server.detokenizer import IncrementalDetokenizer
+from genserve.server.fault_injection import check_step, fault_token
 from genserve.server.grammar import GrammarCompiler
 from genserve.server.kv_cache import KVCacheManager
+from genserve.server.lora_adapters import AdapterStats, adapter_stats
 from genserve.server.outputs import RequestOutput, TokenInfo, TopToken
 from genserve.server.request import Request
 from genserve.server.sampler import SamplingRow, make_generator
@@ -39,6 +41,9 @@ class EngineStats:
     num_prompt_tokens_total: int
     num_generation_tokens_total: int
     num_computed_prompt_tokens_total: int
+    # per LoRA adapter name: running and waiting requests, tokens generated (only adapters ever asked for)
+    adapters: dict[str, AdapterStats] = field(default_factory=dict)
+    max_loras: int = 0
 
 
 @dataclass(slots=True)
@@ -92,6 +97,12 @@ class LLMEngine:
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self.grammars = None if config.disable_grammar_support or not GrammarCompiler.available() \
             else GrammarCompiler(self.tokenizer)
+        from genserve.server.lora_adapters import AdapterRegistry, load_registry
+
+        # checked before any weight loads: a bad adapter is a one-line start-up error
+        self.adapters = load_registry(config.lora_adapters, hf_config, self.model_id, config.max_loras,
+                                      config.max_lora_rank) if config.is_lora_enabled \
+            else AdapterRegistry(base_model=self.model_id)
         self.runner = self._make_runner(hf_config)
         self.model_path_kind = getattr(self.runner, "model_path_kind", "native")  # /info: which path serves
         logger.info("model path: %s (%s)", self.model_path_kind, getattr(hf_config, "architectures", None))
@@ -107,6 +118,7 @@ class LLMEngine:
                 waiting_served_ratio=config.waiting_served_ratio,
                 max_waiting_tokens=config.max_waiting_tokens,
                 policy=config.scheduling_policy,
+                max_loras=config.max_loras if config.is_lora_enabled else 0,
             ),
             self.kv_cache,
         )
@@ -114,9 +126,12 @@ class LLMEngine:
         # decode rows (drafts included) up to which drafting goes on; beyond, a step is bound by compute
         self.max_speculative_rows = MAX_SPECULATIVE_ROWS
         self.states: dict[str, _RequestState] = {}
+        self.step_request_ids: list[str] = []  # the last step's batch: a failed step fails only these
+        self.fault_token = fault_token()  # test-only (genserve.server.fault_injection); None in production
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.num_computed_prompt_tokens_total = 0
+        self.adapter_tokens: dict[int, int] = {}  # adapter index -> tokens generated
 
     def _make_runner(self, hf_config):
         from genserve.server.models import get_model_class
@@ -125,6 +140,11 @@ class LLMEngine:
         if self.config.load_format != "dummy":
             check_safetensors_headers(self.model_dir)  # before any worker or weight: a one-line error
 
+        native = not self.config.use_transformers_fallback and get_model_class(
+            getattr(hf_config, "architectures", None)) is not None
+        if self.config.is_lora_enabled and (not native or getattr(hf_config, "is_encoder_decoder", False)):
+            raise ValueError("LoRA adapters need a native decoder implementation; "
+                             f"{getattr(hf_config, 'architectures', None)} runs through transformers here")
         if getattr(hf_config, "is_encoder_decoder", False):  # T5, BART: the prompt is the encoder input
             from genserve.server.seq2seq_runner import Seq2SeqRunner
 
@@ -153,7 +173,8 @@ class LLMEngine:
             # rank 0 is this process; under an external launcher a rank > 0 never returns from here
             self.device = start_tensor_parallel(self.config, hf_config, self.model_dir, self.device,
                                                 self.torch_dtype)
-        return ModelRunner(self.config, hf_config, self.model_dir, self.device, self.torch_dtype)
+        return ModelRunner(self.config, hf_config, self.model_dir, self.device, self.torch_dtype,
+                           adapters=self.adapters if self.config.is_lora_enabled else None)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any; the engine is unusable after."""
@@ -175,6 +196,7 @@ class LLMEngine:
         """Check a request against the limits; returns its max_new_tokens. Raises ValueError (TGI wording)."""
         cfg = self.config
         params.validate(cfg.max_stop_sequences, cfg.max_top_n_tokens)
+        self.adapters.index_of(params.adapter_id)
         num_input = len(prompt_token_ids)
         if num_input == 0:
             raise ValueError("`inputs` cannot be empty")
@@ -211,7 +233,7 @@ class LLMEngine:
         if request_id in self.states:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = Request(request_id, list(prompt_token_ids), params, max_new_tokens=max_new,
-                          eos_token_ids=self.eos_token_ids)
+                          eos_token_ids=self.eos_token_ids, adapter_index=self.adapters.index_of(params.adapter_id))
         generator = None
         if not params.is_greedy:
             seed = params.seed if params.seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "little")
@@ -242,11 +264,14 @@ class LLMEngine:
 
     def step(self) -> tuple[list[RequestOutput], StepStats | None]:
         """Schedule, run one forward over the whole batch, sample, and report each request's progress."""
+        self.step_request_ids = []
         out = self.scheduler.schedule()
         for request in out.preempted:
             self.runner.release(request.request_id)
         if out.is_empty:
             return [], None
+        self.step_request_ids = [s.request.request_id for s in out.scheduled]
+        check_step(self.fault_token, out.scheduled)
         started = time.perf_counter()
         has_prefill = any(s.num_new_tokens > 1 or s.request.num_computed_tokens < s.request.num_prompt_tokens
                           for s in out.scheduled)
@@ -286,6 +311,11 @@ class LLMEngine:
         stats.filter_s, stats.decode_s = filtered - forwarded, time.perf_counter() - filtered
         stats.next_batch_size, stats.joined_running_batch = len(self.scheduler.running), joined
         self.num_generation_tokens_total += sum(len(o.new_tokens) for o in outputs)
+        if self.adapters.adapters:
+            for s, o in zip(order, outputs, strict=True):
+                if s.request.adapter_index:
+                    index = s.request.adapter_index
+                    self.adapter_tokens[index] = self.adapter_tokens.get(index, 0) + len(o.new_tokens)
         if self.proposer is not None:
             self._propose_drafts()
         return outputs, stats
@@ -375,7 +405,11 @@ class LLMEngine:
             num_prompt_tokens_total=self.num_prompt_tokens_total,
             num_generation_tokens_total=self.num_generation_tokens_total,
             num_computed_prompt_tokens_total=self.num_computed_prompt_tokens_total,
+            adapters=adapter_stats(self.adapters, self.adapter_tokens, self.scheduler.running,
+                                   self.scheduler.waiting),
+            max_loras=self.config.max_loras if self.config.is_lora_enabled else 0,
         )
+
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Offline helper: run prompts to completion, return each one's generated token ids."""

@@ -198,7 +198,9 @@ class KVCacheManager:
 
     def _extend_hashes(self, request: Request, state: _HashState, num_blocks: int) -> None:
         while len(state.hashes) < num_blocks:
-            parent = state.hashes[-1] if state.hashes else None
+            # the adapter seeds the chain: two adapters never share KV for the same tokens
+            parent = state.hashes[-1] if state.hashes else (("lora", request.adapter_index)
+                                                             if request.adapter_index else None)
             state.hashes.append(hash((parent, self._block_tokens(request, len(state.hashes)))))
 
     def _touch(self, block_id: int) -> None:

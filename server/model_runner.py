@@ -28,6 +28,7 @@ from genserve.server.layers.attention import (
 )
 from genserve.server.layers.cpu_packing import pack_model_for_cpu
 from genserve.server.layers.kv_storage import is_float8, resolve_kv_cache_dtype
+from genserve.server.layers.lora import lora_context
 from genserve.server.layers.quantization import quantize_model
 from genserve.server.models import get_model_class
 from genserve.server.prompt_scores import (
@@ -60,6 +61,7 @@ class StepInputs:
     graph_bucket: int | None = None  # a decode-only step run by DecodeGraphs, padded to this many rows
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] (graph steps)
     decode_context_lens: torch.Tensor | None = None  # [B] (graph steps)
+    lora_segments: list[tuple[int, int, int]] | None = None  # rows [start, end) and their LoRA adapter
 
 
 def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
@@ -97,7 +99,8 @@ def available_memory(device: torch.device) -> int:
 class ModelRunner:
     supports_prefix_caching = True
 
-    def __init__(self, config: EngineConfig, hf_config, model_dir, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: EngineConfig, hf_config, model_dir, device: torch.device, dtype: torch.dtype,
+                 adapters=None) -> None:
         from genserve.server.loader import load_weights
 
         self.config = config
@@ -109,6 +112,7 @@ class ModelRunner:
         assert model_cls is not None, "the engine picks the transformers fallback for unknown architectures"
         with torch.device(device):
             self.model = model_cls(hf_config, dtype=dtype)
+        self.lora = self._lora_store(hf_config, adapters) if config.is_lora_enabled else None
         load_weights(self.model, model_dir, config.load_format)
         quantize_model(self.model, config.quantize)
         if device.type == "cpu":
@@ -150,6 +154,19 @@ class ModelRunner:
         buckets = graph_batch_sizes(config.cuda_graphs, device, config.max_batch_size)
         if buckets:
             self.enable_decode_graphs(buckets, capture=device.type == "cuda")
+
+    def _lora_store(self, hf_config, adapters):
+        """LoRA layers on the model before any weight loads (a bad adapter fails fast); `adapters`: the engine's
+        checked registry on rank 0, read again from the config on the other ranks."""
+        from genserve.server.lora_adapters import load_registry
+        from genserve.server.lora_store import LoRAStore
+
+        cfg = self.config
+        if adapters is None:
+            adapters = load_registry(cfg.lora_adapters, hf_config, cfg.model_id, cfg.max_loras, cfg.max_lora_rank)
+        store = LoRAStore(self.model, adapters, self.dtype, self.device)
+        store.ensure(set(list(adapters.adapters)[:cfg.max_loras]))
+        return store
 
     @property
     def use_paged_kernel(self) -> bool:
@@ -259,10 +276,15 @@ class ModelRunner:
         )
         if header.num_prompt_rows:
             inputs.prompt_rows, inputs.prompt_token_ids = t[at.prompt_rows], t[at.prompt_token_ids]
+        if header.num_lora_segments:
+            flat = values[at.lora_segments]
+            inputs.lora_segments = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+            self.lora.ensure({index for _, _, index in inputs.lora_segments})
         meta, slots = inputs.meta, []
         if num_decodes:
             table = t[at.decode_tables].view(num_decodes, max_blocks)
-            if self.graphs is not None and num_decodes == header.num_tokens:
+            # LoRA steps run eagerly: the graphs hold no per-step adapter segments
+            if self.graphs is not None and num_decodes == header.num_tokens and not inputs.lora_segments:
                 inputs.graph_bucket = self.graphs.bucket_for(num_decodes, max_blocks)
             if inputs.graph_bucket is not None:  # DecodeGraphs builds the metadata from its own buffers
                 inputs.decode_block_tables, inputs.decode_context_lens = table, lens
@@ -302,7 +324,7 @@ class ModelRunner:
             hidden = self.graphs.run(inputs.graph_bucket, inputs.input_ids, inputs.positions,
                                      inputs.decode_block_tables, inputs.decode_context_lens)
         else:
-            with forward_context(inputs.meta):
+            with forward_context(inputs.meta), lora_context(inputs.lora_segments or []):
                 hidden = self.model(inputs.input_ids, inputs.positions)
         prompt_logits = None
         if inputs.prompt_rows is not None:

@@ -44,6 +44,7 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)
     num_draft_tokens: int = 0  # drafts verified so far
     num_accepted_tokens: int = 0  # of those, kept
+    adapter_index: int = 0  # the LoRA adapter it runs with (lora_adapters.AdapterRegistry); 0 = the base model
 
     def __post_init__(self) -> None:
         if not self.token_ids:

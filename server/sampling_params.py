@@ -39,6 +39,7 @@ class SamplingParams:
     # banned right after the output ends with the tokens before it
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     priority: int = 0  # vLLM: with --scheduling-policy priority, lower values are scheduled first
+    adapter_id: str | None = None  # TGI's adapter_id / OpenAI's model: a LoRA adapter's name (None: the base)
 
     @property
     def is_greedy(self) -> bool:

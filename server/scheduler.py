@@ -31,6 +31,7 @@ class SchedulerConfig:
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     policy: str = "fcfs"  # "priority": waiting by (priority, arrival); preempt the lowest priority first
+    max_loras: int = 0  # LoRA adapters a step may hold (--max-loras); 0: no limit
 
 
 @dataclass(slots=True)
@@ -131,10 +132,21 @@ class Scheduler:
         num_admissible = min(len(self.waiting), self.config.max_batch_size - len(self.running))
         return num_admissible >= math.ceil(self.config.waiting_served_ratio * len(self.running))
 
+    def _adapter_fits(self, request: Request) -> bool:
+        """A request for an adapter the batch does not hold waits while `max_loras` others are running."""
+        if not request.adapter_index or not self.config.max_loras:
+            return True
+        adapters = {r.adapter_index for r in self.running if r.adapter_index}
+        return request.adapter_index in adapters or len(adapters) < self.config.max_loras
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         admitted = False
+        held_back: list[Request] = []  # waiting on a LoRA slot: the requests behind them may go first
         while self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
             request = self.waiting[0]
+            if not self._adapter_fits(request):
+                held_back.append(self.waiting.popleft())
+                continue
             computed_blocks, num_hit = self.kv_cache.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
             if self.kv_cache.allocate_slots(request, num_new, computed_blocks) is None:
@@ -151,6 +163,7 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
             admitted = True
+        self.waiting.extendleft(reversed(held_back))
         if admitted:
             self.steps_since_admission = 0
         return budget

@@ -5,7 +5,10 @@ cannot drift apart:
 
     payload: [input_ids T | positions T | sample rows S | decode context lens B | prefill begins P |
               prefill ends P | decode block tables B*max_blocks | each prefill's blocks | prompt rows R |
-              prompt token ids R]
+              prompt token ids R | LoRA segments 3*L (start, end, adapter index)]
+
+With LoRA adapters, the decodes and the prefills are each ordered by adapter, so the rows of one adapter
+form few segments; base rows (adapter 0) are in none.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class StepHeader:
     max_len: int  # longest decode context
     payload_len: int
     num_prompt_rows: int  # R: rows whose logits score a prompt token
+    num_lora_segments: int = 0  # L: runs of rows sharing a LoRA adapter
 
     def to_list(self) -> list[int]:
         return [1, *astuple(self)]
@@ -56,6 +60,7 @@ class StepLayout:
     prefill_blocks: slice  # each prefill's blocks, one run after another
     prompt_rows: slice
     prompt_token_ids: slice
+    lora_segments: slice
 
     @classmethod
     def of(cls, h: StepHeader) -> StepLayout:
@@ -64,11 +69,26 @@ class StepLayout:
         cuts = [0]
         for size in sizes:
             cuts.append(cuts[-1] + size)
-        prompt_start = h.payload_len - 2 * h.num_prompt_rows
+        lora_start = h.payload_len - 3 * h.num_lora_segments
+        prompt_start = lora_start - 2 * h.num_prompt_rows
         spans = [slice(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
         return cls(*spans, prefill_blocks=slice(cuts[-1], prompt_start),
                    prompt_rows=slice(prompt_start, prompt_start + h.num_prompt_rows),
-                   prompt_token_ids=slice(prompt_start + h.num_prompt_rows, h.payload_len))
+                   prompt_token_ids=slice(prompt_start + h.num_prompt_rows, lora_start),
+                   lora_segments=slice(lora_start, h.payload_len))
+
+
+def lora_segments(row_adapters: list[tuple[int, int]]) -> list[int]:
+    """(adapter index, rows) per request in row order -> flat (start, end, index) runs, base rows left out."""
+    out: list[int] = []
+    row = 0
+    for index, num_rows in row_adapters:
+        if index and out and out[-2] == row and out[-1] == index:
+            out[-2] = row + num_rows
+        elif index:
+            out += [row, row + num_rows, index]
+        row += num_rows
+    return out
 
 
 def pack_step(out: SchedulerOutput, bs: int) -> tuple[StepHeader, list[int], list[ScheduledRequest],
@@ -78,6 +98,10 @@ def pack_step(out: SchedulerOutput, bs: int) -> tuple[StepHeader, list[int], lis
     # decodes (one new token, or one plus drafts) first: they share one batched attention call
     decodes = [s for s in out.scheduled if s.num_new_tokens == 1 or s.draft_token_ids]
     prefills = [s for s in out.scheduled if s.num_new_tokens > 1 and not s.draft_token_ids]
+    if any(s.request.adapter_index for s in out.scheduled):  # stable: without adapters nothing moves
+        decodes.sort(key=lambda s: s.request.adapter_index)
+        prefills.sort(key=lambda s: s.request.adapter_index)
+    row_adapters = [(s.request.adapter_index, s.num_new_tokens) for s in decodes + prefills]
     input_ids: list[int] = []
     positions: list[int] = []
     sample_rows: list[int] = []
@@ -127,9 +151,11 @@ def pack_step(out: SchedulerOutput, bs: int) -> tuple[StepHeader, list[int], lis
             sample_rows.append(len(input_ids) - 1)
             sampling_order.append(s)
     scored_ids = [t for _, _, ids, _ in prompt_targets for t in ids]
+    segments = lora_segments(row_adapters)
     values = (input_ids + positions + sample_rows + context_lens + begins + ends + tables + prompt_rows
-              + scored_ids)
+              + scored_ids + segments)
     header = StepHeader(num_tokens=len(input_ids), num_decodes=len(context_lens), max_blocks=max_blocks,
                         num_prefills=len(prefills), num_samples=len(sample_rows), max_len=max_len,
-                        payload_len=len(values), num_prompt_rows=len(prompt_rows))
+                        payload_len=len(values), num_prompt_rows=len(prompt_rows),
+                        num_lora_segments=len(segments) // 3)
     return header, values, sampling_order, prompt_targets

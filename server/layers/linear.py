@@ -36,6 +36,7 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
         self.quant_method = None  # set by quantize(); see layers/quantization.py
         self.packed_weight: torch.Tensor | None = None  # set by pack_for_cpu()
+        self.lora = None  # a layers.lora.LinearLoRA when LoRA adapters may target this layer
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         raise NotImplementedError
@@ -56,6 +57,11 @@ class LinearBase(nn.Module):
         return True
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = self.base_matmul(x, bias)
+        # LoRA deltas join before a row-parallel layer's all-reduce: they are partial sums too
+        return y if self.lora is None else self.lora.add_to(x, y)
+
+    def base_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, bias)
         if self.quant_method is None:

@@ -1,0 +1,149 @@
+"""Batched LoRA over a mixed step (the S-LoRA / Punica idea): the step's rows come in segments that share an
+adapter, and each LoRA-targeted linear adds, per segment, `(x_seg @ A^T) @ (scale * B)^T` to the base
+output. Weights are never merged and adapters never run as separate steps; base rows pay nothing.
+
+Fused layers (q|k|v, gate|up) hold one delta per adapted slice: the slices' A matrices are stacked so a
+segment's x reads them in one matmul, then each slice's B writes its own columns of the output.
+
+Tensor parallelism shards a module's LoRA as its base layer: a column-parallel layer keeps A whole and
+this rank's rows of B; a row-parallel layer keeps this rank's columns of A and B whole, and its partial
+delta joins the base's partial sums before the layer's all-reduce.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genserve.server.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+
+Segment = tuple[int, int, int]  # rows [start, end) of the step, adapter index (never 0: base rows)
+_segments: list[Segment] = []
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:\w+\.)*(\w+)$")
+
+
+@contextmanager
+def lora_context(segments: list[Segment]) -> Iterator[None]:
+    """The step's adapter segments for every LoRA layer of the forward pass inside the block."""
+    global _segments
+    _segments = segments
+    try:
+        yield
+    finally:
+        _segments = []
+
+
+@dataclass(slots=True)
+class SliceDelta:
+    out_start: int  # columns [out_start, out_end) of the layer's (local) output
+    out_end: int
+    rank_start: int  # rows [rank_start, rank_end) of the stacked A
+    rank_end: int
+    b: torch.Tensor  # [out_end - out_start, rank], lora_B already times the adapter's scale
+
+
+@dataclass(slots=True)
+class LayerDelta:
+    a: torch.Tensor  # [sum of the slices' ranks, local in_features]
+    slices: list[SliceDelta]
+
+
+class LinearLoRA:
+    """The deltas of one linear layer, per resident adapter index (a plain object: not a submodule, so the
+    model's parameters and checkpoint names stay the base's)."""
+
+    def __init__(self, layer: LinearBase) -> None:
+        self.layer = layer
+        self.deltas: dict[int, LayerDelta] = {}
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] the layer's (local) input, y: [T, out] its base output; adds each segment's delta in place."""
+        for start, end, index in _segments:
+            delta = self.deltas.get(index)
+            if delta is None:  # the adapter does not target this module
+                continue
+            xa = F.linear(x[start:end], delta.a)  # [n, sum of ranks]
+            out = y[start:end]
+            for s in delta.slices:
+                out[:, s.out_start:s.out_end] += F.linear(xa[:, s.rank_start:s.rank_end], s.b)
+        return y
+
+
+def lora_shard(layer: LinearBase, shard_id) -> tuple[int, int, slice, slice]:
+    """This rank's part of a module's LoRA in `layer`: (output offset, output size, rows of B, columns of A);
+    the same rows and columns the base layer's weight_loader reads."""
+    rank = layer.tp_rank
+    if isinstance(layer, RowParallelLinear):
+        size = layer.input_size
+        return 0, layer.output_size, slice(None), slice(rank * size, (rank + 1) * size)
+    if isinstance(layer, QKVParallelLinear):
+        q, kv = layer.q_size, layer.kv_size
+        kv_start = layer.kv_head_start * layer.head_dim
+        offset, size, start = {"q": (0, q, rank * q), "k": (q, kv, kv_start), "v": (q + kv, kv, kv_start)}[shard_id]
+    elif isinstance(layer, MergedColumnParallelLinear):
+        size = layer.output_sizes[shard_id] // layer.tp_size
+        offset, start = sum(layer.output_sizes[:shard_id]) // layer.tp_size, rank * size
+    elif isinstance(layer, ColumnParallelLinear):
+        offset, size, start = 0, layer.output_size, rank * layer.output_size
+    else:
+        offset, size, start = 0, layer.output_size, 0
+    return offset, size, slice(start, start + size), slice(None)
+
+
+Target = tuple[LinearLoRA, object]  # the fused layer's LoRA and the module's shard id in it (None: unfused)
+
+
+def attach_lora(model: nn.Module, module_names: tuple[str, ...]) -> dict[tuple[int, str], Target]:
+    """Give every decoder linear that holds one of `module_names` (PEFT names) a LinearLoRA; returns where each
+    (layer index, PEFT module name) lands."""
+    unpacked = {param_part: [] for param_part, _ in getattr(model, "packed_modules_mapping", {}).values()}
+    for peft_name, (param_part, shard_id) in getattr(model, "packed_modules_mapping", {}).items():
+        unpacked[param_part].append((peft_name, shard_id))
+    targets: dict[tuple[int, str], Target] = {}
+    for name, module in model.named_modules():
+        match = _LAYER.search(name)
+        if match is None or not isinstance(module, LinearBase):
+            continue
+        layer_index, leaf = int(match.group(1)), match.group(2)
+        parts = unpacked.get(leaf) or ([(leaf, None)] if leaf in module_names else [])
+        parts = [(peft_name, shard_id) for peft_name, shard_id in parts if peft_name in module_names]
+        if not parts:
+            continue
+        module.lora = module.lora or LinearLoRA(module)
+        for peft_name, shard_id in parts:
+            targets[(layer_index, peft_name)] = (module.lora, shard_id)
+    return targets
+
+
+def build_deltas(targets: dict[tuple[int, str], Target], weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+                 scales: dict[str, float], dtype: torch.dtype, device: torch.device) -> dict[LinearLoRA, LayerDelta]:
+    """One adapter's full lora_A [r, in] / lora_B [out, r] per (layer, module) -> this rank's delta per layer."""
+    parts: dict[LinearLoRA, list[tuple[object, torch.Tensor, torch.Tensor]]] = {}
+    for key, (a, b) in weights.items():
+        lora, shard_id = targets[key]
+        offset, size, b_rows, a_cols = lora_shard(lora.layer, shard_id)
+        scaled_b = (b.float() * scales[key[1]])[b_rows]
+        parts.setdefault(lora, []).append((offset, a[:, a_cols], scaled_b))
+    deltas = {}
+    for lora, items in parts.items():
+        items.sort(key=lambda item: item[0])
+        slices, rank = [], 0
+        for offset, a, b in items:
+            slices.append(SliceDelta(offset, offset + b.shape[0], rank, rank + a.shape[0],
+                                     b.to(device=device, dtype=dtype).contiguous()))
+            rank += a.shape[0]
+        stacked = torch.cat([a for _, a, _ in items]).to(device=device, dtype=dtype).contiguous()
+        deltas[lora] = LayerDelta(stacked, slices)
+    return deltas
