@@ -43,6 +43,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
+        self.max_consecutive_step_failures = MAX_CONSECUTIVE_STEP_FAILURES  # --max-consecutive-step-failures
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -165,7 +166,7 @@ class AsyncEngine:
                 failures += 1
                 # a CUDA error poisons the context, and repeated failures mean the engine is broken:
                 # stop, so /health turns 503 and Kubernetes restarts the pod; a one-off bug only fails its batch
-                if engine.device.type == "cuda" or failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                if engine.device.type == "cuda" or failures >= self.max_consecutive_step_failures:
                     raise
                 continue
             failures = 0
@@ -185,6 +186,8 @@ class AsyncEngine:
             self._deliver(output.request_id, output)
 
     def _fail_all(self, exc: Exception) -> None:
-        for request_id in list(self.engine.states):
+        # the failed step's batch only: requests still waiting were not part of it and go on
+        in_step = [r for r in getattr(self.engine, "step_request_ids", ()) if r in self.engine.states]
+        for request_id in in_step or list(self.engine.states):
             self.engine.abort(request_id)
             self._loop.call_soon_threadsafe(self._deliver, request_id, RuntimeError(f"generation failed: {exc}"))

@@ -111,6 +111,9 @@ def _add_server_flags(group: argparse._ArgumentGroup) -> None:
     add("--api-key", None, str, "require `Authorization: Bearer <key>` on POST routes (401 otherwise)")
     add("--cors-allow-origin", None, str, "comma-separated allowed CORS origins; default any")
     add("--graceful-termination-timeout", 90, int, "seconds to let in-flight requests finish after SIGTERM")
+    add("--send-timeout", 60.0, float, "seconds a response may wait on a client that reads nothing (then aborted)")
+    add("--request-header-timeout", 30.0, float, "seconds for a request's head to arrive (slowloris); then closed")
+    add("--max-consecutive-step-failures", 3, int, "engine steps failing in a row before the server exits 1")
     add("--huggingface-hub-cache", None, str, "where Hub downloads go (HF_HUB_CACHE)")
     add("--prometheus-port", None, int, "also serve /metrics on this port (TGI's separate metrics listener)")
     add("--metrics-compat", "tgi", _metrics_compat,
@@ -172,6 +175,8 @@ def server_settings(args: argparse.Namespace):
         cors_allow_origin=origins,
         graceful_termination_timeout=args.graceful_termination_timeout,
         metrics_compat=args.metrics_compat,
+        send_timeout=args.send_timeout,
+        request_header_timeout=args.request_header_timeout,
         json_output=args.json_output,
         sha=os.environ.get("GENSERVE_GIT_SHA"),
         docker_label=os.environ.get("DOCKER_LABEL"),
@@ -206,6 +211,7 @@ def serve(args: argparse.Namespace) -> int:
         engine = AsyncEngine.from_config(config)
     except ValueError as exc:  # a flag the model or machine cannot honour: one line, not a traceback
         raise SystemExit(f"genserve serve: error: {exc}") from None
+    engine.max_consecutive_step_failures = args.max_consecutive_step_failures
     app = create_app(engine, settings)
     if args.prometheus_port:
         from genserve.server.metrics import serve_metrics
@@ -216,11 +222,17 @@ def serve(args: argparse.Namespace) -> int:
 
         configure_tracing(args.otlp_endpoint, args.otlp_service_name)
     logging.getLogger(__name__).info("serving %s on http://%s:%d", engine.model_id, settings.hostname, settings.port)
-    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal: exit 0 after a clean drain
+    # SIGTERM drains (see genserve.server.shutdown), then uvicorn re-raises it: exit 0 after the drain
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=settings.hostname, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=settings.graceful_termination_timeout)
-    return 0
+    from genserve.server.api.slow_clients import header_timeout_protocol
+    from genserve.server.shutdown import GenserveServer
+
+    uv_config = uvicorn.Config(app, host=settings.hostname, port=settings.port, log_config=None, access_log=False,
+                            http=header_timeout_protocol(settings.request_header_timeout),
+                            timeout_graceful_shutdown=1)
+    server = GenserveServer(uv_config, app, settings.graceful_termination_timeout)
+    server.run()
+    return server.exit_code
 
 
 def run_operator(args: list[str]) -> int:

@@ -17,11 +17,13 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from genserve.server.api import chat_routes, openai_routes, platform_routes, tgi_routes, tokenize_routes
+from genserve.server.api.draining import Drain, DrainGuard
 from genserve.server.api.engine_client import EngineClient
 from genserve.server.api.errors import APIError, install_error_handlers
 from genserve.server.api.generation import GenerationService
 from genserve.server.api.record import RequestRecord
 from genserve.server.api.settings import ServerSettings, server_version
+from genserve.server.api.slow_clients import SendTimeout
 from genserve.server.metrics import Metrics
 from genserve.server.metrics_vllm import enable_vllm_metrics
 from genserve.server.tracing import RequestTimes, trace_request, tracing_enabled
@@ -144,6 +146,7 @@ def create_app(engine: EngineClient, settings: ServerSettings | None = None) -> 
     app.state.service = service
     app.state.metrics = metrics
     app.state.settings = settings
+    app.state.drain = Drain()
     app.state.created = int(time.time())
     install_error_handlers(app)
     app.include_router(tgi_routes.router)
@@ -156,7 +159,10 @@ def create_app(engine: EngineClient, settings: ServerSettings | None = None) -> 
     async def tgi_openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
+    # outermost last: CORS, then the send timeout, the API key and payload limit, the SIGTERM drain
+    app.add_middleware(DrainGuard, drain=app.state.drain)
     app.add_middleware(RequestGuard, payload_limit=settings.payload_limit, api_key=settings.api_key)
+    app.add_middleware(SendTimeout, seconds=settings.send_timeout)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_allow_origin or ["*"],

@@ -25,6 +25,8 @@ class ServerSettings:
     cors_allow_origin: list[str] = field(default_factory=list)
     graceful_termination_timeout: int = 90
     metrics_compat: tuple[str, ...] = ()  # metric name sets exported beside TGI's: "vllm"
+    send_timeout: float = 60.0  # seconds a response message may wait on a client that reads nothing
+    request_header_timeout: float = 30.0  # seconds for a request head to arrive (slowloris)
     json_output: bool = False
     exit_on_engine_failure: bool = False
     model_sha: str | None = None
