@@ -1,13 +1,14 @@
 """A `.gguf` file as a quantized safetensors folder: Q4_0, Q4_1 and Q8_0 blocks of the linear layers are
-copied as they are into grouped weights (layers/grouped_weights.py), never dequantized.
+copied as they are into grouped weights (layers/grouped_weights.py), never dequantized; so are the token
+embedding and output (LM head) when they are of those types (SmolLM2's Q4_1 file: token_embd Q8_0, tied).
 
     Q4_1 block (20 bytes / 32 weights): d fp16, m fp16, 16 bytes of nibbles   w = q * d + m
     Q4_0 block (18 bytes):              d fp16, 16 bytes of nibbles           w = (q - 8) * d
     Q8_0 block (34 bytes):              d fp16, 32 int8                       w = q * d
 
 GGUF's nibble order (byte j = value j | value j + 16 << 4) is our kernel's, so qweight is the blocks'
-bytes. Other tensor types (K-quants, F16, ...) of a linear are dequantized with a warning; embeddings
-and norms are always dequantized (float32). llama.cpp's converter permutes the rows of Llama's Q and
+bytes. Other tensor types (K-quants, F16, ...) of a linear or the vocabulary are dequantized with a
+warning; norms are float32. llama.cpp's converter permutes the rows of Llama's Q and
 K weights for its rotary layout; they are put back here (a row permutation: exact on blocks too).
 """
 
@@ -30,7 +31,10 @@ LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v":
 OTHERS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 TOP_LEVEL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
+VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")  # kept quantized as the linears are
 ARCHITECTURES = {"llama": "LlamaForCausalLM"}  # the GGUF tensor names mapped above are Llama's
+# the cached folder's name carries this: a file converted by an older layout is converted again
+FOLDER_VERSION = "quantized-v2"
 
 
 def hf_name(gguf_name: str) -> tuple[str, bool]:
@@ -84,6 +88,7 @@ def read_tensors(gguf_file: Path, num_heads: int, num_kv_heads: int) -> dict[str
         if ".attn_q." in t.name or ".attn_k." in t.name:
             rows = int(t.shape[-1])
             perm = unpermute_rows(rows, num_heads if ".attn_q." in t.name else num_kv_heads)
+        is_linear = is_linear or name in VOCABULARY
         if is_linear and kind in ("Q4_0", "Q4_1", "Q8_0"):
             parts = blocks_to_grouped(kind, t.data)
             if perm is not None:

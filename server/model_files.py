@@ -95,10 +95,14 @@ def resolve_model(model_id: str | None, revision: str | None = None) -> Path:
         return path
     if path.suffix == ".gguf" and path.is_file():
         digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-        target = cache_dir() / "models" / f"{path.stem}-{digest}-quantized"
+        from genserve.server.gguf_weights import (  # Q4_0/Q4_1/Q8_0 stay quantized
+            FOLDER_VERSION,
+            convert_gguf_quantized,
+        )
+
+        target = cache_dir() / "models" / f"{path.stem}-{digest}-{FOLDER_VERSION}"
         if is_model_dir(target):
             return target
-        from genserve.server.gguf_weights import convert_gguf_quantized  # Q4_0/Q4_1/Q8_0 stay quantized
 
         return convert_gguf_quantized(path, target)
     return download_from_hub(model_id, revision)

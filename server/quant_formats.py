@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from genserve.server.layers import grouped_linear
+from genserve.server.layers.embedding import VocabParallelEmbedding
 from genserve.server.layers.grouped_weights import dequantize, pack_nibbles
 from genserve.server.layers.linear import LinearBase, RowParallelLinear
 from genserve.server.loader import _map_name, load_named_tensors
@@ -195,6 +196,9 @@ def load_quantized_checkpoint(model: nn.Module, model_dir: Path, dtype: torch.dt
     modules = dict(model.named_modules())
     for module, formats in _layer_formats(model, tensors, packed).items():
         layer = modules.get(module)
+        if isinstance(layer, VocabParallelEmbedding) and len(formats) == 1:
+            _prepare_vocabulary(model, layer, *next(iter(formats)), group_size)
+            continue
         if not isinstance(layer, LinearBase):
             raise ValueError(f"quantized tensors for {module}, which is not a linear layer of {type(model).__name__}")
         if len(formats) > 1 or any(f"{module}.weight" == _map_name(n, packed)[0] and t.is_floating_point()
@@ -211,6 +215,16 @@ def load_quantized_checkpoint(model: nn.Module, model_dir: Path, dtype: torch.dt
     logger.info("%s checkpoint: %d linear layers kept quantized (groups of %d)", method, len(layers), group_size)
     grouped_linear.choose_kernels(model, dtype or getattr(model, "dtype", torch.float32))
     return True
+
+
+def _prepare_vocabulary(model: nn.Module, layer: VocabParallelEmbedding, bits: int, scale_dtype: torch.dtype,
+                        group_size: int) -> None:
+    """A GGUF file's token_embd / output blocks: the embedding (and the LM head tied to it) holds them as they are."""
+    layer.prepare_grouped(bits, group_size, scale_dtype)
+    head = getattr(model, "head", None)
+    body = getattr(model, "body", None)
+    if getattr(model, "tie_word_embeddings", False) and body is not None and layer is body.embedding():
+        head.tie_to(layer)
 
 
 def _set_input_order(layer: LinearBase, module: str, perms: dict, packed: dict) -> None:

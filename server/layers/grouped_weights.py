@@ -71,3 +71,17 @@ def quantize_int4(weight: torch.Tensor, group_size: int,
     mins = (-zero * scale.float()).to(scale_dtype)
     q = torch.round((w - expand_groups(mins.float(), group_size, k)) / expand_groups(scale.float(), group_size, k))
     return pack_nibbles(q.clamp(0, 15)), scale, mins
+
+
+def quantize_int8(weight: torch.Tensor, group_size: int = BLOCK,
+                  scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit groups (GGUF's Q8_0 for groups of 32): scale = absmax / 127 rounded to `scale_dtype`,
+    q = round(w / scale) against the stored scale, min = 0. Returns (qweight int8 [N, K], scale, min)."""
+    n, k = weight.shape
+    num_groups = -(-k // group_size)
+    w = weight.float()
+    padded = torch.nn.functional.pad(w, (0, num_groups * group_size - k))
+    absmax = padded.view(n, num_groups, group_size).abs().amax(-1)
+    scale = (absmax / 127).clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
+    q = torch.round(w / expand_groups(scale.float(), group_size, k)).clamp(-127, 127).to(torch.int8)
+    return q, scale, torch.zeros_like(scale)

@@ -18,6 +18,7 @@ from torch import nn
 
 from genserve.server import kernels, quant_methods
 from genserve.server.layers import grouped_linear
+from genserve.server.layers.embedding import quantize_vocabulary
 from genserve.server.layers.grouped_weights import quantize_int4
 from genserve.server.layers.linear import LinearBase
 
@@ -122,9 +123,9 @@ def get_quant_method(method: str):
 def quantize_model(model, method: str | None) -> None:
     """Quantize every parallel Linear of a loaded model in place; raise ValueError for unsupported methods.
 
-    Embeddings, norms and the LM head stay in the model dtype: the LM head is often tied to the
-    embedding, and both (like the norms) are small next to the MLP/attention weights while their
-    rounding error lands directly on the logits. A checkpoint loaded already quantized (GPTQ, AWQ,
+    int8 / int4 also hold the embedding and LM head (once when tied) in 8-bit groups of 32
+    (embedding.quantize_vocabulary): at one stream the head is the largest single read per token. fp8
+    keeps them, like the norms, in the model dtype. A checkpoint loaded already quantized (GPTQ, AWQ,
     GGUF) takes no --quantize but its own name.
     """
     quant_methods.check_method(method)
@@ -148,5 +149,7 @@ def quantize_model(model, method: str | None) -> None:
             quant.quantize_layer(layer)
         else:
             layer.quantize(quant)
+    if isinstance(quant, (Int4Grouped, Int8WeightOnly)):
+        quantize_vocabulary(model)
     if isinstance(quant, Int4Grouped):
         grouped_linear.choose_kernels(model, getattr(model, "dtype", torch.float32))

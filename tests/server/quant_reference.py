@@ -16,6 +16,7 @@ from genserve.server.sampling_params import SamplingParams
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
 NEW_TOKENS = 12
+VOCAB_WEIGHTS = ("model.embed_tokens.weight", "lm_head.weight")
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -24,9 +25,10 @@ def is_linear_weight(name: str) -> bool:
 
 
 def float_checkpoint(source: Path, target: Path, weights: dict[str, torch.Tensor] | None = None,
-                     transform=None) -> Path:
+                     transform=None, vocab_transform=None) -> Path:
     """Copy `source`'s config and tokenizer to `target` and write its tensors (replaced by `weights`, or each
-    linear weight by `transform(name, weight)`) as one float32 safetensors file."""
+    linear weight by `transform(name, weight)` and the embedding / LM head by `vocab_transform(weight)`) as one
+    float32 safetensors file."""
     target.mkdir(parents=True, exist_ok=True)
     for file in source.iterdir():
         if file.is_file() and not file.name.endswith((".safetensors", ".gguf")) and "index" not in file.name:
@@ -37,6 +39,8 @@ def float_checkpoint(source: Path, target: Path, weights: dict[str, torch.Tensor
             weights.update(load_file(str(file)))
         if transform is not None:
             weights = {name: transform(name, w) if is_linear_weight(name) else w for name, w in weights.items()}
+        if vocab_transform is not None:
+            weights = {name: vocab_transform(w) if name in VOCAB_WEIGHTS else w for name, w in weights.items()}
     save_file({name: w.float().contiguous() for name, w in weights.items()}, str(target / "model.safetensors"))
     return target
 

@@ -86,6 +86,9 @@ def test_smollm2_q4_1_greedy_equals_the_dequantized_float_model(quantized_dir, s
     stored = sum(p.untyped_storage().nbytes() for m in linears for p in (m.weight, m.weight_scale, m.weight_min))
     bf16 = sum(m.input_size * m.output_size * 2 for m in linears)
     assert stored / bf16 <= 5 / 16 + 1e-6  # Q4_1: 4 bits + fp16 scale and min per 32 weights
+    embedding = model.model.embed_tokens
+    assert embedding.weight.dtype == torch.int8 and embedding.grouped.group_size == 32  # token_embd is Q8_0
+    assert model.lm_head.weight is embedding.weight and model.lm_head.grouped is not None  # tied: one copy
     del engine, model
     reference_dir = float_checkpoint(smollm2_dir, tmp_path / "dequantized", weights=dequantized_tensors(quantized_dir))
     assert quantized == hf_greedy(reference_dir, prompts)

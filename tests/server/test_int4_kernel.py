@@ -34,7 +34,7 @@ def reference(x, qweight, scale, mins, group_size, bias):
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=["f16", "f32"])
 @pytest.mark.parametrize("n,k,group_size", [(64, 256, 32), (36, 576, 128), (1536, 576, 32), (8, 1536, 64)],
                          ids=["small", "ragged-last-group", "smollm2-mlp", "g64"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8])
 def test_kernel_matches_float64_reference(bits, scale_dtype, n, k, group_size, rows):
     torch.manual_seed(rows + n)
     qweight, scale, mins = random_grouped(n, k, group_size, bits, scale_dtype)
