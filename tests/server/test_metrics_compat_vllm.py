@@ -9,8 +9,6 @@ import time
 
 import httpx
 import pytest
-from http_server import start_server
-from model_helpers import save_tiny_llama
 
 from genserve.server.cli import build_parser
 from genserve.server.metrics_vllm import ITL_BUCKETS, TTFT_BUCKETS, token_buckets
@@ -19,13 +17,11 @@ CAP_S = 180
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm2_dir):
-    model = save_tiny_llama(tmp_path_factory.mktemp("tiny-vllm-metrics"), smollm2_dir, num_kv_heads=2)
-    srv = start_server(tmp_path_factory.mktemp("serve-vllm-metrics"), "--model-id", str(model),
-                       "--max-batch-size", "1", "--max-total-tokens", "512", "--max-input-tokens", "64",
-                       "--num-threads", "1", "--graceful-termination-timeout", "5", "--metrics-compat", "tgi,vllm")
-    yield srv
-    srv.stop()
+def server(metrics_compat_server):
+    """The shared server, idle (the Prometheus module may have left aborted streams draining)."""
+    wait_for(lambda: (g := scrape(metrics_compat_server))["tgi_queue_size"] == 0 and g["tgi_batch_current_size"] == 0,
+             "an idle server")
+    return metrics_compat_server
 
 
 def scrape(server) -> dict[str, float]:
