@@ -34,6 +34,7 @@ class AsyncEngine:
         self.dtype = engine.dtype
         self.device = engine.device.type
         self.model_path_kind = engine.model_path_kind
+        self.adapters = engine.adapters
         self.is_ready = False
         self.step_observers: list[Callable[[StepStats], None]] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -84,6 +85,23 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        """Read and check the folder off the event loop; the step thread makes it resident when asked for."""
+        from genserve.server.lora_adapters import check_adapter, resolve_source
+
+        engine = self.engine
+
+        def load() -> None:
+            adapter = check_adapter(name, resolve_source(path), engine.hf_config, engine.model_id,
+                                    engine.config.max_lora_rank)
+            engine.runner.lora.check_targets(adapter)
+            engine.adapters.add(adapter)
+
+        await asyncio.to_thread(load)
+
+    def unload_lora_adapter(self, name: str) -> None:
+        self.engine.adapters.remove(name)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

@@ -47,6 +47,10 @@ ENGINE_HELP = {
     "rope_scaling": "linear: scale rotary positions by --rope-factor (dynamic is refused: see docs/api.md)",
     "rope_factor": "rotary position scaling factor (alone: linear); the accepted context grows by it",
     "tokenizer_config_path": "a tokenizer_config.json whose chat_template replaces the model's",
+    "lora_adapters": "LoRA adapters to serve: name=folder or Hub ids, comma-separated (PEFT format; docs/lora.md)",
+    "max_loras": "LoRA adapters resident at once (a step holds at most this many); the rest load from disk, LRU",
+    "max_lora_rank": "largest LoRA rank accepted",
+    "enable_lora_runtime_updates": "serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's)",
 }
 ENGINE_ALIASES = {"max_input_tokens": ["--max-input-length"]}
 

@@ -33,7 +33,6 @@ REFUSED = (
                 takes_value=False),
     RefusedFlag("--ngrok-authtoken", "ngrok tunnelling is not built in; put the server behind your own ingress"),
     RefusedFlag("--ngrok-edge", "ngrok tunnelling is not built in; put the server behind your own ingress"),
-    RefusedFlag("--lora-adapters", "LoRA adapters are not supported yet; serve a merged checkpoint"),
     RefusedFlag("--cuda-memory-fraction",
                 "not supported: genserve sizes the KV cache from free memory; use --kv-cache-memory-fraction"),
 )

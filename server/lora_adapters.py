@@ -114,6 +114,8 @@ def _read_config(name: str, path: Path) -> dict:
     if config.get("modules_to_save"):
         raise ValueError(f"LoRA adapter {name!r}: modules_to_save {config['modules_to_save']} (full copies of "
                          "base modules) are not supported")
+    if config.get("lora_bias") or config.get("trainable_token_indices"):
+        raise ValueError(f"LoRA adapter {name!r}: lora_bias / trainable_token_indices are not supported")
     if config.get("fan_in_fan_out"):
         raise ValueError(f"LoRA adapter {name!r}: fan_in_fan_out (Conv1D bases) is not supported")
     return config
@@ -275,9 +277,10 @@ def adapter_stats(registry: AdapterRegistry, tokens: dict[int, int], running, wa
                 stats = by_index.setdefault(r.adapter_index, AdapterStats())
                 stats.num_running += is_running
                 stats.num_waiting += not is_running
-    for adapter in registry.adapters.values():
-        if adapter.name in registry.by_name:
-            by_index.setdefault(adapter.index, AdapterStats())
+    with registry.lock:
+        served = list(registry.by_name.values())
+    for index in served:
+        by_index.setdefault(index, AdapterStats())
     out = {}
     for index, stats in sorted(by_index.items()):
         adapter = registry.get(index)

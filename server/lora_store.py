@@ -43,7 +43,8 @@ class LoRAStore:
                 self.resident.move_to_end(index)
             else:
                 self._load(index)
-        served = set(self.registry.by_name.values())
+        with self.registry.lock:
+            served = set(self.registry.by_name.values())
         for index in list(self.resident):
             if index not in indices and (len(self.resident) > self.registry.max_loras or index not in served):
                 self._evict(index)

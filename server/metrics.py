@@ -9,6 +9,7 @@ scrape time.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -196,6 +197,30 @@ class _EngineStateCollector(Collector):
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
+        yield from _adapter_metrics(getattr(s, "adapters", None) or {}, getattr(s, "max_loras", 0))
+
+
+def _adapter_metrics(adapters: dict, max_loras: int) -> Iterable[Metric]:
+    """Per LoRA adapter (label `adapter`), and vLLM's lora_requests_info (label values: adapters with running
+    / waiting requests, comma-separated; the value is the scrape time, as vLLM sets it)."""
+    if not max_loras:
+        return
+    running = GaugeMetricFamily("genserve_lora_requests_running", "Requests running with the LoRA adapter",
+                                labels=["adapter"])
+    waiting = GaugeMetricFamily("genserve_lora_requests_waiting", "Requests waiting with the LoRA adapter",
+                                labels=["adapter"])
+    tokens = CounterMetricFamily("genserve_lora_generation_tokens", "Tokens generated with the LoRA adapter",
+                                 labels=["adapter"])
+    for name, a in adapters.items():
+        running.add_metric([name], a.num_running)
+        waiting.add_metric([name], a.num_waiting)
+        tokens.add_metric([name], a.num_generation_tokens_total)
+    yield from (running, waiting, tokens)
+    info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                             labels=["running_lora_adapters", "max_lora", "waiting_lora_adapters"])
+    info.add_metric([",".join(n for n, a in adapters.items() if a.num_running), str(max_loras),
+                     ",".join(n for n, a in adapters.items() if a.num_waiting)], time.time())
+    yield info
 
 
 def serve_metrics(metrics: Metrics, host: str, port: int) -> None:

@@ -16,7 +16,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from genserve.server.api import chat_routes, openai_routes, platform_routes, tgi_routes, tokenize_routes
+from genserve.server.api import (
+    chat_routes,
+    lora_routes,
+    openai_routes,
+    platform_routes,
+    tgi_routes,
+    tokenize_routes,
+)
 from genserve.server.api.draining import Drain, DrainGuard
 from genserve.server.api.engine_client import EngineClient
 from genserve.server.api.errors import APIError, install_error_handlers
@@ -154,6 +161,7 @@ def create_app(engine: EngineClient, settings: ServerSettings | None = None) -> 
     app.include_router(openai_routes.router)
     app.include_router(platform_routes.router)
     app.include_router(tokenize_routes.router)
+    app.include_router(lora_routes.router)
 
     @app.get("/api-doc/openapi.json", include_in_schema=False)
     async def tgi_openapi() -> JSONResponse:

@@ -23,6 +23,7 @@ class EngineClient(Protocol):
     is_ready: bool
     error: BaseException | None  # set once the engine has died
     step_observers: list[Callable[[Any], None]]
+    adapters: Any  # a lora_adapters.AdapterRegistry: the LoRA adapters served by name
 
     async def start(self) -> None:
         """Begin serving (warm-up included); `is_ready` turns True after."""
@@ -39,6 +40,12 @@ class EngineClient(Protocol):
         """Counts for /metrics: an EngineStats."""
 
     def abort(self, request_id: str) -> None: ...
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        """Check a PEFT folder and serve it as `name`; ValueError (one line) when it cannot serve."""
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`; KeyError when there is none."""
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                  max_new_tokens: int | None = None) -> AsyncIterator[RequestOutput]:

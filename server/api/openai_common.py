@@ -95,6 +95,8 @@ def sampling_params(
         min_tokens=body.min_tokens,
         stop_token_ids=list(body.stop_token_ids or []),
         skip_special_tokens=body.skip_special_tokens,
+        # vLLM: `model` names a LoRA adapter; any other name (the model id, none) is the base model
+        adapter_id=body.model if body.model in svc.engine.adapters else None,
         **extensions,
     )
     svc.check_params(base)

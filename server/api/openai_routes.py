@@ -149,12 +149,15 @@ async def _completion_events(
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> JSONResponse:
-    """The one served model."""
+    """The served model, then its LoRA adapters (vLLM's cards: parent = the base, root = the folder)."""
     svc = service(request)
+    model_id, created = str(svc.engine.model_id), request.app.state.created
+    adapters = svc.engine.adapters
     return JSONResponse({"object": "list", "data": [
         # as TGI: the model id is its owner
-        {"id": str(svc.engine.model_id), "object": "model", "created": request.app.state.created,
-         "owned_by": str(svc.engine.model_id)}
+        {"id": model_id, "object": "model", "created": created, "owned_by": model_id},
+        *({"id": name, "object": "model", "created": created, "owned_by": model_id, "parent": model_id,
+           "root": str(adapters.get(adapters.by_name[name]).path)} for name in adapters.names),
     ]})
 
 

@@ -57,7 +57,8 @@ class GenerateParameters(_Strict):
     grammar: Grammar | None = Field(
         None, description="Constrain the output: `json` (value: a JSON schema), `regex` (value: a pattern) or "
                           "`json_schema` (value: {name, schema})")
-    adapter_id: str | None = Field(None, description="Not supported: LoRA adapters are rejected")
+    adapter_id: str | None = Field(None, description="A LoRA adapter's name (--lora-adapters); none or the "
+                                                     "model id: the base model")
 
 
 class GenerateRequest(_Strict):
@@ -150,6 +151,7 @@ class Info(BaseModel):
     docker_label: str | None = None
     load_format: str = "auto"  # genserve's: "dummy" when the weights are random (--load-format dummy)
     model_path_kind: str | None = None  # genserve's: "native" or "transformers" (the fallback) serves the model
+    lora_adapters: list[str] | None = None  # genserve's: the LoRA adapters served by name
 
 
 # ---- OpenAI ------------------------------------------------------------------------------------
@@ -319,6 +321,8 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int
     owned_by: str
+    parent: str | None = None  # vLLM's: a LoRA adapter's base model
+    root: str | None = None  # vLLM's: the adapter's folder
 
 
 class ModelList(BaseModel):

@@ -76,8 +76,6 @@ def to_sampling_params(p: GenerateParameters, max_best_of: int, max_input_tokens
     if p.watermark:
         raise validation_error("`watermark` is not supported by genserve")
     grammar = tgi_grammar(p.grammar) if p.grammar is not None else None
-    if p.adapter_id:
-        raise validation_error("`adapter_id` is not supported: genserve serves one model without LoRA adapters")
     params = SamplingParams(
         max_new_tokens=p.max_new_tokens,
         # as TGI: a warper that changes nothing (temperature 1.0) leaves a request greedy
@@ -93,6 +91,7 @@ def to_sampling_params(p: GenerateParameters, max_best_of: int, max_input_tokens
         top_n_tokens=p.top_n_tokens or 0,
         grammar=grammar,
         prompt_logprobs=p.decoder_input_details,
+        adapter_id=p.adapter_id or None,  # checked once, at admission (engine.validate)
     )
     return params, best_of
 
@@ -291,6 +290,7 @@ def info_json(request: Request) -> dict:
         docker_label=s.docker_label,
         load_format=cfg.load_format,
         model_path_kind=engine.model_path_kind,
+        lora_adapters=engine.adapters.names,
     ).model_dump()
 
 

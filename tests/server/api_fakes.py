@@ -10,6 +10,7 @@ from pathlib import Path
 
 from genserve.server.config import EngineConfig
 from genserve.server.engine import StepStats
+from genserve.server.lora_adapters import AdapterRegistry
 from genserve.server.outputs import RequestOutput, TokenInfo, TopToken
 
 SCRIPT = "Hello! I am a fake model. The answer is 42, and that is all."
@@ -55,6 +56,7 @@ class FakeEngine:
         self.dtype = "float32"
         self.device = "cpu"
         self.model_path_kind = "native"
+        self.adapters = AdapterRegistry(base_model="fake/model")
         self.error: BaseException | None = None
         self.is_ready = False
         self.step_observers: list = []
@@ -84,6 +86,7 @@ class FakeEngine:
 
     def validate(self, prompt_token_ids, params) -> int:
         cfg = self.config
+        self.adapters.index_of(params.adapter_id)  # as the engine: an adapter it does not serve is a 422
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("`inputs` cannot be empty")
@@ -98,6 +101,12 @@ class FakeEngine:
         if n > cfg.max_input_tokens:
             raise ValueError(f"`inputs` must have less than {cfg.max_input_tokens} tokens. Given: {n}")
         return max_new
+
+    async def load_lora_adapter(self, name: str, path: str) -> None:
+        raise ValueError("the fake engine serves no LoRA adapters")
+
+    def unload_lora_adapter(self, name: str) -> None:
+        raise KeyError(name)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

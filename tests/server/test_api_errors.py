@@ -68,7 +68,7 @@ BAD_PARAMS = [
     ({"grammar": {"type": "regex", "value": ""}}, "grammar is not valid: a regex grammar needs"),
     ({"grammar": {"type": "json_schema", "value": {"name": "x"}}}, "`json_schema` needs a value with a `schema`"),
     ({"grammar": {"type": "lark", "value": "start: x"}}, "grammar"),
-    ({"adapter_id": "lora"}, "`adapter_id` is not supported"),
+    ({"adapter_id": "lora"}, "Adapter 'lora' is not loaded"),
 ]
 
 

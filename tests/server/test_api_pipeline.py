@@ -14,6 +14,7 @@ from genserve.server.api.app import create_app
 from genserve.server.api.engine_client import EngineClient
 from genserve.server.async_engine import AsyncEngine
 from genserve.server.config import EngineConfig
+from genserve.server.lora_adapters import AdapterRegistry
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,8 @@ def tokenizer():
 
 def test_async_engine_and_the_fake_implement_engine_client(tokenizer):
     core = SimpleNamespace(config=EngineConfig(), tokenizer=tokenizer, model_id="m", model_dir=Path("/m"),
-                           dtype="float32", device=SimpleNamespace(type="cpu"), model_path_kind="native")
+                           dtype="float32", device=SimpleNamespace(type="cpu"), model_path_kind="native",
+                           adapters=AdapterRegistry())
     assert isinstance(AsyncEngine(core), EngineClient)
     assert isinstance(FakeEngine(tokenizer), EngineClient)
 

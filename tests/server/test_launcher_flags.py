@@ -37,11 +37,11 @@ def test_refused_flags_stop_startup_with_one_line(refused):
 
 
 def test_refused_flag_from_its_env_var_through_the_real_command():
-    done = _run_cli("--model-id", "/nonexistent", env={"LORA_ADAPTERS": "org/adapter"})
+    done = _run_cli("--model-id", "/nonexistent", env={"NGROK_EDGE": "edge"})
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
-    assert lines[-1] == ("genserve serve: error: `--lora-adapters` is not supported: LoRA adapters are not "
-                         "supported yet; serve a merged checkpoint")
+    assert lines[-1] == ("genserve serve: error: `--ngrok-edge` is not supported: ngrok tunnelling is not built "
+                         "in; put the server behind your own ingress")
     assert "Traceback" not in done.stderr
 
 
