@@ -49,6 +49,8 @@ def server_args(spec: ServiceSpec) -> list[str]:
                         ("--dtype", s.dtype), ("--quantize", s.quantize)):
         if value is not None:
             args += [flag, str(value)]
+    if spec.metrics_compat:
+        args += ["--metrics-compat", ",".join(spec.metrics_compat)]
     return args + adapter_volumes.server_flags(spec) + list(s.extra_args)
 
 

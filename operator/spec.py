@@ -134,6 +134,8 @@ class ServiceSpec:
     monitoring: bool = True
     # PodMonitor scrapes every server pod, also while the Service points at the activator
     monitor_kind: str = "ServiceMonitor"
+    # metric name sets the server exports beside TGI's (--metrics-compat), e.g. ["vllm"] for the endpoint picker
+    metrics_compat: list[str] = field(default_factory=list)
     adapters: list[AdapterSpec] = field(default_factory=list)
     max_loras: int | None = None
 
@@ -330,6 +332,7 @@ def parse_spec(raw: dict[str, Any], default_image: str) -> ServiceSpec:
         pod_labels=dict(raw.get("podLabels") or {}),
         monitoring=bool((raw.get("monitoring") or {}).get("enabled", True)),
         monitor_kind=(raw.get("monitoring") or {}).get("kind", "ServiceMonitor"),
+        metrics_compat=list((raw.get("monitoring") or {}).get("compat") or []),
         adapters=adapters,
         max_loras=_int(raw, "maxLoras", None, 1),
     )
@@ -339,6 +342,8 @@ def parse_spec(raw: dict[str, Any], default_image: str) -> ServiceSpec:
         raise SpecError("InvalidField", f"spec.cache.accessMode must be one of {', '.join(ACCESS_MODES)}")
     if spec.monitor_kind not in ("ServiceMonitor", "PodMonitor"):
         raise SpecError("InvalidField", "spec.monitoring.kind must be ServiceMonitor or PodMonitor")
+    if not set(spec.metrics_compat) <= {"tgi", "vllm"}:
+        raise SpecError("InvalidField", "spec.monitoring.compat entries must be tgi or vllm")
     check_cache_fits_replicas(spec)
     return spec
 
