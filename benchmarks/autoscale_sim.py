@@ -8,7 +8,8 @@
 Replicas decode with continuous batching: up to `max_batch` running requests, every running request gets one
 token per step, and the step time grows with the batch as measured on the real server
 (benchmarks/results/autoscale_server_figures.json, written by autoscale_measure.py). Requests are routed at
-random to ready replicas (kube-proxy) and wait in that replica's queue. A new replica serves after the start-up
+random to ready replicas (kube-proxy), or load-aware as the Gateway API inference extension's endpoint picker
+does (`pick_endpoint`: shortest queue, most free KV), and wait in that replica's queue. A new replica serves after the start-up
 delay; a removed one stops receiving requests and drains. Queue wait is arrival to first batch slot.
 
     python benchmarks/autoscale_sim.py --measure  # first re-measure the server figures (starts genserve serve)
@@ -264,8 +265,8 @@ class Result:
 
 
 class Cluster:
-    def __init__(self, model: ServerModel, startup_seconds: float, rng: random.Random):
-        self.model, self.startup, self.rng = model, startup_seconds, rng
+    def __init__(self, model: ServerModel, startup_seconds: float, rng: random.Random, routing: str = "random"):
+        self.model, self.startup, self.rng, self.routing = model, startup_seconds, rng, routing
         self.replicas: list[Replica] = []
 
     def scale_to(self, now: float, desired: int) -> None:
@@ -281,6 +282,8 @@ class Cluster:
         ready = [r for r in self.replicas if r.is_ready(now)]
         if not ready:  # nothing ready yet: the request waits at the oldest starting replica
             ready = sorted((r for r in self.replicas if not r.draining), key=lambda r: r.ready_at)[:1]
+        if self.routing == "load-aware" and len(ready) > 1:
+            ready = pick_endpoint(ready, self.model.max_batch)
         self.rng.choice(ready).queue.append(request)
 
     def step(self, now: float, dt: float, waits: list[float]) -> None:
@@ -303,10 +306,26 @@ class Cluster:
         self.replicas = [r for r in self.replicas if not (r.draining and not r.queue and not r.running)]
 
 
+def pick_endpoint(ready: list[Replica], max_batch: int) -> list[Replica]:
+    """The Gateway API inference extension's endpoint picker with its default scorers, equal weights: the
+    queue scorer (fewest waiting, scaled over the candidates' range) plus the KV-cache scorer (most free KV;
+    KV usage ~ running / max_batch here). The best-scored replicas; ties are broken at random."""
+    queues = [len(r.queue) for r in ready]
+    low, high = min(queues), max(queues)
+    span = (high - low) or 1
+
+    def score(r: Replica) -> float:
+        return (1 - (len(r.queue) - low) / span) + (1 - min(1.0, len(r.running) / max_batch))
+    scores = [score(r) for r in ready]
+    best = max(scores)
+    return [r for r, s in zip(ready, scores, strict=True) if s >= best - 1e-12]
+
+
 def simulate(policy, trace: Trace, model: ServerModel, startup: float, seed: int, dt: float = 0.5,
-             min_replicas: int = 1, slo_seconds: float = 2.0, mean_tokens: float = 64.0) -> Result:
+             min_replicas: int = 1, slo_seconds: float = 2.0, mean_tokens: float = 64.0,
+             routing: str = "random") -> Result:
     rng = random.Random(seed)
-    cluster = Cluster(model, startup, random.Random(seed + 1))
+    cluster = Cluster(model, startup, random.Random(seed + 1), routing)
     cluster.scale_to(0.0, min_replicas)
     for r in cluster.replicas:
         r.ready_at = 0.0  # the day starts with warm replicas
@@ -352,16 +371,27 @@ def _poisson(rng: random.Random, lam: float) -> int:
         k += 1
 
 
+# a faster, roomier setting of the same policy: 5 s ticks, KV target 0.4, big up-steps, 60 s down-window
+TUNED = {"interval_seconds": 5, "target_kv_cache_usage": 0.4, "max_scale_up_step": 16,
+         "scale_down_stabilization_seconds": 60}
+ROUTINGS = ("random", "load-aware")
+
+
 def run_scenario(name: str, startup: float, model: ServerModel, seeds: list[int], hours: float,
                  max_replicas: int) -> dict:
     spec = AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=max_replicas)
+    tuned = AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=max_replicas, **TUNED)
     per_policy: dict[str, list[Result]] = {}
     capacity_rps = model.max_batch / (64.0 * model.step_seconds(model.max_batch))
     for seed in seeds:
         trace = make_trace(hours * 3600, night_rps=0.5 * capacity_rps, peak_rps=5 * capacity_rps,
                            rng=random.Random(seed))
-        for policy in (Ours(spec), KedaThreshold(1, max_replicas), HpaCpu(1, max_replicas)):
-            per_policy.setdefault(policy.name, []).append(simulate(policy, trace, model, startup, seed))
+        for routing in ROUTINGS:
+            tuned_policy = Ours(tuned)
+            tuned_policy.name = "ours-tuned"
+            for policy in (Ours(spec), tuned_policy, KedaThreshold(1, max_replicas), HpaCpu(1, max_replicas)):
+                per_policy.setdefault(f"{policy.name} / {routing}", []).append(
+                    simulate(policy, trace, model, startup, seed, routing=routing))
     summary = {}
     for policy, results in per_policy.items():
         summary[policy] = {
@@ -386,11 +416,13 @@ def write_outputs(scenarios: list[dict], model: ServerModel, out: Path) -> None:
     for sc in scenarios:
         lines += [f"## {sc['scenario']}: start-up {sc['startup_seconds']:.0f} s, {sc['hours']:g} h day, "
                   f"{len(sc['seeds'])} seeds, one replica serves {sc['replica_capacity_rps']:.2f} req/s at full batch",
-                  "", "| policy | SLO attainment | p50 wait (s) | p99 wait (s) | replica-seconds | mean replicas |",
-                  "|---|---|---|---|---|---|"]
+                  "", "| policy / routing | SLO attainment | p50 wait (s) | p99 wait (s) | replica-seconds | "
+                  "x KEDA / random | mean replicas |", "|---|---|---|---|---|---|---|"]
+        keda = sc["policies"]["keda / random"]["replica_seconds"]
         for policy, s in sc["policies"].items():
             lines.append(f"| {policy} | {s['slo_attainment']:.1%} | {s['p50_wait_seconds']:.2f} | "
-                         f"{s['p99_wait_seconds']:.1f} | {s['replica_seconds']:.0f} | {s['mean_replicas']:.2f} |")
+                         f"{s['p99_wait_seconds']:.1f} | {s['replica_seconds']:.0f} | "
+                         f"{s['replica_seconds'] / keda:.2f} | {s['mean_replicas']:.2f} |")
         lines.append("")
     (out / "autoscale_results.md").write_text("\n".join(lines))
     (out / "autoscale_results.json").write_text(json.dumps(
@@ -407,7 +439,7 @@ def write_outputs(scenarios: list[dict], model: ServerModel, out: Path) -> None:
     for ax, sc in zip(axes[:, 0], scenarios, strict=True):
         for policy, timeline in sc["timeline"].items():
             ax.step([p[0] / 3600 for p in timeline], [p[1] for p in timeline], where="post", label=policy)
-        rate = sc["timeline"]["ours"]
+        rate = sc["timeline"]["ours / random"]
         need = [p[2] / sc["replica_capacity_rps"] for p in rate]
         ax.plot([p[0] / 3600 for p in rate], need, color="grey", lw=0.8, ls=":", label="load / replica capacity")
         ax.set_title(f"{sc['scenario']} (start-up {sc['startup_seconds']:.0f} s), first seed")

@@ -69,3 +69,30 @@ def test_a_short_day_runs_and_accounts_replica_seconds():
     assert result.p50_wait <= result.p99_wait
     assert result.replica_seconds >= 600.0  # never below one replica
     assert 1 <= result.max_replicas <= 8 + 1  # a draining replica may overlap its replacement
+
+
+def test_load_aware_routing_picks_the_shortest_queue_then_the_most_free_kv():
+    short, long_ = ready_replicas(1, waiting=1, running=32)[0], ready_replicas(1, waiting=6, running=32)[0]
+    assert sim.pick_endpoint([long_, short], max_batch=32) == [short]
+    busy, free = ready_replicas(1, running=30)[0], ready_replicas(1, running=4)[0]
+    assert sim.pick_endpoint([busy, free], max_batch=32) == [free]
+    # a short queue on a full batch against an empty queue on a half batch: the empty queue wins
+    full, half = ready_replicas(1, waiting=2, running=32)[0], ready_replicas(1, running=16)[0]
+    assert sim.pick_endpoint([full, half], max_batch=32) == [half]
+    twins = ready_replicas(2, running=8)
+    assert sim.pick_endpoint(twins, max_batch=32) == twins
+
+
+def test_load_aware_routing_keeps_every_replica_busy_before_any_queues():
+    cluster = sim.Cluster(MODEL, startup_seconds=0.0, rng=random.Random(0), routing="load-aware")
+    cluster.replicas = ready_replicas(4)
+    for _ in range(4 * 32):
+        cluster.route(1.0, sim.Request(arrival=1.0, tokens=10))
+        cluster.step(1.0, 0.0, [])
+    assert [len(r.running) for r in cluster.replicas] == [32] * 4 and not any(r.queue for r in cluster.replicas)
+    spread = sim.Cluster(MODEL, startup_seconds=0.0, rng=random.Random(0), routing="random")
+    spread.replicas = ready_replicas(4)
+    for _ in range(4 * 32):
+        spread.route(1.0, sim.Request(arrival=1.0, tokens=10))
+        spread.step(1.0, 0.0, [])
+    assert any(r.queue for r in spread.replicas)  # kube-proxy's random choice queues beside free slots
