@@ -7,6 +7,8 @@ sharing a prompt prefix map to the same blocks:
     block 0: h0 = hash((None, tokens[0:16]))
     block 1: h1 = hash((h0,   tokens[16:32]))   ...
 
+A request with a LoRA adapter starts its chain at ("lora", adapter index) instead of None.
+
 Freed blocks keep their hash and sit in an LRU queue; they are reused on a hit and evicted
 (oldest first) only when a fresh block is needed.
 
