@@ -22,15 +22,12 @@ import argparse
 import json
 import math
 import random
-import socket
-import subprocess
 import sys
-import threading
-import time
-import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from autoscale_sim_baselines import HpaCpu, KedaThreshold
 
 from genserve.operator.autoscaler import Sample, ScalerState, decide
 from genserve.operator.spec import AutoscalingSpec
@@ -61,56 +58,6 @@ class ServerModel:
         figures = json.loads(path.read_text())
         points = sorted((b["batch"], b["step_seconds"]) for b in figures["batches"])
         return cls(step_points=points, ready_seconds=figures["server_ready_seconds"])
-
-
-def _chat(url: str, max_tokens: int) -> int:
-    # a prompt that makes the instruct model write until the token limit
-    body = json.dumps({"model": "default", "max_tokens": max_tokens, "temperature": 0, "messages": [
-        {"role": "user", "content": "Write a long, detailed story about a lighthouse keeper and the sea."}]})
-    request = urllib.request.Request(url + "/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
-    return json.loads(urllib.request.urlopen(request, timeout=600).read())["usage"]["completion_tokens"]
-
-
-def measure_server(genserve: str, max_tokens: int = 64, out: Path = FIGURES) -> dict:
-    """Start-up time to a healthy /health and the decode step time at batch 1, 8 and 32 of a real server."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url, start = f"http://127.0.0.1:{port}", time.perf_counter()
-    proc = subprocess.Popen([genserve, "serve", "--port", str(port), "--hostname", "127.0.0.1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while True:
-            try:
-                if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
-            if proc.poll() is not None or time.perf_counter() - start > 600:
-                raise SystemExit("genserve serve did not become healthy")
-        ready_seconds = time.perf_counter() - start
-        _chat(url, 8)
-        batches = []
-        for batch in (1, 8, 32):
-            counts: list[int] = []
-            threads = [threading.Thread(target=lambda c=counts: c.append(_chat(url, max_tokens))) for _ in range(batch)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            elapsed = time.perf_counter() - t0
-            # the whole batch decodes together: wall time over tokens per request is the step time
-            batches.append({"batch": batch, "seconds": round(elapsed, 4), "tokens": sum(counts),
-                            "step_seconds": round(elapsed / (sum(counts) / batch), 4)})
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    figures = {"server_ready_seconds": round(ready_seconds, 2), "max_new_tokens": max_tokens, "batches": batches,
-               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "model": "default (SmolLM2-135M-Instruct), CPU"}
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    return figures
 
 
 @dataclass(slots=True)
@@ -175,80 +122,6 @@ class Ours:
                           kv_cache_usage=len(r.running) / cluster.model.max_batch)
                    for r in replicas if r.is_ready(now)]
         return decide(samples, 0, current, self.spec, self.state, now).desired
-
-
-class Hpa:
-    """The HPA algorithm with default behaviour: tolerance 0.1, up at most max(100 %, 4 pods) per 15 s,
-    down to the highest recommendation of the last 300 s."""
-    sync_seconds, tolerance, down_window = 15.0, 0.1, 300.0
-
-    def __init__(self, name: str, min_replicas: int, max_replicas: int):
-        self.name, self.lo, self.hi = name, min_replicas, max_replicas
-        self.next_at, self.recommendations = 0.0, []
-
-    def raw(self, now: float, current: int, replicas: list[Replica], cluster: Cluster) -> int | None:
-        raise NotImplementedError
-
-    def maybe_decide(self, now: float, current: int, replicas: list[Replica], cluster: Cluster) -> int:
-        if now < self.next_at:
-            return current
-        self.next_at = now + self.sync_seconds
-        raw = self.raw(now, current, replicas, cluster)
-        if raw is None:
-            return current
-        raw = min(max(raw, self.lo), self.hi)
-        self.recommendations = [(t, r) for t, r in self.recommendations if now - t <= self.down_window]
-        self.recommendations.append((now, raw))
-        if raw > current:
-            return min(raw, max(2 * current, current + 4), self.hi)
-        return min(current, max(r for _, r in self.recommendations))
-
-
-class KedaThreshold(Hpa):
-    """External metric num_requests_waiting, AverageValue target 5, read from a Prometheus scraped every 15 s."""
-    target, scrape_seconds = 5.0, 15.0
-
-    def __init__(self, min_replicas: int, max_replicas: int):
-        super().__init__("keda", min_replicas, max_replicas)
-        self.scraped, self.scrape_at = 0.0, 0.0
-
-    def observe(self, now: float, replicas: list[Replica]) -> None:
-        if now >= self.scrape_at:
-            self.scrape_at = now + self.scrape_seconds
-            self.scraped = sum(len(r.queue) for r in replicas if now >= r.ready_at)
-
-    def raw(self, now: float, current: int, replicas: list[Replica], cluster: Cluster) -> int | None:
-        ratio = self.scraped / (self.target * current)
-        if abs(ratio - 1) <= self.tolerance:
-            return current
-        return math.ceil(self.scraped / self.target)
-
-
-class HpaCpu(Hpa):
-    """CPU utilization of a GPU serving pod (assumed model, see docs/operator.md): the engine loop keeps one
-    core busy while any request runs, plus tokenizer/detokenizer work per generated token; request 2 cores."""
-    target, cpu_request, loop_cores, core_seconds_per_token = 0.8, 2.0, 1.0, 0.0005
-
-    def __init__(self, min_replicas: int, max_replicas: int):
-        super().__init__("hpa-cpu", min_replicas, max_replicas)
-        self.window_start = 0.0
-
-    def raw(self, now: float, current: int, replicas: list[Replica], cluster: Cluster) -> int | None:
-        window = max(now - self.window_start, 1e-9)
-        self.window_start = now
-        ready = [r for r in replicas if r.is_ready(now)]
-        utils = []
-        for r in replicas:
-            used = self.loop_cores * r.busy_seconds + self.core_seconds_per_token * r.tokens_done
-            if r in ready:
-                utils.append(used / window / self.cpu_request)
-            r.busy_seconds = r.tokens_done = 0.0
-        if not utils:
-            return None
-        ratio = (sum(utils) / len(utils)) / self.target
-        if abs(ratio - 1) <= self.tolerance:
-            return current
-        return math.ceil(ratio * len(ready))
 
 
 @dataclass(slots=True)
@@ -460,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--genserve", default=str(Path(sys.executable).with_name("genserve")))
     args = parser.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure_server(args.genserve), indent=2))
+        from autoscale_sim_measure import measure_server
+
+        print(json.dumps(measure_server(args.genserve, FIGURES), indent=2))
     model = ServerModel.load()
     seeds = list(range(1, args.seeds + 1))
     measured = model.ready_seconds + POD_START_SECONDS
