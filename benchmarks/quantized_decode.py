@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from genserve.server.config import EngineConfig  # noqa: E402
 from genserve.server.engine import LLMEngine  # noqa: E402
+from genserve.server.layers.embedding import VocabParallelEmbedding  # noqa: E402
 from genserve.server.layers.linear import LinearBase  # noqa: E402
 from genserve.server.model_files import DEFAULT_MODEL_GGUF, cache_dir, prepare_default_model  # noqa: E402
 from genserve.server.sampling_params import SamplingParams  # noqa: E402
@@ -78,6 +79,18 @@ def linear_bytes(model) -> tuple[int, int]:
     return sum(storages.values()), bf16
 
 
+def vocabulary_bytes(model) -> int:
+    """Bytes of the embedding and LM head (once when tied): float, or grouped integers with scales and mins."""
+    storages = {}
+    for m in model.modules():
+        if isinstance(m, VocabParallelEmbedding):
+            for p in m.parameters(recurse=False):
+                storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+            if getattr(m, "packed_weight", None) is not None:
+                storages[id(m.packed_weight)] = m.num_embeddings_per_rank * m.embedding_dim * 4  # oneDNN's copy, fp32
+    return sum(storages.values())
+
+
 def decode_rate(engine: LLMEngine, prompt: list[int], rounds: int) -> float:
     def run(n: int) -> float:
         start = time.perf_counter()
@@ -115,7 +128,8 @@ def main() -> None:
         reference = reference or outputs
         divergence = [first_divergence(r, o) for r, o in zip(reference, outputs, strict=True)]
         rows.append({"variant": name, "decode_tok_s": round(rate, 1), "linear_MiB": round(stored / 2**20, 1),
-                     "linear_vs_bf16": round(stored / bf16, 3), "weights_MiB": round(engine.runner.weight_bytes / 2**20, 1),
+                     "linear_vs_bf16": round(stored / bf16, 3),
+                     "vocabulary_MiB": round(vocabulary_bytes(engine.runner.model) / 2**20, 1), "weights_MiB": round(engine.runner.weight_bytes / 2**20, 1),
                      "first_divergence_vs_fp32": divergence,
                      "tokens_before_divergence": round(sum(divergence) / (32 * len(divergence)), 3)})
         print(rows[-1], flush=True)
@@ -134,11 +148,12 @@ def main() -> None:
     (RESULTS / "quantized_decode.json").write_text(json.dumps(report, indent=2))
     lines = ["# Quantized decode, SmolLM2-135M-Instruct, one stream, in-process",
              "", f"{args.threads} threads, torch {torch.__version__}; `benchmarks/quantized_decode.py`.", "",
-             "| variant | decode tok/s | linears MiB | linears / bf16 bytes | tokens before divergence vs fp32 |",
-             "|---|---|---|---|---|"]
+             "| variant | decode tok/s | linears MiB | linears / bf16 bytes | embedding + LM head MiB "
+             "| tokens before divergence vs fp32 |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['variant']} | {row.get('decode_tok_s', row.get('error', ''))} | "
-                     f"{row.get('linear_MiB', '')} | {row.get('linear_vs_bf16', '')} | "
+                     f"{row.get('linear_MiB', '')} | {row.get('linear_vs_bf16', '')} | {row.get('vocabulary_MiB', '')} | "
                      f"{row.get('tokens_before_divergence', '')} |")
     lines += ["", "```", report["lscpu"].strip(), "```"]
     (RESULTS / "quantized_decode.md").write_text("\n".join(lines) + "\n")

@@ -181,6 +181,25 @@ def test_quantize_flag_must_fit_the_checkpoint(tiny_dir, tmp_path):
             quantize_model(model, method)
 
 
+def write_gguf_layout(source, target, group_size: int = 32) -> None:
+    """A folder as gguf_weights.py writes one from a .gguf file: linears in 4-bit groups (Q4_1's layout), the
+    tied embedding in 8-bit groups (Q8_0's), `quant_method: gguf`."""
+    from genserve.server.layers.grouped_weights import quantize_int4, quantize_int8
+
+    shutil.copytree(source, target)
+    tensors = {}
+    for name, weight in load_file(str(source / "model.safetensors")).items():
+        if is_linear_weight(name) or name == "model.embed_tokens.weight":
+            quantize = quantize_int4 if is_linear_weight(name) else quantize_int8
+            tensors[name], tensors[name + "_scale"], tensors[name + "_min"] = quantize(weight, group_size)
+        else:
+            tensors[name] = weight
+    save_file(tensors, str(target / "model.safetensors"))
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "group_size": group_size}
+    (target / "config.json").write_text(json.dumps(config))
+
+
 def tp_worker(rank: int, world_size: int, port: int, root: str) -> None:
     import os
 
@@ -192,12 +211,16 @@ def tp_worker(rank: int, world_size: int, port: int, root: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        for name in ("float", "gptq", "awq"):
+        for name in ("float", "gptq", "awq", "gguf"):
             model = load_native(os.path.join(root, name))
             if name == "float":
                 quantize_model(model, "int4-g32")
             down = model.model.layers[0].mlp.down_proj
             assert down.weight.dtype == torch.uint8 and down.weight.shape == (64, 32)  # 64 of 128 columns
+            if name in ("float", "gguf"):  # the vocabulary in 8-bit groups: this rank's half of the rows
+                embedding = model.model.embed_tokens
+                assert embedding.weight.dtype == torch.int8 and embedding.weight.shape[0] == 48
+                assert model.lm_head.weight is embedding.weight
             expected = torch.load(os.path.join(root, f"{name}_logits.pt"))
             torch.testing.assert_close(scenario_logits(model), expected, rtol=1e-4, atol=1e-4)
         dist.barrier()
@@ -207,7 +230,8 @@ def tp_worker(rank: int, world_size: int, port: int, root: str) -> None:
 
 
 def test_tp2_ranks_hold_their_slices_of_the_groups(tmp_path, monkeypatch):
-    """int4-g32 quantized per rank, GPTQ and AWQ g32 loaded per rank: the same logits as one rank."""
+    """int4-g32 quantized per rank, GPTQ, AWQ and GGUF-layout g32 loaded per rank (the vocabulary too, in 8-bit
+    groups for int4-g32 and GGUF): the same logits as one rank."""
     import torch.multiprocessing as mp
     from test_layers_tp import free_port, scenario_logits
 
@@ -216,7 +240,8 @@ def test_tp2_ranks_hold_their_slices_of_the_groups(tmp_path, monkeypatch):
                          dict(hidden_size=64, intermediate_size=128, tie_word_embeddings=True))
     for name in ("gptq", "awq"):
         write_quantized(tmp_path / "float", tmp_path / name, name, group_size=32)
-    for name in ("float", "gptq", "awq"):
+    write_gguf_layout(tmp_path / "float", tmp_path / "gguf")
+    for name in ("float", "gptq", "awq", "gguf"):
         model = load_native(tmp_path / name)
         if name == "float":
             quantize_model(model, "int4-g32")
