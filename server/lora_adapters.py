@@ -92,7 +92,11 @@ def resolve_source(source: str) -> Path:
         raise ValueError(f"LoRA adapter folder {source} does not exist")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(source, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
+    try:
+        return Path(snapshot_download(source, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
+    except Exception as e:  # offline, unknown repo, gated: one line, not huggingface_hub's traceback
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"LoRA adapter {source}: not a local folder, and the Hub download failed ({reason})") from None
 
 
 def _read_config(name: str, path: Path) -> dict:
@@ -253,6 +257,8 @@ def load_registry(spec: str | None, hf_config, served_model: str | None, max_lor
     """Every `--lora-adapters` entry fetched (Hub ids) and checked, in order; the first bad one raises."""
     registry = AdapterRegistry(base_model=served_model, max_loras=max_loras)
     for source in parse_lora_adapters(spec):
+        if source.name == served_model:
+            raise ValueError(f"LoRA adapter name {source.name!r} is the served model's own id; name it otherwise")
         path = resolve_source(source.source)
         registry.add(check_adapter(source.name, path, hf_config, served_model, max_rank))
         logger.info("LoRA adapter %r from %s", source.name, path)

@@ -2,8 +2,9 @@
 adapter, and each LoRA-targeted linear adds, per segment, `(x_seg @ A^T) @ (scale * B)^T` to the base
 output. Weights are never merged and adapters never run as separate steps; base rows pay nothing.
 
-Fused layers (q|k|v, gate|up) hold one delta per adapted slice: the slices' A matrices are stacked so a
-segment's x reads them in one matmul, then each slice's B writes its own columns of the output.
+Fused layers (q|k|v, gate|up) hold one delta for all their adapted slices: the slices' A matrices stacked,
+and their B matrices as one block-diagonal matrix (zeros for slices the adapter leaves alone), so a segment
+costs two matmuls per layer whatever the slices.
 
 Tensor parallelism shards a module's LoRA as its base layer: a column-parallel layer keeps A whole and
 this rank's rows of B; a row-parallel layer keeps this rank's columns of A and B whole, and its partial
@@ -18,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from genserve.server.layers.linear import (
@@ -46,18 +46,9 @@ def lora_context(segments: list[Segment]) -> Iterator[None]:
 
 
 @dataclass(slots=True)
-class SliceDelta:
-    out_start: int  # columns [out_start, out_end) of the layer's (local) output
-    out_end: int
-    rank_start: int  # rows [rank_start, rank_end) of the stacked A
-    rank_end: int
-    b: torch.Tensor  # [out_end - out_start, rank], lora_B already times the adapter's scale
-
-
-@dataclass(slots=True)
 class LayerDelta:
-    a: torch.Tensor  # [sum of the slices' ranks, local in_features]
-    slices: list[SliceDelta]
+    a_t: torch.Tensor  # [local in_features, R]: the slices' lora_A stacked, transposed (R = their ranks summed)
+    b_t: torch.Tensor  # [R, local out_features]: block-diagonal lora_B times the scale, transposed
 
 
 class LinearLoRA:
@@ -74,10 +65,7 @@ class LinearLoRA:
             delta = self.deltas.get(index)
             if delta is None:  # the adapter does not target this module
                 continue
-            xa = F.linear(x[start:end], delta.a)  # [n, sum of ranks]
-            out = y[start:end]
-            for s in delta.slices:
-                out[:, s.out_start:s.out_end] += F.linear(xa[:, s.rank_start:s.rank_end], s.b)
+            y[start:end].addmm_(torch.mm(x[start:end], delta.a_t), delta.b_t)
         return y
 
 
@@ -138,12 +126,12 @@ def build_deltas(targets: dict[tuple[int, str], Target], weights: dict[tuple[int
         parts.setdefault(lora, []).append((offset, a[:, a_cols], scaled_b))
     deltas = {}
     for lora, items in parts.items():
-        items.sort(key=lambda item: item[0])
-        slices, rank = [], 0
+        a_t = torch.cat([a for _, a, _ in items]).t()
+        b_t = torch.zeros(a_t.shape[1], lora.layer.output_size)
+        rank = 0
         for offset, a, b in items:
-            slices.append(SliceDelta(offset, offset + b.shape[0], rank, rank + a.shape[0],
-                                     b.to(device=device, dtype=dtype).contiguous()))
+            b_t[rank:rank + a.shape[0], offset:offset + b.shape[0]] = b.t()
             rank += a.shape[0]
-        stacked = torch.cat([a for _, a, _ in items]).to(device=device, dtype=dtype).contiguous()
-        deltas[lora] = LayerDelta(stacked, slices)
+        deltas[lora] = LayerDelta(a_t.to(device=device, dtype=dtype).contiguous(),
+                                  b_t.to(device=device, dtype=dtype).contiguous())
     return deltas
