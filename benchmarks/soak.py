@@ -29,7 +29,7 @@ from serve_process import ServeProcess, tiny_model
 
 RESULTS = Path(__file__).parent / "results"
 WORDS = "river mountain engine garden lantern market signal winter orbit copper harbor violin forest".split()
-SERVER_ARGS = ["--max-concurrent-requests", "24", "--max-batch-size", "4", "--max-batch-prefill-tokens", "64",
+SERVER_ARGS = ["--max-concurrent-requests", "20", "--max-batch-size", "4", "--max-batch-prefill-tokens", "64",
                "--max-total-tokens", "1024", "--max-batch-total-tokens", "32768", "--json-output"]
 STAGES = ("queued", "prefilling", "decoding")
 
@@ -238,7 +238,7 @@ def write_report(result: dict, out: Path, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--model", type=Path, default=None, help="a model folder (default: a tiny random Llama)")
     parser.add_argument("--out", type=Path, default=RESULTS / "soak")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,6 +11,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genserve.server.api.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected
+
+# an absolute path of two or more parts (a model folder, a source file): the server's, not the client's
+_SERVER_PATH = re.compile(r"(?<![\w.:/])(?:/[\w.@+-]+){2,}/?")
+
+
+def without_paths(message: str) -> str:
+    """A server-side failure's message as clients see it: file-system paths replaced by `<path>`."""
+    return _SERVER_PATH.sub("<path>", message)
 
 
 class APIError(Exception):
@@ -22,7 +31,8 @@ class APIError(Exception):
         self.error_type = error_type
 
     def body(self) -> dict[str, str]:
-        return {"error": self.message, "error_type": self.error_type}
+        # no server path reaches a client (a model folder named in a message, a source file)
+        return {"error": without_paths(self.message), "error_type": self.error_type}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status_code, headers=headers)
@@ -45,7 +55,8 @@ def generation_error(message: str) -> APIError:
 
 
 def internal_error(e: Exception) -> APIError:
-    return APIError(500, f"Internal error: {type(e).__name__}: {e}", "internal")
+    # the exception's text and traceback go to the log (ERROR), never to the client
+    return APIError(500, f"Internal error: {type(e).__name__}", "internal")
 
 
 def incomplete_generation() -> APIError:

@@ -338,7 +338,7 @@ class GenerationService:
             kind = {"overloaded": "overloaded", "generation": "generation",
                     "incomplete_generation": "incomplete"}.get(error.error_type)
             kind = kind or ("validation" if error.status_code == 422 else error.error_type)
-            record.status, record.error = error.status_code, error.message
+            record.status, record.error = error.status_code, error.body()["error"]  # as the client saw it
         self.metrics.inc("tgi_request_failure", kind)
         self._finished(record)
 
