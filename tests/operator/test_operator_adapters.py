@@ -1,15 +1,19 @@
-"""LoRA adapters in the spec (issue 14, operator side): parsing and the CRD agree, the fetch step runs for
-real against a Hub-shaped server with a PEFT adapter, and the real operator against the emulator passes the
-adapters to the server's flags and the init step, rolls the Deployment when the list changes, reports what a
-pod has loaded, and turns a bad list into Degraded once (no retries)."""
+"""LoRA adapters in the spec (issue 14, operator side): parsing and the CRD agree; the operator's fetch step
+runs for real against a Hub-shaped server, then `genserve serve` runs with the operator's own args and serves
+the adapters by name; the real operator against the emulator passes the adapters to the server's flags and
+the init step, rolls the Deployment when the list changes, reports what the real server has loaded, and turns
+a bad list into Degraded once (no retries)."""
 
 from __future__ import annotations
 
-import http.server
 import json
+import re
+import shutil
+import socket
 import subprocess
-import threading
-import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -21,7 +25,7 @@ from hub_server import HubServer
 from kubernetes import client
 from test_init_step import BIN, container_env
 
-from genserve.operator.adapter_status import NO_POD
+from genserve.operator.adapter_status import NO_POD, loaded_adapters
 from genserve.operator.cache_volumes import fill_job_name
 from genserve.operator.reconcile import build_children
 from genserve.operator.settings import OperatorSettings
@@ -146,24 +150,30 @@ def test_crd_accepts_the_good_list_and_max_loras():
         validate({**body, "spec": {**body["spec"], "maxLoras": 0}})
 
 
-# ---- the fetch step, run for real -------------------------------------------------------------------
+# ---- the fetch step and the server, run for real ---------------------------------------------------
 
-@pytest.fixture(scope="module")
-def peft_adapter(tmp_path_factory) -> Path:
-    """A LoRA folder in PEFT's layout (config and safetensors weights, random, rank 8 on q/v of one layer);
-    written with safetensors directly: the fetch step moves files, and importing peft costs ~15 s."""
+TINY = {"vocab_size": 49152, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256}
+
+
+def write_lora(folder: Path, seed: int) -> Path:
+    """A LoRA folder in PEFT's layout for the tiny Llama (rank 8 on q_proj and v_proj, random weights), written
+    with safetensors directly: importing peft costs ~15 s here."""
     import numpy as np
     from safetensors.numpy import save_file
 
-    folder = tmp_path_factory.mktemp("adapter")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
+    head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]
+    out = {"q_proj": TINY["hidden_size"], "v_proj": TINY["num_key_value_heads"] * head_dim}
     prefix = "base_model.model.model.layers.0.self_attn"
-    save_file({f"{prefix}.{proj}.lora_{ab}.weight": rng.standard_normal(shape).astype(np.float32)
-               for proj in ("q_proj", "v_proj") for ab, shape in (("A", (8, 32)), ("B", (32, 8)))},
+    folder.mkdir(parents=True)
+    save_file({**{f"{prefix}.{m}.lora_A.weight": rng.standard_normal((8, TINY["hidden_size"])).astype(np.float32)
+                  for m in out},
+               **{f"{prefix}.{m}.lora_B.weight": rng.standard_normal((n, 8)).astype(np.float32) for m, n in out.items()}},
               str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
-        "base_model_name_or_path": MODEL["id"]}))
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "target_modules": list(out),
+        "base_model_name_or_path": "tiny"}))
     (folder / "README.md").write_text("not fetched")
     return folder
 
@@ -174,26 +184,115 @@ def run_step(container: dict, root: Path, extra: dict[str, str]) -> subprocess.C
                           env=container_env(container, root, extra), capture_output=True, text=True, timeout=300)
 
 
-def test_fetch_step_downloads_a_peft_adapter_and_links_it_where_the_server_looks(peft_adapter, tmp_path):
-    hub = HubServer("org/sql-lora", "v1", peft_adapter)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    root: Path
+    source: Path  # what the Hub served
+    pod: dict  # the pod spec the operator built
+    downloads: list[int]  # Hub downloads after the first and the second (restarted) fetch
+    port: int
+
+
+SERVED_SPEC = {"model": {"source": "pvc://models/tiny"}, "shards": 0, "maxLoras": 2,
+               "adapters": [{"name": "sql", "source": "org/sql-lora@v1"},
+                            {"name": "extra", "source": "pvc://models/loras/extra"}],
+               "server": {"extraArgs": ["--hostname", "127.0.0.1", "--num-threads", "1", "--device", "cpu",
+                                        "--dtype", "float32", "--max-total-tokens", "256",
+                                        "--max-batch-total-tokens", "4096"]}}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Served:
+    """The operator's pod for a pvc:// tiny Llama with a Hub adapter and one on the model's claim: its fetch
+    step runs against a Hub-shaped server, then `genserve serve` runs with the server container's own args
+    and environment (/data and /model-source mapped to a temporary root)."""
+    import torch
+    import transformers
+
+    from genserve.server.model_files import prepare_default_model
+
+    root = tmp_path_factory.mktemp("pod")
+    model = root / "model-source" / "tiny"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(prepare_default_model() / name, model / name)
+    write_lora(root / "model-source" / "loras" / "extra", seed=1)
+    source = write_lora(tmp_path_factory.mktemp("hub") / "sql", seed=0)
+    pod, _ = pod_of(SERVED_SPEC)
+    assert [c["name"] for c in pod.get("initContainers", [])] == ["adapters"]  # a pvc:// model: no download
+    hub = HubServer("org/sql-lora", "v1", source)
     try:
-        pod, _ = pod_of({"model": MODEL, "shards": 0, "adapters": [{"name": "sql", "source": "org/sql-lora@v1"}]})
-        fetch = next(c for c in pod["initContainers"] if c["name"] == "adapters")
-        result = run_step(fetch, tmp_path, {"HF_ENDPOINT": hub.url})
-        assert result.returncode == 0, result.stderr[-3000:]
-        first_downloads = len(hub.downloads())
-        assert run_step(fetch, tmp_path, {"HF_ENDPOINT": hub.url}).returncode == 0  # a restarted pod
+        downloads = []
+        for _ in range(2):  # the second run is a restarted pod's
+            result = run_step(pod["initContainers"][0], root, {"HF_ENDPOINT": hub.url})
+            assert result.returncode == 0, result.stderr[-3000:]
+            downloads.append(len(hub.downloads()))
     finally:
         hub.stop()
-    path = flag(pod["containers"][0]["args"], "--lora-adapters").split("=", 1)[1]
-    linked = tmp_path / path.lstrip("/")
-    assert linked.is_symlink() and linked.resolve().is_relative_to(tmp_path / "data" / "hub")
+    server = pod["containers"][0]
+    port = free_port()
+    # the pod's mount points, also inside --lora-adapters' name=path list
+    args = [re.sub(r"(^|[=,])(?=/data/|/model-source/)", lambda m: m.group(1) + str(root), a) for a in server["args"]]
+    args = [*args[:args.index("--port") + 1], str(port), *args[args.index("--port") + 2:]]
+    log = (root / "serve.log").open("w")
+    # the PyTorch paths: a native-kernel build (minutes on a busy machine after any kernel edit) is not the point
+    env = container_env(server, root, {"GENSERVE_CPU_KERNELS": "0", "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen([str(BIN / server["command"][0]), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"genserve serve exited: {(root / 'serve.log').read_text()[-3000:]}")
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            return False
+    try:
+        wait_for(healthy, timeout=240, interval=0.5, what="genserve serve /health")
+        yield Served(root, source, pod, downloads, port)
+    finally:
+        proc.kill()  # its drain on SIGTERM is tested elsewhere; here it only costs seconds
+        proc.wait(30)
+        log.close()
+
+
+def test_fetch_step_downloads_the_adapter_once_and_links_it_where_the_server_looks(served):
+    args = served.pod["containers"][0]["args"]
+    assert flag(args, "--lora-adapters") == "sql=/data/adapters/sql,extra=/model-source/loras/extra"
+    linked = served.root / "data" / "adapters" / "sql"
+    assert linked.is_symlink() and linked.resolve().is_relative_to(served.root / "data" / "hub")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
-        assert (linked / name).read_bytes() == (peft_adapter / name).read_bytes()
-    assert first_downloads >= 2 and len(hub.downloads()) == first_downloads  # the second run found the cache
+        assert (linked / name).read_bytes() == (served.source / name).read_bytes()
+    first, second = served.downloads
+    assert first == 2 and second == first  # config and weights (no README), and a restart found the cache
 
 
-def test_fetch_step_fails_in_one_line_on_a_folder_that_is_no_adapter(peft_adapter, tmp_path):
+def test_the_server_takes_the_operators_flags_and_serves_the_adapters_by_name(served):
+    url = f"http://127.0.0.1:{served.port}"
+    pod = {"spec": {"containers": [{"ports": [{"name": "http", "containerPort": served.port}]}]},
+           "status": {"podIP": "127.0.0.1"}}
+    assert loaded_adapters(pod, timeout=10) == {"sql", "extra"}
+
+    def generate(adapter_id: str) -> int:  # TGI's route: an unknown adapter_id is a 422, never the base
+        body = json.dumps({"inputs": "Hello", "parameters": {"adapter_id": adapter_id, "max_new_tokens": 2}})
+        request = urllib.request.Request(url + "/generate", body.encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                assert "generated_text" in json.loads(response.read())
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+    assert generate("sql") == 200 and generate("extra") == 200
+    assert generate("support") == 422  # a name the pod was not given
+
+
+def test_fetch_step_fails_in_one_line_on_a_folder_that_is_no_adapter(tmp_path):
     not_adapter = tmp_path / "plain"
     not_adapter.mkdir()
     (not_adapter / "config.json").write_text("{}")
@@ -238,41 +337,12 @@ def validate_stored(obj):
     return obj
 
 
-class ModelsEndpoint:
-    """A real local HTTP server answering /v1/models as a server with adapters does (vLLM's format)."""
-
-    def __init__(self, base: str, adapters: list[str]):
-        self.body = json.dumps({"object": "list", "data": [{"id": base, "object": "model", "parent": None}] + [
-            {"id": a, "object": "model", "parent": base, "root": f"/data/adapters/{a}"} for a in adapters]}).encode()
-        endpoint = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                found = self.path == "/v1/models"
-                body = endpoint.body if found else b"{}"
-                self.send_response(200 if found else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def server_of(deployment):
     return deployment["spec"]["template"]["spec"]["containers"][0]
 
 
-def test_operator_passes_adapters_rolls_on_change_and_reports_what_is_loaded(operator, api, cluster, namespace):
+def test_operator_passes_adapters_rolls_on_change_and_reports_what_is_loaded(operator, api, cluster, namespace,
+                                                                              served):
     core = client.CoreV1Api(api)
     core.create_namespaced_secret(namespace, {"metadata": {"name": "minio"}, "stringData": {
         "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}})
@@ -304,18 +374,15 @@ def test_operator_passes_adapters_rolls_on_change_and_reports_what_is_loaded(ope
                                                                               "support=hf://org/support-lora@main"]
     assert not any(v["name"].startswith("adapter-source") for v in rolled["spec"]["template"]["spec"]["volumes"])
 
-    # a ready pod answers: what it loaded, and one loaded at runtime beyond the spec
-    endpoint = ModelsEndpoint(MODEL["id"], ["sql", "runtime-extra"])
-    try:
-        add_ready_pod(api, namespace, "chat", "chat-0", endpoint.port)
-        client.AppsV1Api(api).patch_namespaced_deployment_status(
-            "chat", namespace, {"status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}})
-        status = wait_for(lambda: (s := tgs_status(api, namespace)).get("adaptersReadFrom") == "pod chat-0" and s,
-                          what="status.adapters read from the pod")
-    finally:
-        endpoint.stop()
+    # a ready pod answers (the real server of `served`, with sql and extra): what it loaded, and one loaded
+    # beyond this spec's list
+    add_ready_pod(api, namespace, "chat", "chat-0", served.port)
+    client.AppsV1Api(api).patch_namespaced_deployment_status(
+        "chat", namespace, {"status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}})
+    status = wait_for(lambda: (s := tgs_status(api, namespace)).get("adaptersReadFrom") == "pod chat-0" and s,
+                      what="status.adapters read from the pod")
     assert status["adapters"] == [{"name": "sql", "loaded": "True"}, {"name": "support", "loaded": "False"},
-                                  {"name": "runtime-extra", "loaded": "True"}]
+                                  {"name": "extra", "loaded": "True"}]
 
 
 @pytest.mark.parametrize(("adapters", "reason"), [
@@ -329,11 +396,10 @@ def test_a_bad_adapter_list_is_degraded_once_with_its_reason(operator, api, clus
                         and c, what="Degraded")
     assert degraded["reason"] == reason and "spec.adapters" in degraded["message"]
 
-    def handled():  # kopf records the spec as handled: a permanent error, no retry is pending
+    def handled():  # kopf stores the handled spec only when no retry is pending (a permanent error)
         annotations = get_tgs(api, namespace, "bad")["metadata"].get("annotations") or {}
         return "genserve.dev/last-handled-configuration" in annotations
     wait_for(handled, what="the spec handled")
-    warnings = lambda: [e for e in cluster.list("v1/events", namespace) if e.get("reason") == reason]  # noqa: E731
-    wait_for(warnings, what=f"a Warning event {reason}")
-    time.sleep(1.0)  # room for a retry that must not come
-    assert len(warnings()) == 1 and cluster.get(DEPLOY, namespace, "bad") is None
+    warnings = wait_for(lambda: [e for e in cluster.list("v1/events", namespace) if e.get("reason") == reason],
+                        what=f"a Warning event {reason}")
+    assert len(warnings) == 1 and warnings[0]["type"] == "Warning" and cluster.get(DEPLOY, namespace, "bad") is None
