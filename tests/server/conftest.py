@@ -23,3 +23,6 @@ def metrics_compat_server(tmp_path_factory, smollm2_dir):
                           "--graceful-termination-timeout", "5", "--metrics-compat", "tgi,vllm")
     yield server
     server.stop()
+
+
+from reliability_helpers import hardened_server  # noqa: E402, F401 - one session-wide server for two modules

@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 ROUTES = ["/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/tokenize"]
 NUMBERS = st.one_of(st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 1, 2**31, 2**63, -(2**63), 10**30]),
                     st.floats(allow_nan=True, allow_infinity=True))
+# a token budget that is either hostile (huge, negative, NaN, a string...) or small: the fuzz stays quick
+MAX_TOKENS = st.one_of(NUMBERS, st.integers(1, 8)).map(
+    lambda v: 8 if isinstance(v, int | float) and 8 < v <= 10_000 else v)
 SCALARS = st.one_of(st.none(), st.booleans(), NUMBERS, st.text(max_size=20))
 JSON = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                      st.dictionaries(st.text(max_size=8), inner, max_size=4)),
@@ -43,14 +46,14 @@ GRAMMAR = st.one_of(
                            "value": st.one_of(st.just(SELF_REF_SCHEMA), st.just(DEEP_SCHEMA), st.just("(a|b)*" * 5000),
                                               st.just("((((((("), TEXTS, JSON)}),
     JSON)
-PARAMETERS = st.fixed_dictionaries({}, optional={
-    "max_new_tokens": NUMBERS, "temperature": NUMBERS, "top_p": NUMBERS, "top_k": NUMBERS, "seed": NUMBERS,
+PARAMETERS = st.fixed_dictionaries({"max_new_tokens": MAX_TOKENS}, optional={
+    "temperature": NUMBERS, "top_p": NUMBERS, "top_k": NUMBERS, "seed": NUMBERS,
     "repetition_penalty": NUMBERS, "frequency_penalty": NUMBERS, "typical_p": NUMBERS, "best_of": NUMBERS,
     "top_n_tokens": NUMBERS, "truncate": NUMBERS, "stop": st.one_of(st.lists(TEXTS, max_size=5), JSON),
     "details": JSON, "decoder_input_details": JSON, "do_sample": JSON, "grammar": GRAMMAR,
     "adapter_id": st.one_of(st.sampled_from(["../../etc/passwd", "/etc", "..", "C:\\x", "a/../../b"]), JSON),
     "watermark": JSON, "return_full_text": JSON, "frobnicate": JSON})
-OPENAI = {"max_tokens": NUMBERS, "temperature": NUMBERS, "top_p": NUMBERS, "n": NUMBERS, "seed": NUMBERS,
+OPENAI = {"temperature": NUMBERS, "top_p": NUMBERS, "n": NUMBERS, "seed": NUMBERS,
           "logprobs": JSON, "top_logprobs": NUMBERS, "stop": st.one_of(st.lists(TEXTS, max_size=5), JSON),
           "stream": st.booleans(), "stream_options": JSON, "logit_bias": JSON, "presence_penalty": NUMBERS,
           "response_format": st.one_of(st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": JSON}),
@@ -58,14 +61,14 @@ OPENAI = {"max_tokens": NUMBERS, "temperature": NUMBERS, "top_p": NUMBERS, "n": 
           "model": st.one_of(st.sampled_from(["../../etc/passwd", "/etc/shadow", "..\\..\\x", "tgi"]), JSON),
           "frobnicate": JSON}
 SHAPED = {
-    "/generate": st.fixed_dictionaries({"inputs": TEXTS}, optional={"parameters": PARAMETERS, "stream": JSON}),
-    "/generate_stream": st.fixed_dictionaries({"inputs": TEXTS}, optional={"parameters": PARAMETERS}),
+    "/generate": st.fixed_dictionaries({"inputs": TEXTS, "parameters": PARAMETERS}, optional={"stream": JSON}),
+    "/generate_stream": st.fixed_dictionaries({"inputs": TEXTS, "parameters": PARAMETERS}),
     "/tokenize": st.fixed_dictionaries({"inputs": TEXTS}, optional={"parameters": PARAMETERS}),
     "/v1/completions": st.fixed_dictionaries({"prompt": st.one_of(TEXTS, st.lists(TEXTS, max_size=3),
-                                                                  st.lists(NUMBERS, max_size=5), JSON)},
-                                             optional=OPENAI),
+                                                                  st.lists(NUMBERS, max_size=5), JSON),
+                                              "max_tokens": MAX_TOKENS}, optional=OPENAI),
     "/v1/chat/completions": st.fixed_dictionaries(
-        {"messages": st.one_of(st.lists(MESSAGE, min_size=1, max_size=3), JSON)},
+        {"messages": st.one_of(st.lists(MESSAGE, min_size=1, max_size=3), JSON), "max_tokens": MAX_TOKENS},
         optional={**OPENAI, "tools": TOOLS, "tool_choice": JSON, "chat_template_kwargs": JSON,
                   "add_generation_prompt": JSON, "continue_final_message": JSON}),
 }

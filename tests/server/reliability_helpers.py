@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 # a long context so a stream can run for thousands of tokens (the never-reading client fills its socket)
 TINY_MAX_POSITIONS = 4096
@@ -109,3 +110,41 @@ class StreamInThread:
 
 def generated_ids(events: list[dict]) -> list[int]:
     return [e["token"]["id"] for e in events if "token" in e]
+
+
+# ---- one hardened server shared by test_reliability_load.py and test_security.py (a start costs tens of s)
+
+KEY = "s3cr3t-Key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ORIGIN = "https://app.example.com"
+LIMIT = 4  # --max-concurrent-requests
+SEND_TIMEOUT = 3
+TRAPS = {  # chat-template branches that reach outside the sandbox, run when the first message names them
+    "read-attributes": "{{ messages.__class__.__mro__[1].__subclasses__() }}",
+    "read-globals": "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+    "read-file": "{% include '/etc/passwd' %}",
+    "format-escape": "{{ '{0.__class__.__mro__}'.format(messages) }}",
+}
+
+
+@pytest.fixture(scope="session")
+def hardened_server(tmp_path_factory, smollm2_dir):
+    """A tiny Llama behind --api-key, one CORS origin, a trapped chat template, a low concurrency limit,
+    short send and header timeouts, and room for long streams (--max-total-tokens 4096)."""
+    from http_server import start_server
+    from transformers import AutoTokenizer
+
+    tiny = save_tiny_model(tmp_path_factory.mktemp("tiny-hardened"), smollm2_dir)
+    template = AutoTokenizer.from_pretrained(tiny).chat_template
+    traps = "".join(("{%- if" if i == 0 else "{%- elif") + f" messages[0]['content'] == '{name}' -%}}" + body
+                    for i, (name, body) in enumerate(TRAPS.items()))
+    config = tmp_path_factory.mktemp("hostile-template") / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": traps + "{%- else -%}" + template + "{%- endif -%}"}))
+    srv = start_server(tmp_path_factory.mktemp("serve-hardened"), "--model-id", str(tiny),
+                       "--api-key", KEY, "--cors-allow-origin", ORIGIN, "--tokenizer-config-path", str(config),
+                       "--max-concurrent-requests", str(LIMIT), "--max-batch-size", "2",
+                       "--max-total-tokens", "4096", "--max-batch-total-tokens", "65536", "--max-top-n-tokens", "100",
+                       "--send-timeout", str(SEND_TIMEOUT), "--request-header-timeout", "3", "--num-threads", "1")
+    srv.model_dir = tiny
+    yield srv
+    assert srv.stop() == 0, srv.log()[-3000:]

@@ -31,7 +31,7 @@ def server(tmp_path_factory, tiny_dir):
     poison = tok.encode(POISON_WORD, add_special_tokens=False)
     assert len(poison) == 1 and poison[0] not in tok.encode(CLEAN) + tok.encode("Hello")
     srv = start_server(tmp_path_factory.mktemp("serve-faults"), "--model-id", str(tiny_dir),
-                       "--max-batch-size", "1", "--max-consecutive-step-failures", "2",
+                       "--max-batch-size", "1", "--max-consecutive-step-failures", "2", "--num-threads", "1",
                        env={FAULT_TOKEN_ENV: str(poison[0])})
     yield srv
     srv.stop()

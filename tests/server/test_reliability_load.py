@@ -13,25 +13,17 @@ import time
 
 import httpx
 import pytest
-from http_server import start_server
-from reliability_helpers import idle, metrics, peak_rss_bytes, rss_bytes, save_tiny_model, wait_for
+from reliability_helpers import AUTH, LIMIT, SEND_TIMEOUT, idle, metrics, peak_rss_bytes, rss_bytes, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-LIMIT = 4
 HOLD = {"inputs": "Count from 1 to 1000: 1, 2, 3,", "parameters": {"max_new_tokens": 4000}}
 CANCELLED = 'tgi_request_failure{err="cancelled"}'
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm2_dir):
-    tiny = save_tiny_model(tmp_path_factory.mktemp("tiny-load"), smollm2_dir)
-    srv = start_server(tmp_path_factory.mktemp("serve-load"), "--model-id", str(tiny),
-                       "--max-concurrent-requests", str(LIMIT), "--max-batch-size", "2",
-                       "--max-total-tokens", "4096", "--max-batch-total-tokens", "65536", "--max-top-n-tokens", "100",
-                       "--send-timeout", "3", "--request-header-timeout", "3")
-    yield srv
-    assert srv.stop() == 0, srv.log()[-3000:]
+def server(hardened_server):
+    return hardened_server  # see reliability_helpers: shared with test_security.py
 
 
 async def _hold_or_429(client: httpx.AsyncClient, i: int, started: asyncio.Event, release: asyncio.Event):
@@ -55,7 +47,7 @@ async def _hold_or_429(client: httpx.AsyncClient, i: int, started: asyncio.Event
 def test_flood_of_twice_the_limit_is_served_or_refused_at_once_with_bounded_memory(server):
     pid = server.proc.pid
     assert httpx.post(server.base_url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}},
-                      timeout=120).status_code == 200
+                      headers=AUTH, timeout=120).status_code == 200
     rss_before = rss_bytes(pid)
     queue_sizes: list[float] = []
     stop = threading.Event()
@@ -71,7 +63,7 @@ def test_flood_of_twice_the_limit_is_served_or_refused_at_once_with_bounded_memo
     async def flood() -> list[int]:
         release = asyncio.Event()
         started = [asyncio.Event() for _ in range(2 * LIMIT)]
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=300,
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=300, headers=AUTH,
                                      limits=httpx.Limits(max_connections=4 * LIMIT)) as client:
             tasks = [asyncio.ensure_future(_hold_or_429(client, i, started[i], release)) for i in range(2 * LIMIT)]
             # the refused ones answer while every accepted one is still generating: a 429 never waits
@@ -118,7 +110,7 @@ def test_slowloris_head_is_cut_off_and_the_server_keeps_serving(server):
                 closed = True
         assert closed, "the server kept a never-finished request head open"
     r = httpx.post(server.base_url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
-                   timeout=120)
+                   headers=AUTH, timeout=120)
     assert r.status_code == 200
     assert "request head took over 3 s" in server.log()
 
@@ -134,14 +126,15 @@ def test_a_stream_nobody_reads_is_abandoned_and_frees_its_slot(server):
     sock.connect(("127.0.0.1", port))
     try:
         sock.sendall(b"POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: " + AUTH["Authorization"].encode() + b"\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
         # never read: the send blocks, times out after 3 s, the request is aborted and counted as cancelled
         wait_for(lambda: metrics(server.base_url).get(CANCELLED, 0) == before + 1, "the abandoned stream", cap=300)
         m = wait_for(lambda: idle(server.base_url), "an idle engine")
         assert m["genserve_kv_cache_blocks_used"] == 0
-        assert "the client read nothing for 3 s: response abandoned" in server.log()
+        assert f"the client read nothing for {SEND_TIMEOUT:g} s: response abandoned" in server.log()
     finally:
         sock.close()
     r = httpx.post(server.base_url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
-                   timeout=120)
+                   headers=AUTH, timeout=120)
     assert r.status_code == 200

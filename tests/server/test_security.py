@@ -11,46 +11,19 @@ import json
 
 import httpx
 import pytest
-from http_server import start_server
-from reliability_helpers import save_tiny_model
+from reliability_helpers import AUTH, KEY, ORIGIN, TRAPS
 
 hypothesis = pytest.importorskip("hypothesis")
 from hostile_inputs import hostile_request  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-KEY = "s3cr3t-Key-0123456789"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-ORIGIN = "https://app.example.com"
-TRAPS = {
-    "read-attributes": "{{ messages.__class__.__mro__[1].__subclasses__() }}",
-    "read-globals": "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
-    "read-file": "{% include '/etc/passwd' %}",
-    "format-escape": "{{ '{0.__class__.__mro__}'.format(messages) }}",
-}
 ERROR_BODIES: list[str] = []  # every error body seen in this module, checked at its end
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_dir):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-security"), smollm2_dir)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_dir):
-    from transformers import AutoTokenizer
-
-    template = AutoTokenizer.from_pretrained(tiny_dir).chat_template
-    # a model's template with traps: each runs when the first message's content names it
-    traps = "".join(("{%- if" if i == 0 else "{%- elif") + f" messages[0]['content'] == '{name}' -%}}" + body
-                    for i, (name, body) in enumerate(TRAPS.items()))
-    config = tmp_path_factory.mktemp("hostile-template") / "tokenizer_config.json"
-    config.write_text(json.dumps({"chat_template": traps + "{%- else -%}" + template + "{%- endif -%}"}))
-    srv = start_server(tmp_path_factory.mktemp("serve-security"), "--model-id", str(tiny_dir),
-                       "--api-key", KEY, "--cors-allow-origin", ORIGIN, "--tokenizer-config-path", str(config),
-                       "--max-total-tokens", "96", "--max-input-tokens", "64")
-    yield srv
-    srv.stop()
+def server(hardened_server):
+    return hardened_server  # see reliability_helpers: shared with test_reliability_load.py
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +116,8 @@ def test_hostile_bodies_get_well_formed_2xx_or_4xx_json(client, request):
         assert isinstance(r.json(), dict | list)
 
 
-def test_health_fine_after_the_fuzz_and_no_secrets_paths_or_tracebacks(server, client, tiny_dir):
+def test_health_fine_after_the_fuzz_and_no_secrets_paths_or_tracebacks(server, client):
+    tiny_dir = server.model_dir
     assert CASES["tried"] >= 40, CASES
     assert httpx.get(server.base_url + "/health", timeout=60).status_code == 200
     assert client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
