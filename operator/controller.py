@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from genserve.operator import (
@@ -96,6 +97,8 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
             if kind == "Service":
                 after = _drop_stale_selector_keys(ctx, obj, after)
         except ApiException as e:
+            if is_transient(e):
+                raise  # the whole pass is retried with backoff (main.tgs_reconcile)
             # e.g. an immutable PVC field: report it, keep reconciling the rest
             problems.append(f"{kind} {child}: {e.status} {e.reason}")
             continue
@@ -107,7 +110,12 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
             kopf.event(body, type="Normal", reason="Updated", message=f"updated {kind} {child}")
             changed.append(f"{kind} {child}")
     for kind, child in absent:
-        existing = ctx.kube.get(kind, namespace, child)
+        try:
+            existing = ctx.kube.get(kind, namespace, child)
+        except ApiException as e:
+            if e.status != 403:
+                raise
+            continue  # an API we are not granted (chart rbac.inferenceExtension off): we never made one
         if existing is not None and _is_owned_by(existing, meta["uid"]):
             ctx.kube.delete(kind, namespace, child)
             kopf.event(body, type="Normal", reason="Deleted", message=f"deleted {kind} {child}: no longer wanted")
@@ -144,6 +152,23 @@ def reconcile_service(ctx: Context, body: dict[str, Any], logger: logging.Logger
     return changed
 
 
+# a conflict, throttling, or the API server (or the way to it) failing: worth another pass soon; anything
+# else from the API (invalid, forbidden, immutable field) is reported in status instead
+TRANSIENT_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.5, 60.0
+
+
+def is_transient(error: BaseException) -> bool:
+    if isinstance(error, ApiException):
+        return not error.status or error.status in TRANSIENT_STATUSES  # status 0: no answer (TLS, socket)
+    return isinstance(error, (urllib3.exceptions.HTTPError, OSError))  # timeouts, dropped connections
+
+
+def retry_delay(retry: int) -> float:
+    """Exponential backoff for a reconcile pass that hit a transient error (kopf's `retry` counts them)."""
+    return min(RETRY_FIRST_SECONDS * 2 ** retry, RETRY_MAX_SECONDS)
+
+
 def has_inference_pool_api(ctx: Context) -> bool:
     """Discovery: both the InferencePool and the HTTPRoute API are served."""
     return all(ctx.kube.has_resource(*api) for api in (gateway_routes.POOL_API, gateway_routes.ROUTE_API))
@@ -157,6 +182,13 @@ def _degrade(ctx: Context, body: dict[str, Any], problem: preflight.Problem, ann
                          "Progressing": (False, problem.reason, "waiting for the missing reference")})
     if announce:
         kopf.event(body, type="Warning", reason=problem.reason, message=problem.message)
+
+
+def _has_stale_selector_keys(desired: dict[str, Any], live: dict[str, Any]) -> bool:
+    """A key added to a Service's selector by hand: not drift of a field we set, yet it selects no pod."""
+    if desired["kind"] != "Service":
+        return False
+    return bool(set((live.get("spec") or {}).get("selector") or {}) - set(desired["spec"]["selector"]))
 
 
 def _drop_stale_selector_keys(ctx: Context, desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
@@ -224,8 +256,8 @@ def on_child_event(ctx: Context, event_type: str, child: dict[str, Any], logger:
     wanted, _ = reconcile.build_children(meta["name"], meta["namespace"], spec, ctx.settings, replicas, has_sm,
                                          reconcile.routes_to_activator(spec, live))
     desired = next((o for o in wanted if o["kind"] == kind and o["metadata"]["name"] == name), None)
-    if desired is not None and is_drifted(child, {"spec": desired.get("spec"), "metadata": {
-            "labels": desired["metadata"]["labels"]}}):
+    if desired is not None and (is_drifted(child, {"spec": desired.get("spec"), "metadata": {
+            "labels": desired["metadata"]["labels"]}}) or _has_stale_selector_keys(desired, child)):
         # the API server may normalize a value (cpu "0.5" -> "500m"): only a real re-apply is a restore
         if reconcile_service(ctx, owner, logger):
             kopf.event(owner, type="Warning", reason="Restored", message=f"{kind} {name} was changed by hand; restored it")

@@ -48,8 +48,15 @@ def operator_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.create(*TGS)
 @kopf.on.update(*TGS)
 @kopf.on.resume(*TGS)
-def tgs_reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    controller.reconcile_service(memo.ctx, dict(body), logger)
+def tgs_reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
+    try:
+        controller.reconcile_service(memo.ctx, dict(body), logger)
+    except Exception as e:
+        if not controller.is_transient(e):
+            raise
+        # level-based: the next pass redoes everything, soon (kopf's default backoff is 60 s)
+        delay = controller.retry_delay(retry)
+        raise kopf.TemporaryError(f"{type(e).__name__}: {e}; retrying in {delay:g} s", delay=delay) from e
 
 
 @kopf.timer(*TGS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
@@ -76,6 +83,8 @@ def tgs_autoscale(stopped: kopf.DaemonStopped, body: kopf.Body, spec: kopf.Spec,
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY)
 @kopf.on.event("", "v1", "services", labels=MANAGED_BY)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED_BY)
+@kopf.on.event("networking.k8s.io", "v1", "ingresses", labels=MANAGED_BY)
 def child_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     if type in ("MODIFIED", "DELETED"):
         controller.on_child_event(memo.ctx, type, dict(body), logger)

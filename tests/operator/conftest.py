@@ -10,12 +10,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import ClusterThread, wait_for
+from harness import OPERATOR_TOKEN, ClusterThread, call_scopes, recorded_calls, wait_for
 from kopf.testing import KopfRunner
 from kubernetes import client
+from operator_api_calls import CALLS, CLUSTER_PEERING_CALLS
 
 ROOT = Path(__file__).resolve().parents[2]
 TGS = ("genserve.dev", "v1alpha1", "textgenerationservices")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def api_call_recorder() -> Iterator[None]:
+    """Least privilege, checked at the end of the session: every API call the operator made to any emulator
+    (told from the tests' own by its token) must be in operator_api_calls, the list the chart's RBAC is
+    tested to grant exactly (test_operator_rbac.py). Fails the session's last teardown otherwise."""
+    yield
+    unlisted = call_scopes(recorded_calls()) - (CALLS | CLUSTER_PEERING_CALLS)
+    assert not unlisted, f"the operator made API calls that operator_api_calls.py does not list: {sorted(unlisted)}"
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +46,8 @@ def kubeconfig(cluster: ClusterThread, tmp_path_factory: pytest.TempPathFactory)
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
         "clusters": [{"name": "kmock", "cluster": {"server": cluster.url}}],
-        "users": [{"name": "test", "user": {"token": "test"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}],
+        "users": [{"name": "operator", "user": {"token": OPERATOR_TOKEN}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "operator"}}],
     }))
     return path
 

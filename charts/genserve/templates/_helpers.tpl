@@ -51,68 +51,82 @@ app.kubernetes.io/part-of: genserve
 {{- end }}
 {{- end }}
 
-{{/* Rules on the TextGenerationServices and the children the operator owns; shared by the
-ClusterRole (all namespaces) and the per-namespace Roles. */}}
+{{/* Least privilege: exactly the calls the operator makes (tests/operator/operator_api_calls.py, recorded
+from the real operator and compared with these rules by tests/operator/test_operator_rbac.py). Children
+are server-side applied (patch; create when the apply creates one), read by name and deleted when no
+longer wanted; kopf lists and watches the kinds it follows. No update: nothing is PUT.
+Shared by the ClusterRole (all namespaces) and the per-namespace Roles. */}}
 {{- define "genserve.rbacRules" -}}
 - apiGroups: ["genserve.dev"]
   resources: ["textgenerationservices"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["genserve.dev"]
-  resources: ["textgenerationservices/status", "textgenerationservices/scale"]
-  verbs: ["get", "patch", "update"]
+  resources: ["textgenerationservices/status"]
+  verbs: ["patch"]
+# followed by kopf: a child edited or deleted by hand is restored at once
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
-  resources: ["services", "persistentvolumeclaims"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
-- apiGroups: ["networking.k8s.io"]
-  resources: ["ingresses"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["ingresses"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # the Job that fills a shared model cache before the pods start (spec.cache.mode shared)
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "create", "patch", "delete"]
 {{- if .Values.rbac.inferenceExtension }}
 # spec.routing.inferencePool: the pool over the server pods and the route from a Gateway to it
 - apiGroups: ["inference.networking.k8s.io"]
   resources: ["inferencepools"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["gateway.networking.k8s.io"]
   resources: ["httproutes"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 {{- end }}
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors", "podmonitors"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
+# the autoscaler's scrape targets
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list"]
 # read-only and by name: to report a missing token, API-key or S3 Secret (pods get them via secretKeyRef)
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-- apiGroups: ["", "events.k8s.io"]
+- apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["kopf.dev", "zalando.org"]
+  verbs: ["create"]
+{{- if and .Values.operator.peering .Values.watchNamespaces }}
+# peering inside each watched namespace (with all namespaces kopf uses the cluster-wide object instead)
+- apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
+{{- end }}
 {{- end }}
 
-{{/* Cluster-scoped reads kopf makes in every mode: CRD discovery (also how the operator sees
-whether the ServiceMonitor CRDs exist), namespace listing, and cluster-wide peering. */}}
+{{/* Cluster-scoped calls kopf makes: CRD discovery (list, watch) in every mode; with watchNamespaces its
+namespace observer (list, watch); with peering and all namespaces the cluster-wide peering object. */}}
 {{- define "genserve.clusterRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
+{{- if .Values.watchNamespaces }}
 - apiGroups: [""]
   resources: ["namespaces"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: ["kopf.dev", "zalando.org"]
+  verbs: ["list", "watch"]
+{{- else if .Values.operator.peering }}
+- apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
+{{- end }}
 {{- end }}
