@@ -72,7 +72,7 @@ def load_cpu_kernels() -> bool:
             _build(library)  # loads it too: a second dlopen would register the ops twice
         _loaded = all(hasattr(torch.ops.genserve_cpu, op)
                       for op in ("paged_decode_attention", "silu_and_mul", "rms_norm", "weight_only_linear",
-                                 "int4_linear"))
+                                 "int4_linear", "grouped_dequantize"))
     except Exception as exc:  # no compiler, no ninja, read-only cache...: the SDPA path still works
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch attention path", exc)
     if _loaded:
@@ -135,3 +135,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, min
     """x [M, K] @ (q * scale + min)^T + bias -> [M, N]; qweight [N, K/2] uint8 (int4_linear_cpu.cpp's layout),
     scale and min [N, ceil(K / group_size)] float32 or float16."""
     return torch.ops.genserve_cpu.int4_linear(x, qweight, scale, mins, group_size, bias)
+
+
+def grouped_dequantize(qweight: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float32 weight q * scale + min [N, K] of int4_linear's operands (grouped_weights.dequantize, in C++)."""
+    return torch.ops.genserve_cpu.grouped_dequantize(qweight, scale, mins, group_size)

@@ -92,8 +92,8 @@ class VocabParallelEmbedding(nn.Module):
             return self.rows(input_ids)
         is_local = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local_ids = (input_ids - self.vocab_start) * is_local
-        out = self.rows(local_ids) * is_local.unsqueeze(-1).to(self.float_dtype)
-        return all_reduce(out)
+        out = self.rows(local_ids)
+        return all_reduce(out * is_local.unsqueeze(-1).to(out.dtype))
 
 
 class ParallelLMHead(VocabParallelEmbedding):

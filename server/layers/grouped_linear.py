@@ -41,6 +41,9 @@ class GroupedWeights:
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         layer = self.layer
+        if layer.weight.device.type == "cpu" and self.torch_int4 is None and kernels.load_cpu_kernels():
+            return kernels.grouped_dequantize(layer.weight, layer.weight_scale, layer.weight_min,
+                                              self.group_size).to(dtype)
         return dequantize(layer.weight, layer.weight_scale, layer.weight_min, self.group_size, dtype)
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

@@ -57,6 +57,20 @@ def test_bfloat16_activations_give_bfloat16_outputs():
     assert (y.double() - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=["f16", "f32"])
+def test_native_dequantize_equals_the_pytorch_one(bits, scale_dtype):
+    # long prefills dequantize through it; fp16 scales: q * scale is exact, so the bits are equal
+    torch.manual_seed(bits)
+    qweight, scale, mins = random_grouped(40, 576, 128, bits, scale_dtype)
+    ours = kernels.grouped_dequantize(qweight, scale, mins, 128)
+    expected = dequantize(qweight, scale, mins, 128)
+    if scale_dtype is torch.float16:
+        assert torch.equal(ours, expected)
+    else:
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_bad_shapes_are_refused():
     qweight, scale, mins = random_grouped(8, 64, 32, 4, torch.float16)
     with pytest.raises(RuntimeError, match="multiples of 32"):
