@@ -62,7 +62,7 @@ def operator(cluster: ClusterThread, kubeconfig: Path) -> Iterator[KopfRunner]:
         with KopfRunner(args, timeout=30) as runner:
             # ready once it watches our resource
             wait_for(lambda: any("textgenerationservices" in str(r.url) and r.params.get("watch") == "true"
-                                 for r in list(cluster.cluster._requests)), timeout=20, what="the operator's watch")
+                                 for r in list(cluster.cluster._requests)), what="the operator's watch")
             yield runner
     finally:
         if saved is None:

@@ -185,11 +185,17 @@ class MetricsEndpoint:
         endpoint = self
         self.text = text
         self.scrapes = 0
+        self.sequence: list[str] = []  # when set, scrape i answers sequence[i % len] (a noisy signal)
+        self.hang = threading.Event()  # while set, a scrape is accepted and never answered
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
+                while endpoint.hang.is_set():
+                    time.sleep(0.05)
                 endpoint.scrapes += 1
-                body = endpoint.text.encode()
+                text = endpoint.sequence[endpoint.scrapes % len(endpoint.sequence)] if endpoint.sequence \
+                    else endpoint.text
+                body = text.encode()
                 self.send_response(200 if self.path == "/metrics" else 404)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.send_header("Content-Length", str(len(body)))
@@ -204,16 +210,21 @@ class MetricsEndpoint:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
-    def set(self, waiting: float, running: float, kv: float | None = None, tgi_names: bool = False) -> None:
+    @staticmethod
+    def render(waiting: float, running: float, kv: float | None = None, tgi_names: bool = False) -> str:
         names = (("tgi_queue_size", "tgi_batch_current_size") if tgi_names
                  else ("genserve_num_requests_waiting", "genserve_num_requests_running"))
         lines = [f"# TYPE {names[0]} gauge", f"{names[0]} {waiting}", f"# TYPE {names[1]} gauge",
                  f"{names[1]} {running}"]
         if kv is not None:
             lines += ["# TYPE genserve_kv_cache_usage_ratio gauge", f"genserve_kv_cache_usage_ratio {kv}"]
-        self.text = "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n"
+
+    def set(self, waiting: float, running: float, kv: float | None = None, tgi_names: bool = False) -> None:
+        self.text = self.render(waiting, running, kv, tgi_names)
 
     def stop(self) -> None:
+        self.hang.clear()
         self.server.shutdown()
         self.server.server_close()
 

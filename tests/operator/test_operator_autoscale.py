@@ -63,9 +63,12 @@ def test_queue_fall_scales_down_only_after_the_window(autoscaled, api, cluster, 
     for ep in autoscaled:
         ep.set(waiting=0, running=1)
     dropped = time.monotonic()
-    wait_for(lambda: (c := scaling_condition(api, namespace)) and c["reason"] == "ScaleDownStabilizing",
-             timeout=INTERVAL + 1.5, what="ScaleDownStabilizing")
-    assert replicas(cluster, namespace) == 4
+    def stabilizing() -> int | None:
+        # replicas first: status is written before the scale, so a later Stabilizing means none happened yet
+        count = replicas(cluster, namespace)
+        condition = scaling_condition(api, namespace)
+        return count if condition and condition["reason"] == "ScaleDownStabilizing" else None
+    assert wait_for(stabilizing, what="ScaleDownStabilizing") == 4
     wait_for(lambda: replicas(cluster, namespace) == 3, what="scale-down")
     # the last high recommendation came at most one interval before the drop
     assert time.monotonic() - dropped >= DOWN_WINDOW - INTERVAL
@@ -95,3 +98,46 @@ def test_autoscaling_off_reports_inactive_and_uses_spec_replicas(operator, api, 
     wait_for(lambda: (c := scaling_condition(api, namespace)) and c["reason"] == "AutoscalingDisabled",
              what="ScalingActive=False")
     assert replicas(cluster, namespace) == 3
+
+
+def scale_patches(cluster, namespace: str, since: int) -> list[int]:
+    """The replica counts the autoscaler set on the Deployment (its merge patches) since request `since`."""
+    return [r.data["spec"]["replicas"] for r in cluster.operator_requests()
+            if r.id >= since and r.namespace == namespace and r.method.value == "PATCH" and r.resource
+            and r.resource.plural == "deployments" and "merge-patch" in (r.headers.get("Content-Type") or "")
+            and isinstance(r.data, dict) and "replicas" in (r.data.get("spec") or {})]
+
+
+def test_a_flapping_metric_does_not_flap_replicas(autoscaled, api, cluster, namespace):
+    """Every scrape alternates between a load that wants 6 replicas and an idle one: scaling up is allowed
+    at once (to 6), scaling down never happens while a high sample is inside the down window."""
+    high, low = MetricsEndpoint.render(waiting=40, running=8), MetricsEndpoint.render(waiting=0, running=0)
+    start = len(cluster.cluster._requests)
+    for ep in autoscaled:
+        ep.scrapes = 0
+        ep.sequence = [high, low]
+    scrapes = 8
+    wait_for(lambda: all(ep.scrapes >= scrapes for ep in autoscaled), what=f"{scrapes} noisy scrapes")
+    counts = scale_patches(cluster, namespace, start)
+    # up (once, or twice if the two pods' alternations were out of step), never down: no flapping
+    assert counts and counts == sorted(set(counts)) and counts[-1] == 6, counts
+    assert replicas(cluster, namespace) == 6
+
+
+def test_a_pod_that_does_not_answer_is_skipped_and_only_holds_scale_down(autoscaled, api, cluster, namespace):
+    silent, answering = autoscaled
+    silent.hang.set()  # accepts the connection, never answers: the scrape times out
+    answering.set(waiting=40, running=8)  # alone it asks for 4 replicas
+    wait_for(lambda: replicas(cluster, namespace) == 4, what="a scale-up from the pod that answered")
+    decision = tgs_status(api, namespace)["lastScaleDecision"]
+    assert decision["reason"] == "ScaleUp" and "unreachable: chat-0" in decision["message"]
+    answering.set(waiting=0, running=0)  # idle, but one ready pod is unknown: no scale-down on missing data
+    condition = wait_for(lambda: (c := scaling_condition(api, namespace)) and c["reason"] == "PartialMetrics"
+                         and c, what="PartialMetrics")
+    assert "not scaling down" in condition["message"] and "chat-0" in condition["message"]
+    start = len(cluster.cluster._requests)
+    time.sleep(DOWN_WINDOW + 2 * INTERVAL)  # past the down window: still held
+    assert replicas(cluster, namespace) == 4 and not scale_patches(cluster, namespace, start)
+    silent.hang.clear()
+    silent.set(waiting=0, running=0)
+    wait_for(lambda: replicas(cluster, namespace) == 3, what="scale-down once every pod answers")
