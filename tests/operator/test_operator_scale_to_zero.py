@@ -104,7 +104,10 @@ def test_turning_scale_to_zero_off_removes_the_activator(operator, api, cluster,
              what="the activator removed")
     wait_for(lambda: cluster.get("v1/services", namespace, "chat-direct") is None, what="chat-direct removed")
     assert service_selector(cluster, namespace) == {"genserve.dev/service": "chat"}
-    time.sleep(1)  # kopf posts events in the background
+    # kopf posts events in the background: wait for the two "Deleted" ones, then look for a "Restoring"
+    wait_for(lambda: len([e for e in cluster.list("v1/events", namespace) if e.get("reason") == "Deleted"]) >= 2,
+             what="the Deleted events")
+    time.sleep(1)
     # removing what is no longer wanted is not a loss to restore (no "Restoring" warning)
     assert not [e for e in cluster.list("v1/events", namespace) if e.get("reason") == "Restoring"]
     assert cluster.get("apps/v1/deployments", namespace, "chat-activator") is None
