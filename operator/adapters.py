@@ -83,8 +83,9 @@ def parse_adapter(raw: Any, index: int, model: ModelSpec) -> AdapterSpec:
             raise SourceError("InvalidAdapterSource", f"{where}: s3:// source {source!r} must be s3://bucket/prefix")
         return AdapterSpec(name, f"s3://{s3.bucket}/{s3.prefix}", "s3", s3=s3)
     claim, _, path = rest.partition("/")
-    if not CLAIM.match(claim):
-        raise SourceError("InvalidAdapterSource", f"{where}: pvc:// source {source!r} must be pvc://claim[/path]")
+    if not CLAIM.match(claim) or "," in path:  # the path goes into the server's comma-separated flag
+        raise SourceError("InvalidAdapterSource", f"{where}: pvc:// source {source!r} must be pvc://claim[/path] "
+                          "with no ',' in the path")
     pvc = PvcSource(claim=claim, path=path.strip("/"))
     return AdapterSpec(name, f"pvc://{claim}/{pvc.path}".rstrip("/"), "pvc", pvc=pvc)
 

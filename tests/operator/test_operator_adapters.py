@@ -124,6 +124,7 @@ BAD = [
     ([{"name": "x", "source": "gs://bucket/x"}], "UnsupportedAdapterSource", "must be org/name, hf://"),
     ([{"name": "x", "source": "org/x", "s3": {"region": "eu"}}], "InvalidAdapterSource", "only for s3://"),
     ([{"name": "x", "source": "s3://bucket"}], "InvalidAdapterSource", None),
+    ([{"name": "x", "source": "pvc://claim/a,b"}], "InvalidAdapterSource", None),
 ]
 
 
@@ -133,7 +134,7 @@ def test_bad_adapter_lists_are_refused_by_the_operator_and_the_crd(adapters, rea
         parse_spec({"model": MODEL, "adapters": adapters}, "img")
     assert err.value.reason == reason
     if crd_message is None:
-        return  # uniqueness is the API server's list-map keys; s3://bucket needs the operator's own check
+        return  # uniqueness is the API server's list-map keys; s3://bucket and a ',' are the operator's checks
     pytest.importorskip("celpy", reason="cel-python evaluates the CRD's x-kubernetes-validations")
     body = {"apiVersion": "genserve.dev/v1alpha1", "kind": "TextGenerationService", "metadata": {"name": "x"},
             "spec": {"model": MODEL, "adapters": adapters}}
