@@ -244,9 +244,10 @@ def _poisson(rng: random.Random, lam: float) -> int:
         k += 1
 
 
-# a faster, roomier setting of the same policy: 5 s ticks, KV target 0.4, big up-steps, 60 s down-window
-TUNED = {"interval_seconds": 5, "target_kv_cache_usage": 0.4, "max_scale_up_step": 16,
-         "scale_down_stabilization_seconds": 60}
+# a faster, roomier setting of the same policy: 5 s ticks, KV target 0.33 (3x burst headroom), big
+# up-steps, 30 s down-window (the headroom is paid for by shedding burst replicas sooner)
+TUNED = {"interval_seconds": 5, "target_kv_cache_usage": 0.33, "max_scale_up_step": 16,
+         "scale_down_stabilization_seconds": 30}
 ROUTINGS = ("random", "load-aware")
 
 
@@ -275,7 +276,7 @@ def run_scenario(name: str, startup: float, model: ServerModel, seeds: list[int]
             "mean_replicas": sum(r.mean_replicas for r in results) / len(results),
             "requests": sum(r.requests for r in results) // len(results),
         }
-    return {"scenario": name, "startup_seconds": startup, "seeds": seeds, "hours": hours,
+    return {"scenario": name, "startup_seconds": startup, "max_replicas": max_replicas, "seeds": seeds, "hours": hours,
             "replica_capacity_rps": capacity_rps, "policies": summary,
             "timeline": {p: rs[0].timeline for p, rs in per_policy.items()}}
 
@@ -287,7 +288,8 @@ def write_outputs(scenarios: list[dict], model: ServerModel, out: Path) -> None:
              f"{model.ready_seconds:.1f} s to a healthy /health (measured, {FIGURES.name}). "
              f"SLO: queue wait <= 2 s.", ""]
     for sc in scenarios:
-        lines += [f"## {sc['scenario']}: start-up {sc['startup_seconds']:.0f} s, {sc['hours']:g} h day, "
+        lines += [f"## {sc['scenario']}: start-up {sc['startup_seconds']:.0f} s, {sc['max_replicas']} replicas at most, "
+                  f"{sc['hours']:g} h day, "
                   f"{len(sc['seeds'])} seeds, one replica serves {sc['replica_capacity_rps']:.2f} req/s at full batch",
                   "", "| policy / routing | SLO attainment | p50 wait (s) | p99 wait (s) | replica-seconds | "
                   "x KEDA / random | mean replicas |", "|---|---|---|---|---|---|---|"]
@@ -339,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     model = ServerModel.load()
     seeds = list(range(1, args.seeds + 1))
     measured = model.ready_seconds + POD_START_SECONDS
+    # at the 16-replica ceiling a 3x burst on the 5x peak needs ~15 replicas at full batch: no headroom is left
+    # for any policy, so the same day also runs with room to grow
     scenarios = [run_scenario("measured start-up", measured, model, seeds, args.hours, args.max_replicas),
+                 run_scenario("measured start-up, 2x ceiling", measured, model, seeds, args.hours,
+                              2 * args.max_replicas),
                  run_scenario("GPU-like cold start", 120.0, model, seeds, args.hours, args.max_replicas)]
     write_outputs(scenarios, model, args.out)
     print((args.out / "autoscale_results.md").read_text())
