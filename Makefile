@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 export GENSERVE_CACHE ?= $(HOME)/.cache/genserve
 
-.PHONY: venv install model serve test lint e2e sync-crds bench clean
+.PHONY: venv install model serve test lint e2e sync-crds bench clean prometheus
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -28,7 +28,14 @@ model: install
 serve: model
 	$(VENV)/bin/genserve serve --port $${PORT:-8080}
 
-test: model
+# Debian's prometheus and promtool for the Prometheus tests, best effort (those tests skip without them)
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		     && apt-get install -y -q --no-install-recommends prometheus >/dev/null; } \
+		|| echo "prometheus not installed: the Prometheus tests will skip"
+
+test: model prometheus
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
