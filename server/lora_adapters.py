@@ -102,13 +102,13 @@ def resolve_source(source: str) -> Path:
 def _read_config(name: str, path: Path) -> dict:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
-        raise ValueError(f"LoRA adapter {name!r}: {config_path} is missing")
+        raise ValueError(f"LoRA adapter {name!r}: {CONFIG_FILE} is missing in {path}")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"LoRA adapter {name!r}: {config_path} is not valid JSON ({e})") from None
+        raise ValueError(f"LoRA adapter {name!r}: {CONFIG_FILE} is not valid JSON ({e}) in {path}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"LoRA adapter {name!r}: {config_path} is not a JSON object")
+        raise ValueError(f"LoRA adapter {name!r}: {CONFIG_FILE} is not a JSON object in {path}")
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise ValueError(f"LoRA adapter {name!r}: peft_type {config.get('peft_type')!r} is not LORA")
     if config.get("use_dora"):
@@ -132,13 +132,14 @@ def _read_shapes(name: str, path: Path) -> dict[str, tuple[int, ...]]:
     if not weights.is_file():
         bin_hint = " (adapter_model.bin is not read: convert it to safetensors)" \
             if (path / "adapter_model.bin").is_file() else ""
-        raise ValueError(f"LoRA adapter {name!r}: {weights} is missing{bin_hint}")
+        raise ValueError(f"LoRA adapter {name!r}: {WEIGHTS_FILE} is missing in {path}{bin_hint}")
     try:
         with safe_open(str(weights), framework="pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors raises its own error types for a bad header
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"LoRA adapter {name!r}: {weights} is not a readable safetensors file ({reason})") from None
+        raise ValueError(f"LoRA adapter {name!r}: {WEIGHTS_FILE} is not a readable safetensors file ({reason}) "
+                         f"in {path}") from None
 
 
 def _alpha(config: dict, target: str) -> float:

@@ -63,12 +63,12 @@ class LoRAStore:
         deltas = build_deltas(self.targets, {k: (a, b) for k, (a, b) in weights.items()}, adapter.scales,
                               self.dtype, self.device)
         for lora, delta in deltas.items():
-            lora.deltas[index] = delta
+            lora.set_delta(index, delta)
         self.resident[index] = None
         logger.info("LoRA adapter %r resident (%d of --max-loras %d)", adapter.name, len(self.resident),
                     self.registry.max_loras)
 
     def _evict(self, index: int) -> None:
         for lora in self.loras:
-            lora.deltas.pop(index, None)
+            lora.drop_delta(index)
         del self.resident[index]

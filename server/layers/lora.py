@@ -30,19 +30,48 @@ from genserve.server.layers.linear import (
 )
 
 Segment = tuple[int, int, int]  # rows [start, end) of the step, adapter index (never 0: base rows)
-_segments: list[Segment] = []
+Layout = tuple[tuple[int, int, int], ...]  # (adapter index, first, last rank column) of a stacked layer
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:\w+\.)*(\w+)$")
+MAX_STACKED_RANK = 256  # above this many stacked rank columns a layer runs its segments one by one
+
+
+class StepSegments:
+    """A step's segments, the row span [lo, hi) they cover, and one row mask per stacked layout (layers with
+    the same adapters share it, so a step builds a handful, not one per layer)."""
+
+    def __init__(self, segments: list[Segment]) -> None:
+        self.segments = segments
+        self.lo = min((s for s, _, _ in segments), default=0)
+        self.hi = max((e for _, e, _ in segments), default=0)
+        self.masks: dict[Layout, torch.Tensor | None] = {}
+
+    def mask(self, layout: Layout, like: torch.Tensor) -> torch.Tensor | None:
+        """[hi - lo, stacked rank] ones where a row's adapter owns the column; None when no row uses the layer."""
+        if layout not in self.masks:
+            columns = {index: (first, last) for index, first, last in layout}
+            mask = None
+            for start, end, index in self.segments:
+                if index in columns:
+                    if mask is None:
+                        mask = like.new_zeros(self.hi - self.lo, layout[-1][2])
+                    first, last = columns[index]
+                    mask[start - self.lo:end - self.lo, first:last] = 1
+            self.masks[layout] = mask
+        return self.masks[layout]
+
+
+_step: StepSegments | None = None
 
 
 @contextmanager
 def lora_context(segments: list[Segment]) -> Iterator[None]:
     """The step's adapter segments for every LoRA layer of the forward pass inside the block."""
-    global _segments
-    _segments = segments
+    global _step
+    _step = StepSegments(segments) if segments else None
     try:
         yield
     finally:
-        _segments = []
+        _step = None
 
 
 @dataclass(slots=True)
@@ -58,14 +87,46 @@ class LinearLoRA:
     def __init__(self, layer: LinearBase) -> None:
         self.layer = layer
         self.deltas: dict[int, LayerDelta] = {}
+        self._stacked: tuple[Layout, torch.Tensor, torch.Tensor] | None = None
+
+    def set_delta(self, index: int, delta: LayerDelta) -> None:
+        self.deltas[index] = delta
+        self._stacked = None
+
+    def drop_delta(self, index: int) -> None:
+        if self.deltas.pop(index, None) is not None:
+            self._stacked = None
+
+    def _stack(self) -> tuple[Layout, torch.Tensor, torch.Tensor]:
+        """Every resident adapter's A side by side and B one above another: one pass serves all segments."""
+        if self._stacked is None:
+            layout, first = [], 0
+            for index, delta in sorted(self.deltas.items()):
+                layout.append((index, first, first + delta.a_t.shape[1]))
+                first += delta.a_t.shape[1]
+            items = [self.deltas[index] for index, _, _ in layout]
+            self._stacked = (tuple(layout), torch.cat([d.a_t for d in items], 1), torch.cat([d.b_t for d in items]))
+        return self._stacked
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: [T, in] the layer's (local) input, y: [T, out] its base output; adds each segment's delta in place."""
-        for start, end, index in _segments:
+        """x: [T, in] the layer's (local) input, y: [T, out] its base output; adds each segment's delta in place.
+
+        Stacked (few rank columns): y[lo:hi] += ((x[lo:hi] @ A_all) * row_mask) @ B_all, three ops whatever the
+        number of segments; the mask zeroes the columns of the other adapters (and every column of base rows)."""
+        step = _step
+        if step is None or not self.deltas:
+            return y
+        layout, a_all, b_all = self._stack()
+        if a_all.shape[1] <= MAX_STACKED_RANK:
+            mask = step.mask(layout, x)
+            if mask is not None:
+                lo, hi = step.lo, step.hi
+                y[lo:hi].addmm_(torch.mm(x[lo:hi], a_all).mul_(mask), b_all)
+            return y
+        for start, end, index in step.segments:
             delta = self.deltas.get(index)
-            if delta is None:  # the adapter does not target this module
-                continue
-            y[start:end].addmm_(torch.mm(x[start:end], delta.a_t), delta.b_t)
+            if delta is not None:  # else the adapter does not target this module
+                y[start:end].addmm_(torch.mm(x[start:end], delta.a_t), delta.b_t)
         return y
 
 
