@@ -141,27 +141,24 @@ class _VllmEngineStateCollector(Collector):
         if engine is None:
             return
         s = engine.stats()
-        gauges = [
-            ("vllm:num_requests_running", "Number of requests in model execution batches.", s.num_running),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage),
-            ("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage (pre-v1 name).",
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        families = [
+            (gauge, "vllm:num_requests_running", "Number of requests in model execution batches.", s.num_running),
+            (gauge, "vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting),
+            (gauge, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage),
+            (gauge, "vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage (pre-v1 name).",
              s.kv_cache_usage),
-        ]
-        for name, doc, value in gauges:
-            family = GaugeMetricFamily(name, doc, labels=LABELS)
-            family.add_metric(self.labels, value)
-            yield family
-        counters = [
-            ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", s.num_preemptions_total),
-            ("vllm:prompt_tokens", "Number of prefill tokens processed.", s.num_prompt_tokens_total),
-            ("vllm:generation_tokens", "Number of generation tokens processed.", s.num_generation_tokens_total),
-            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+            (counter, "vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+             s.num_preemptions_total),
+            (counter, "vllm:prompt_tokens", "Number of prefill tokens processed.", s.num_prompt_tokens_total),
+            (counter, "vllm:generation_tokens", "Number of generation tokens processed.",
+             s.num_generation_tokens_total),
+            (counter, "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
              s.prefix_cache_queries_total),
-            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+            (counter, "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
              s.prefix_cache_hits_total),
         ]
-        for name, doc, value in counters:
-            family = CounterMetricFamily(name, doc, labels=LABELS)
+        for kind, name, doc, value in families:
+            family = kind(name, doc, labels=LABELS)
             family.add_metric(self.labels, value)
             yield family

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ import pytest
 import yaml
 from delivery.support import render_objects
 from delivery.test_dashboards import DASHBOARDS, KUBE_STATE_METRICS, exposed_series, metric_names, queries
+from held_streams import HeldStreams
 from http_server import Server, free_port
 
 from genserve.operator import autoscaler, metrics_scrape
@@ -96,40 +96,6 @@ def start_prometheus(folder: Path, targets: dict[str, int], operator_port: int, 
             return False
     wait_for(ready, "Prometheus /-/ready")
     return prom
-
-
-@dataclass
-class Load:
-    """Streamed completions held open until `stop`; closing a stream aborts its request in the server."""
-    base_url: str
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-    responses: list[httpx.Response] = field(default_factory=list)
-
-    def add(self) -> None:
-        thread = threading.Thread(target=self._one, daemon=True)
-        thread.start()
-        self.threads.append(thread)
-
-    def _one(self) -> None:
-        body = {"model": "tiny", "prompt": "The lighthouse keeper said", "max_tokens": 400, "ignore_eos": True,
-                "stream": True}
-        try:
-            with httpx.stream("POST", self.base_url + "/v1/completions", json=body, timeout=300) as response:
-                self.responses.append(response)
-                for _ in response.iter_lines():
-                    if self.stop.is_set():
-                        return
-        except Exception:  # noqa: BLE001 (close() shuts streams under the reader's feet)
-            pass
-
-    def close(self) -> None:
-        """Disconnect every stream (the server aborts those requests)."""
-        self.stop.set()
-        for response in list(self.responses):
-            response.close()
-        for thread in self.threads:
-            thread.join(timeout=30)
 
 
 @dataclass
@@ -210,7 +176,7 @@ def test_chart_rules_load_and_evaluate(stack):
 
 
 def test_under_load_alerts_fire_dashboards_answer_and_the_autoscaler_reads_prometheus(stack):
-    load = Load(stack.server.base_url)
+    load = HeldStreams(stack.server.base_url)
     seen_firing: set[str] = set()
     dashboard_exprs = _dashboard_queries()
     answered: set[str] = set()

@@ -4,11 +4,11 @@ requests (queue, batch, KV cache while streams run; counters and histograms as r
 from __future__ import annotations
 
 import re
-import threading
 import time
 
 import httpx
 import pytest
+from held_streams import HeldStreams
 
 from genserve.server.cli import build_parser
 from genserve.server.metrics_vllm import ITL_BUCKETS, TTFT_BUCKETS, token_buckets
@@ -80,37 +80,10 @@ def test_idle_exposition_has_vllm_names_labels_and_buckets(server):
         assert vllm(server, f"vllm:{histogram}_count") in got, histogram
 
 
-class Streams:
-    def __init__(self, server, n: int):
-        self.stop = threading.Event()
-        self.responses: list[httpx.Response] = []
-        body = {"model": "m", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
-
-        def one():
-            try:
-                with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=300) as r:
-                    self.responses.append(r)
-                    for _ in r.iter_lines():
-                        if self.stop.is_set():
-                            return
-            except Exception:  # noqa: BLE001 (close() shuts the stream under the reader)
-                pass
-        self.threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
-        for t in self.threads:
-            t.start()
-
-    def close(self):
-        self.stop.set()
-        for r in list(self.responses):
-            r.close()
-        for t in self.threads:
-            t.join(timeout=30)
-
-
 def test_gauges_follow_running_streams_and_aborts_are_counted(server):
     abort = vllm(server, "vllm:request_success_total", finished_reason="abort")
     aborted_before = scrape(server)[abort]
-    streams = Streams(server, 3)
+    streams = HeldStreams(server.base_url, 3)
     try:
         # a batch of one: one running, two waiting; the vLLM gauges equal TGI's in the same scrape
         def loaded():
