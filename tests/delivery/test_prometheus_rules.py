@@ -140,6 +140,13 @@ def test_operator_metrics_expose_the_decision():
     metrics.record("llm-a", "chat", policy, Decision(8, "MetricsUnavailable", ""))
     got = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
     assert f"genserve_autoscaler_queue_depth{key}" not in got and got[f"genserve_autoscaler_max_replicas{key}"] == 8
+    # what the operator's daemon calls after each tick: the bounds come from the resource's spec
+    body = {"metadata": {"namespace": "llm-a", "name": "chat"},
+            "spec": {"model": {"id": "x"}, "autoscaling": {"enabled": True, "maxReplicas": 6, "targetQueueDepth": 2}}}
+    metrics.observe(body, Decision(6, "AtMaxReplicas", "", queue_depth=30, running=12), "img")
+    got = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
+    assert got[f"genserve_autoscaler_max_replicas{key}"] == 6 and got[f"genserve_autoscaler_target_queue_depth{key}"] == 2
+    assert got[f"genserve_autoscaler_queue_depth{key}"] == 30
     metrics.observe({"metadata": {"namespace": "llm-a", "name": "chat"}, "spec": {"model": {"id": "x"}}}, None, "img")
     assert not [k for k in _samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
                 if k.startswith("genserve_autoscaler_")]
