@@ -46,13 +46,15 @@ GRAMMAR = st.one_of(
                            "value": st.one_of(st.just(SELF_REF_SCHEMA), st.just(DEEP_SCHEMA), st.just("(a|b)*" * 5000),
                                               st.just("((((((("), TEXTS, JSON)}),
     JSON)
-PARAMETERS = st.fixed_dictionaries({"max_new_tokens": MAX_TOKENS}, optional={
+PARAMETERS_ONE = {
     "temperature": NUMBERS, "top_p": NUMBERS, "top_k": NUMBERS, "seed": NUMBERS,
     "repetition_penalty": NUMBERS, "frequency_penalty": NUMBERS, "typical_p": NUMBERS, "best_of": NUMBERS,
     "top_n_tokens": NUMBERS, "truncate": NUMBERS, "stop": st.one_of(st.lists(TEXTS, max_size=5), JSON),
     "details": JSON, "decoder_input_details": JSON, "do_sample": JSON, "grammar": GRAMMAR,
     "adapter_id": st.one_of(st.sampled_from(["../../etc/passwd", "/etc", "..", "C:\\x", "a/../../b"]), JSON),
-    "watermark": JSON, "return_full_text": JSON, "frobnicate": JSON})
+    "watermark": JSON, "return_full_text": JSON, "frobnicate": JSON, "max_new_tokens": MAX_TOKENS}
+PARAMETERS = st.fixed_dictionaries({"max_new_tokens": MAX_TOKENS},
+                                   optional={k: v for k, v in PARAMETERS_ONE.items() if k != "max_new_tokens"})
 OPENAI = {"temperature": NUMBERS, "top_p": NUMBERS, "n": NUMBERS, "seed": NUMBERS,
           "logprobs": JSON, "top_logprobs": NUMBERS, "stop": st.one_of(st.lists(TEXTS, max_size=5), JSON),
           "stream": st.booleans(), "stream_options": JSON, "logit_bias": JSON, "presence_penalty": NUMBERS,
@@ -85,11 +87,38 @@ def _raw_mutations(data: bytes) -> st.SearchStrategy[bytes]:
     return st.tuples(st.integers(0, max(len(data) - 1, 0)), bad).map(lambda t: data[:t[0]] + t[1] + data[t[0]:])
 
 
+VALID = {
+    "/generate": {"inputs": "Hello", "parameters": {"max_new_tokens": 4}},
+    "/generate_stream": {"inputs": "Hello", "parameters": {"max_new_tokens": 4}},
+    "/tokenize": {"inputs": "Hello"},
+    "/v1/completions": {"prompt": "Hello", "max_tokens": 4},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
+}
+ONE_FIELD = ("/generate", "/generate_stream", "/tokenize")
+
+
+@st.composite
+def _one_hostile_field(draw, route: str) -> dict:
+    """A valid body with one field drawn from the hostile values: most answers are then a 200."""
+    body = json.loads(json.dumps(VALID[route]))
+    if route in ONE_FIELD:
+        name = draw(st.sampled_from(sorted(PARAMETERS_ONE)))
+        body.setdefault("parameters", {})[name] = draw(PARAMETERS_ONE[name])
+    else:
+        fields = {**OPENAI, **({"messages": st.lists(MESSAGE, min_size=1, max_size=2), "tools": TOOLS}
+                               if route == "/v1/chat/completions" else {"prompt": TEXTS})}
+        name = draw(st.sampled_from(sorted(fields)))
+        body[name] = draw(fields[name])
+    return body
+
+
 @st.composite
 def hostile_request(draw) -> tuple[str, bytes]:
     """(route, body bytes)."""
     route = draw(st.sampled_from(ROUTES))
-    kind = draw(st.sampled_from(["shaped", "shaped", "shaped", "random", "raw", "deep"]))
+    kind = draw(st.sampled_from(["shaped", "shaped", "one", "one", "random", "raw", "deep"]))
+    if kind == "one":
+        return route, encode(draw(_one_hostile_field(route)))
     if kind == "random":
         return route, encode(draw(JSON))
     if kind == "deep":
