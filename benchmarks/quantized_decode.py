@@ -109,6 +109,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output-name", default="quantized_decode", help="results/<name>.json and .md")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset (fp32, int8, int4 (g128), int4-g32, GGUF Q4_1); llama.cpp always runs")
     args = parser.parse_args()
     model_dir = prepare_default_model()
     gguf = sorted((cache_dir() / "gguf").rglob(DEFAULT_MODEL_GGUF))
@@ -116,6 +119,9 @@ def main() -> None:
                 "int4 (g128)": (str(model_dir), "int4"), "int4-g32": (str(model_dir), "int4-g32")}
     if gguf:
         variants["GGUF Q4_1"] = (str(gguf[0]), None)
+    if args.variants:
+        wanted = {v.strip() for v in args.variants.split(",")}
+        variants = {name: v for name, v in variants.items() if name in wanted}
     rows, reference = [], None
     for name, (model_id, quantize) in variants.items():
         engine = LLMEngine(EngineConfig(model_id=model_id, quantize=quantize, dtype="float32",
@@ -145,7 +151,7 @@ def main() -> None:
     report = {"threads": args.threads, "torch": torch.__version__, "python": sys.version.split()[0],
               "lscpu": lscpu(), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quantized_decode.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{args.output_name}.json").write_text(json.dumps(report, indent=2))
     lines = ["# Quantized decode, SmolLM2-135M-Instruct, one stream, in-process",
              "", f"{args.threads} threads, torch {torch.__version__}; `benchmarks/quantized_decode.py`.", "",
              "| variant | decode tok/s | linears MiB | linears / bf16 bytes | embedding + LM head MiB "
@@ -156,7 +162,7 @@ def main() -> None:
                      f"{row.get('linear_MiB', '')} | {row.get('linear_vs_bf16', '')} | {row.get('vocabulary_MiB', '')} | "
                      f"{row.get('tokens_before_divergence', '')} |")
     lines += ["", "```", report["lscpu"].strip(), "```"]
-    (RESULTS / "quantized_decode.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.output_name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
