@@ -20,6 +20,7 @@ import httpx
 import pytest
 import torch
 from model_helpers import save_tiny_llama
+from reliability_helpers import StreamInThread
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from genserve.server import distributed
@@ -215,9 +216,14 @@ def test_smollm2_three_shards_over_http_match_one_shard_and_transformers_then_wo
         assert sharded == [ref[:len(s)] for ref, s in zip(reference_greedy(smollm2_dir, prompts_ids), sharded,
                                                            strict=True)]
 
+        # killed mid-stream: the server ends (non-zero) and so does the stream, never a hang
+        stream = StreamInThread(url, {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 400}})
+        assert stream.first.wait(300) and stream.error is None
         os.kill(pids[0], signal.SIGKILL)
         returncode = proc.wait(timeout=120)  # a cap only: rank 0's death ends the launcher
         assert returncode != 0
+        stream.join()
+        assert not any(e.get("generated_text") for e in stream.events)
         deadline = time.monotonic() + 120
         while is_running(pids[1]) and time.monotonic() < deadline:
             time.sleep(0.1)
