@@ -187,6 +187,7 @@ class MetricsEndpoint:
         self.scrapes = 0
         self.sequence: list[str] = []  # when set, scrape i answers sequence[i % len] (a noisy signal)
         self.hang = threading.Event()  # while set, a scrape is accepted and never answered
+        self.served: list[tuple[float, str]] = []  # (monotonic time, text) of each answered scrape
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
@@ -195,6 +196,7 @@ class MetricsEndpoint:
                 endpoint.scrapes += 1
                 text = endpoint.sequence[endpoint.scrapes % len(endpoint.sequence)] if endpoint.sequence \
                     else endpoint.text
+                endpoint.served.append((time.monotonic(), text))
                 body = text.encode()
                 self.send_response(200 if self.path == "/metrics" else 404)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
