@@ -124,12 +124,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        env = envelope(svc, "chat.completion.chunk", rid, created)
+        env = envelope(svc, "chat.completion.chunk", rid, created, params[0].adapter_id)
         return svc.sse(admitted, lambda outputs: _chat_events(admitted, outputs, env, body, top_n, calls),
                        error_event, stream_closing(env, include_usage))
     results = await svc.run(admitted, request.receive)
     answer = {
-        **envelope(svc, "chat.completion", rid, created),
+        **envelope(svc, "chat.completion", rid, created, params[0].adapter_id),
         "choices": [_chat_choice(i, r, calls, chat_logprobs(r.tokens, top_n) if body.logprobs else None,
                                  body.include_stop_str_in_output)
                     for i, r in enumerate(results)],

@@ -136,8 +136,9 @@ def completion_logprobs(tokens: list[TokenInfo], top_n: int, offset: int, prefix
     return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
-def envelope(svc: GenerationService, kind: str, rid: str, created: int) -> dict:
-    return {"id": rid, "object": kind, "created": created, "model": str(svc.engine.model_id),
+def envelope(svc: GenerationService, kind: str, rid: str, created: int, adapter: str | None = None) -> dict:
+    """The fields every OpenAI answer and chunk carries; `model` names the adapter that served it (vLLM)."""
+    return {"id": rid, "object": kind, "created": created, "model": adapter or str(svc.engine.model_id),
             "system_fingerprint": f"{server_version()}-native"}
 
 

@@ -83,7 +83,7 @@ async def completions(body: CompletionRequest, request: Request):
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        env = envelope(svc, "text_completion", rid, created)
+        env = envelope(svc, "text_completion", rid, created, params[0].adapter_id)
         return svc.sse(admitted, lambda outputs: _completion_events(svc, admitted, outputs, env, body, prompts, n),
                        error_event, stream_closing(env, include_usage))
     results = await svc.run(admitted, request.receive)
@@ -101,7 +101,7 @@ async def completions(body: CompletionRequest, request: Request):
             choices[-1]["prompt_logprobs"] = prompt_logprobs_json(prompt_ids, r.prompt_logprobs, r.prompt_top_tokens,
                                                                   body.prompt_logprobs, svc.tokenizer)
     return JSONResponse({
-        **envelope(svc, "text_completion", rid, created), "choices": choices,
+        **envelope(svc, "text_completion", rid, created, params[0].adapter_id), "choices": choices,
         "usage": usage(record.num_prompt_tokens, record.num_generated_tokens),
     }, headers=record.headers(svc.compute_type))
 

@@ -78,6 +78,7 @@ def test_each_adapter_alone_equals_transformers_with_it_merged(server, lora):
     r = httpx.post(server.base_url + "/v1/completions", timeout=300,
                    json={"model": "chat", "prompt": PROMPTS[NAMES.index("chat") % 2], "max_tokens": MAX_NEW, "temperature": 0})
     assert r.status_code == 200, r.text
+    assert r.json()["model"] == "chat"  # the answer names the adapter that served it, as vLLM's does
     assert r.json()["choices"][0]["text"] == lora["tokenizer"].decode(lora["expected"]["chat"],
                                                                       skip_special_tokens=True)
 
