@@ -8,6 +8,8 @@ PIP := $(VENV)/bin/pip
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 export GENSERVE_CACHE ?= $(HOME)/.cache/genserve
+# pytest-xdist workers; each test file runs whole on one worker (module-scoped servers stay shared)
+PYTEST_WORKERS ?= 2
 
 .PHONY: venv install model serve test lint e2e sync-crds bench clean prometheus
 
@@ -32,12 +34,13 @@ serve: model
 prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
 		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-		     && apt-get install -y -q --no-install-recommends prometheus >/dev/null; } \
+		     && { apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+		          || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }; } \
 		|| echo "prometheus not installed: the Prometheus tests will skip"
 
 test: model prometheus
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 e2e: install
 	$(PY) -m pytest -v e2e
