@@ -230,7 +230,8 @@ def test_smollm2_three_shards_over_http_match_one_shard_and_transformers_then_wo
         assert not is_running(pids[1]), "the surviving worker outlived rank 0"
         # whichever sees it first: the supervisor (the worker's exit code) or rank 0's next collective
         log = log_path.read_text()
-        assert "exited with code -9: exiting" in log or "engine step failed" in log, log[-3000:]
+        assert ("exited with code -9: exiting" in log or "tensor-parallel step failed on rank 0: exiting" in log
+                or "engine step failed" in log), log[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
