@@ -245,6 +245,19 @@ def replicas(cluster, namespace: str, name: str = "chat") -> int:
     return cluster.get("apps/v1/deployments", namespace, name)["spec"]["replicas"]
 
 
+def create_tgs(api, namespace: str, name: str, spec: dict[str, Any]) -> dict:
+    return client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, tgs_body(name, spec))
+
+
+def get_tgs(api, namespace: str, name: str) -> dict:
+    return client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def condition(obj: dict, type_: str) -> dict | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), None)
+
+
 def tgs_status(api, namespace: str, name: str = "chat") -> dict:
     obj = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     return obj.get("status") or {}

@@ -12,7 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from crd_schema import CelRuleError, validate
-from harness import tgs_body, wait_for
+from harness import condition, get_tgs, wait_for
+from harness import create_tgs as create
 from kmock import ResourceInfo
 from kubernetes import client
 
@@ -100,14 +101,8 @@ def test_disabled_pool_is_absent():
 
 # ---- the real operator ----------------------------------------------------------------------------------
 
-def create(api, namespace, name, spec):
-    return client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, tgs_body(name, spec))
-
-
 def degraded(api, namespace, name):
-    obj = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == "Degraded"), None)
+    return condition(get_tgs(api, namespace, name), "Degraded")
 
 
 def test_pool_without_its_crds_is_degraded_and_the_service_still_runs(operator, api, cluster, namespace):

@@ -20,7 +20,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 from crd_schema import CelRuleError, validate
-from harness import add_ready_pod, tgs_body, tgs_status, wait_for
+from harness import add_ready_pod, condition, get_tgs, tgs_status, wait_for
+from harness import create_tgs as create
 from hub_server import HubServer
 from kubernetes import client
 from test_init_step import BIN, container_env
@@ -317,19 +318,6 @@ def test_fetch_step_imports_nothing_the_server_image_lacks():
 
 
 # ---- the real operator against the emulator ---------------------------------------------------------
-
-def create(api, namespace, name, spec):
-    return client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, tgs_body(name, spec))
-
-
-def get_tgs(api, namespace, name):
-    return client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-
-
-def condition(obj, type_):
-    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), None)
-
 
 def validate_stored(obj):
     stored = {k: v for k, v in obj.items() if k != "status"}

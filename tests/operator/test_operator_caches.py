@@ -5,26 +5,14 @@ from __future__ import annotations
 
 import kubernetes_validate
 import pytest
-from harness import tgs_body, wait_for
+from harness import condition, get_tgs, wait_for
+from harness import create_tgs as create
 from kubernetes import client
 
 GROUP, VERSION, PLURAL = "genserve.dev", "v1alpha1", "textgenerationservices"
 DEPLOY, PVC, JOB = "apps/v1/deployments", "v1/persistentvolumeclaims", "batch/v1/jobs"
 MODEL = {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 WAIT = 120  # generous: the emulator and the operator share two busy cores
-
-
-def create(api, namespace, name, spec):
-    return client.CustomObjectsApi(api).create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, tgs_body(name, spec))
-
-
-def get_tgs(api, namespace, name):
-    return client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-
-
-def condition(obj, type_):
-    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), None)
 
 
 def wait_condition(api, namespace, name, type_, status, reason=None):
