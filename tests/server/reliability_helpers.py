@@ -37,14 +37,15 @@ def metrics(base_url: str) -> dict[str, float]:
     return out
 
 
-def wait_for(predicate, what: str, cap: float = 120.0, interval: float = 0.05):
-    """Poll `predicate()` until it returns something truthy; a generous cap for a busy machine."""
+def wait_for(predicate, what, cap: float = 120.0, interval: float = 0.05):
+    """Poll `predicate()` until it returns something truthy; a generous cap for a busy machine. `what` may be
+    a callable, to describe the last state seen when the cap is reached."""
     deadline = time.monotonic() + cap
     while True:
         value = predicate()
         if value:
             return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out after {cap} s waiting for {what() if callable(what) else what}"
         time.sleep(interval)
 
 

@@ -24,6 +24,7 @@ from delivery.support import render_objects
 from delivery.test_dashboards import DASHBOARDS, KUBE_STATE_METRICS, exposed_series, metric_names, queries
 from held_streams import HeldStreams
 from http_server import Server, free_port
+from reliability_helpers import wait_for as poll
 
 from genserve.operator import autoscaler, metrics_scrape
 from genserve.operator.autoscaler_metrics import AutoscalerMetrics
@@ -43,13 +44,7 @@ PINNED = AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=1, target_qu
 
 
 def wait_for(check: Callable[[], object], what: str | Callable[[], str], cap: float = CAP_S, interval: float = 0.5):
-    deadline = time.monotonic() + cap
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"not within {cap} s: {what() if callable(what) else what}"
-        time.sleep(interval)
+    return poll(check, what, cap, interval)
 
 
 @dataclass
