@@ -85,6 +85,10 @@ class LLMEngine:
         self.model_dir = resolve_model(config.model_id, config.revision)
         self.model_id = config.model_id or "HuggingFaceTB/SmolLM2-135M-Instruct"
         hf_config = load_hf_config(self.model_dir, config.trust_remote_code)  # one-line errors for bad configs
+        if not config.use_transformers_fallback:
+            from genserve.server.models import native_config
+
+            hf_config = native_config(hf_config)  # a multimodal checkpoint: its text model's config
         apply_rope_flags(hf_config, config.rope_scaling, config.rope_factor)
         self.hf_config = hf_config
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -146,9 +150,9 @@ class LLMEngine:
             raise ValueError("LoRA adapters need a native decoder implementation; "
                              f"{getattr(hf_config, 'architectures', None)} runs through transformers here")
         if getattr(hf_config, "is_encoder_decoder", False):  # T5, BART: the prompt is the encoder input
-            from genserve.server.seq2seq_runner import Seq2SeqRunner
+            from genserve.server.seq2seq_runner import make_seq2seq_runner
 
-            return Seq2SeqRunner(self.config, hf_config, self.model_dir, self.device, self.torch_dtype)
+            return make_seq2seq_runner(self.config, hf_config, self.model_dir, self.device, self.torch_dtype)
         if self.config.use_transformers_fallback or get_model_class(getattr(hf_config, "architectures", None)) is None:
             from genserve.server.fallback_runner import FallbackRunner
 

@@ -27,3 +27,10 @@ def get_model_class(architectures: list[str] | None) -> type | None:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
     return None
+
+
+def native_config(hf_config):
+    """The config the native class and the engine read: the text model's, for a multimodal checkpoint whose text
+    path is native (the class's `text_config_of`); otherwise `hf_config` itself."""
+    adapt = getattr(get_model_class(getattr(hf_config, "architectures", None)), "text_config_of", None)
+    return adapt(hf_config) if adapt else hf_config

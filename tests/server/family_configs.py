@@ -14,6 +14,10 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_laye
             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+TINY_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                   patch_size=14)
+
+
 def _longrope(rotary_dim: int) -> dict:
     half = rotary_dim // 2
     return {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
@@ -36,6 +40,11 @@ def family_configs() -> dict[str, tuple[str, dict]]:
             attn_logit_softcapping=None, final_logit_softcapping=None,
             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+        # gemma-3-4b/12b/27b-it: the same text model inside Gemma3ForConditionalGeneration (save_family nests it)
+        "gemma3-multimodal": ("Gemma3Config", dict(
+            gemma, num_hidden_layers=3, layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 300.0}})),
         "phi3-longrope": ("Phi3Config", dict(rope_parameters=_longrope(16), sliding_window=WINDOW,
                                              original_max_position_embeddings=64, tie_word_embeddings=False)),
         "phi4-mini-partial": ("Phi3Config", dict(rope_parameters={**_longrope(8), "partial_rotary_factor": 0.5},
@@ -65,7 +74,11 @@ def randomize_norms_and_biases(model: torch.nn.Module) -> None:
 def save_family(path: Path, name: str, **extra) -> torch.nn.Module:
     """A random tiny model of family `name` saved to `path` (safetensors); returns it (float32, eval)."""
     config_name, overrides = family_configs()[name]
-    config = getattr(transformers, config_name)(**{**TINY, **overrides, **extra})
+    fields = {**TINY, **overrides, **extra}
+    if config_name == "Gemma3Config":  # a multimodal checkpoint: the text config inside, a tiny vision tower beside
+        config = transformers.Gemma3Config(text_config=fields, vision_config=TINY_VISION, mm_tokens_per_image=4)
+    else:
+        config = getattr(transformers, config_name)(**fields)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     randomize_norms_and_biases(model)

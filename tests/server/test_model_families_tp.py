@@ -67,6 +67,7 @@ def test_every_family_at_two_shards_matches_transformers(tmp_path):
         path = tmp_path / name
         hf = save_family(path, name)
         torch.save(hf_scenario_logits(hf), path / "expected_logits.pt")
-        torch.save([hf.config.num_attention_heads] * hf.config.num_hidden_layers, path / "heads.pt")
+        text = hf.config.get_text_config()  # a multimodal checkpoint's text model
+        torch.save([text.num_attention_heads] * text.num_hidden_layers, path / "heads.pt")
         cases.append((name, str(path)))
     mp.spawn(tp_worker, args=(free_port(), cases), nprocs=2, join=True)
