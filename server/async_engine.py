@@ -6,6 +6,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -18,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 MAX_CONSECUTIVE_STEP_FAILURES = 3
+# one step running longer than this means a wedged engine (a hung kernel or collective): /live turns 503
+WEDGED_STEP_SECONDS = 600.0
 
 
 class EngineDeadError(RuntimeError):
@@ -44,6 +47,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
+        self._step_started_at: float | None = None
+        self.wedged_step_seconds = WEDGED_STEP_SECONDS
         self.max_consecutive_step_failures = MAX_CONSECUTIVE_STEP_FAILURES  # --max-consecutive-step-failures
 
     @classmethod
@@ -72,6 +77,13 @@ class AsyncEngine:
         # stopping workers is a collective: never while the step thread may still be mid-step
         if self._thread is None or not self._thread.is_alive():
             await asyncio.to_thread(self.engine.shutdown)
+
+    def is_live(self) -> bool:
+        """False once the step thread has died, or while one step has run for over `wedged_step_seconds`."""
+        if self.error is not None or (self._thread is not None and not self._thread.is_alive()):
+            return False
+        started = self._step_started_at
+        return started is None or time.monotonic() - started < self.wedged_step_seconds
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         return self.engine.validate(prompt_token_ids, params)
@@ -176,9 +188,11 @@ class AsyncEngine:
                 self._wakeup.wait(0.5)
                 self._wakeup.clear()
                 continue
+            self._step_started_at = time.monotonic()
             try:
                 outputs, stats = engine.step()
             except Exception as exc:
+                self._step_started_at = None
                 logger.exception("engine step failed")
                 self._fail_all(exc)
                 failures += 1
@@ -187,6 +201,7 @@ class AsyncEngine:
                 if engine.device.type == "cuda" or failures >= self.max_consecutive_step_failures:
                     raise
                 continue
+            self._step_started_at = None
             failures = 0
             if outputs:
                 self._loop.call_soon_threadsafe(self._deliver_many, outputs)

@@ -117,6 +117,8 @@ def _add_server_flags(group: argparse._ArgumentGroup) -> None:
     add("--graceful-termination-timeout", 90, int, "seconds to let in-flight requests finish after SIGTERM")
     add("--send-timeout", 60.0, float, "seconds a response may wait on a client that reads nothing (then aborted)")
     add("--request-header-timeout", 30.0, float, "seconds for a request's head to arrive (slowloris); then closed")
+    add("--request-body-timeout", 30.0, float, "seconds a request body may stall between two chunks; then 408 "
+        "and closed (0: no limit)")
     add("--max-consecutive-step-failures", 3, int, "engine steps failing in a row before the server exits 1")
     add("--huggingface-hub-cache", None, str, "where Hub downloads go (HF_HUB_CACHE)")
     add("--prometheus-port", None, int, "also serve /metrics on this port (TGI's separate metrics listener)")
@@ -181,6 +183,7 @@ def server_settings(args: argparse.Namespace):
         metrics_compat=args.metrics_compat,
         send_timeout=args.send_timeout,
         request_header_timeout=args.request_header_timeout,
+        request_body_timeout=args.request_body_timeout,
         json_output=args.json_output,
         sha=os.environ.get("GENSERVE_GIT_SHA"),
         docker_label=os.environ.get("DOCKER_LABEL"),

@@ -18,12 +18,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from genserve.server.api import (
     chat_routes,
+    liveness,
     lora_routes,
     openai_routes,
     platform_routes,
     tgi_routes,
     tokenize_routes,
 )
+from genserve.server.api.body_timeout import BodyTimeout
 from genserve.server.api.draining import Drain, DrainGuard
 from genserve.server.api.engine_client import EngineClient
 from genserve.server.api.errors import APIError, install_error_handlers
@@ -162,14 +164,16 @@ def create_app(engine: EngineClient, settings: ServerSettings | None = None) -> 
     app.include_router(platform_routes.router)
     app.include_router(tokenize_routes.router)
     app.include_router(lora_routes.router)
+    app.include_router(liveness.router)
 
     @app.get("/api-doc/openapi.json", include_in_schema=False)
     async def tgi_openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    # outermost last: CORS, then the send timeout, the API key and payload limit, the SIGTERM drain
+    # outermost last: CORS, the send timeout, the body timeout, the API key and payload limit, the SIGTERM drain
     app.add_middleware(DrainGuard, drain=app.state.drain)
     app.add_middleware(RequestGuard, payload_limit=settings.payload_limit, api_key=settings.api_key)
+    app.add_middleware(BodyTimeout, seconds=settings.request_body_timeout)
     app.add_middleware(SendTimeout, seconds=settings.send_timeout)
     app.add_middleware(
         CORSMiddleware,

@@ -27,6 +27,7 @@ class ServerSettings:
     metrics_compat: tuple[str, ...] = ()  # metric name sets exported beside TGI's: "vllm"
     send_timeout: float = 60.0  # seconds a response message may wait on a client that reads nothing
     request_header_timeout: float = 30.0  # seconds for a request head to arrive (slowloris)
+    request_body_timeout: float = 30.0  # seconds a request body may stall between two chunks (then 408)
     json_output: bool = False
     exit_on_engine_failure: bool = False
     model_sha: str | None = None

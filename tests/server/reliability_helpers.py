@@ -120,6 +120,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 ORIGIN = "https://app.example.com"
 LIMIT = 4  # --max-concurrent-requests
 SEND_TIMEOUT = 3
+BODY_TIMEOUT = 3
 TRAPS = {  # chat-template branches that reach outside the sandbox, run when the first message names them
     "read-attributes": "{{ messages.__class__.__mro__[1].__subclasses__() }}",
     "read-globals": "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
@@ -131,7 +132,7 @@ TRAPS = {  # chat-template branches that reach outside the sandbox, run when the
 @pytest.fixture(scope="session")
 def hardened_server(tmp_path_factory, smollm2_dir):
     """A tiny Llama behind --api-key, one CORS origin, a trapped chat template, a low concurrency limit,
-    short send and header timeouts, and room for long streams (--max-total-tokens 4096)."""
+    short send, header and body timeouts, and room for long streams (--max-total-tokens 4096)."""
     from http_server import start_server
     from transformers import AutoTokenizer
 
@@ -145,7 +146,8 @@ def hardened_server(tmp_path_factory, smollm2_dir):
                        "--api-key", KEY, "--cors-allow-origin", ORIGIN, "--tokenizer-config-path", str(config),
                        "--max-concurrent-requests", str(LIMIT), "--max-batch-size", "2",
                        "--max-total-tokens", "4096", "--max-batch-total-tokens", "65536", "--max-top-n-tokens", "100",
-                       "--send-timeout", str(SEND_TIMEOUT), "--request-header-timeout", "3", "--num-threads", "1")
+                       "--send-timeout", str(SEND_TIMEOUT), "--request-header-timeout", "3",
+                       "--request-body-timeout", str(BODY_TIMEOUT), "--num-threads", "1")
     srv.model_dir = tiny
     yield srv
     assert srv.stop() == 0, srv.log()[-3000:]

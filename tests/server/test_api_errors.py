@@ -215,3 +215,19 @@ async def test_health_is_503_when_the_engine_died(served):
     client, engine = served
     engine.error = RuntimeError("device lost")
     assert (await client.get("/health")).status_code == 503
+
+
+async def test_live_stays_200_through_a_drain_and_is_503_once_the_engine_died(tokenizer):
+    """/health is readiness (503 while draining), /live is liveness: a long drain must not get the pod killed."""
+    engine = FakeEngine(tokenizer)
+    app = create_app(engine)
+    async with app.router.lifespan_context(app), await _client(app) as client:
+        await app.state.service.started
+        assert (await client.get("/live")).status_code == 200
+        app.state.drain.begin()  # what SIGTERM does
+        assert (await client.get("/health")).status_code == 503
+        assert (await client.get("/live")).status_code == 200
+        engine.error = RuntimeError("device lost")
+        r = await client.get("/live")
+        assert r.status_code == 503
+        assert r.json() == {"error": "the engine stopped or is stuck in a step", "error_type": "liveness"}

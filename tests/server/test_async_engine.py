@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from model_helpers import save_tiny_llama
@@ -59,6 +60,35 @@ async def test_repeated_failures_stop_the_engine_and_fail_new_requests(tiny_engi
             break
         await asyncio.sleep(0.02)
     assert isinstance(tiny_engine.error, RuntimeError)
+    assert not tiny_engine.is_live()  # /live: 503
     with pytest.raises(EngineDeadError):
         await collect(tiny_engine)
+    await tiny_engine.shutdown()
+
+
+async def test_a_step_that_hangs_makes_the_engine_not_live_until_it_returns(tiny_engine):
+    await tiny_engine.start()
+    assert tiny_engine.is_live()
+    tiny_engine.wedged_step_seconds = 0.2
+    entered, release = threading.Event(), threading.Event()
+    real_step = tiny_engine.engine.step
+
+    def hanging_step():
+        entered.set()
+        release.wait(300)
+        return real_step()
+
+    tiny_engine.engine.step = hanging_step
+    outputs = asyncio.ensure_future(collect(tiny_engine))
+    for what, predicate in [("the step to begin", entered.is_set),
+                            ("the hung step to count as wedged", lambda: not tiny_engine.is_live())]:
+        for _ in range(6000):  # a generous cap (120 s) for a busy machine
+            if predicate():
+                break
+            await asyncio.sleep(0.02)
+        assert predicate(), what
+    tiny_engine.engine.step = real_step
+    release.set()
+    assert (await asyncio.wait_for(outputs, 300))[-1].finished
+    assert tiny_engine.is_live()
     await tiny_engine.shutdown()

@@ -1,7 +1,8 @@
 """Real HTTP, overload and slow clients (a tiny random Llama): a flood of twice --max-concurrent-requests
 gets exactly the limit served and the rest a 429 at once, the waiting queue never holds more than the
-limit, resident memory stays bounded; a slowloris head is cut off by the header timeout and a stream
-nobody reads is abandoned after --send-timeout (its engine request aborted, its slot and KV blocks free)."""
+limit, resident memory stays bounded; a slowloris head is cut off by the header timeout, a body that
+stalls gets 408 after the body timeout, and a stream nobody reads is abandoned after --send-timeout (its
+engine request aborted, its slot and KV blocks free)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ import time
 
 import httpx
 import pytest
-from reliability_helpers import AUTH, LIMIT, SEND_TIMEOUT, idle, metrics, peak_rss_bytes, rss_bytes, wait_for
+from reliability_helpers import (
+    AUTH,
+    BODY_TIMEOUT,
+    LIMIT,
+    SEND_TIMEOUT,
+    idle,
+    metrics,
+    peak_rss_bytes,
+    rss_bytes,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -138,3 +149,41 @@ def test_a_stream_nobody_reads_is_abandoned_and_frees_its_slot(server):
     r = httpx.post(server.base_url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
                    headers=AUTH, timeout=120)
     assert r.status_code == 200
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    sock.settimeout(120)  # a generous cap: the 408 comes after BODY_TIMEOUT s of silence
+    reply = b""
+    try:
+        while chunk := sock.recv(65536):
+            reply += chunk
+    except ConnectionResetError:
+        pass
+    return reply
+
+
+def test_a_stalled_request_body_gets_408_and_is_closed_while_others_are_served(server):
+    port = int(server.base_url.rsplit(":", 1)[1])
+    head = (b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: " + AUTH["Authorization"].encode() + b"\r\n")
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        # a body announced as 100,000 bytes that stops after 1,000; a chunked body that stops after one chunk
+        stalled[0].sendall(head + b"Content-Length: 100000\r\n\r\n" + b'{"inputs": "' + b"a" * 988)
+        stalled[1].sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + b'c\r\n{"inputs": "\r\n')
+        r = httpx.post(server.base_url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+                       headers=AUTH, timeout=120)
+        assert r.status_code == 200, r.text
+        for sock in stalled:
+            status_line, _, rest = _read_until_closed(sock).partition(b"\r\n")
+            headers, _, body = rest.partition(b"\r\n\r\n")
+            assert status_line == b"HTTP/1.1 408 Request Timeout", status_line
+            assert b"connection: close" in headers.lower()
+            assert json.loads(body) == {"error": f"Request timeout: the request body stalled for over {BODY_TIMEOUT:g} s",
+                                        "error_type": "request_timeout"}
+    finally:
+        for sock in stalled:
+            sock.close()
+    m = wait_for(lambda: idle(server.base_url), "an idle engine")  # nothing reached the engine
+    assert m["genserve_kv_cache_blocks_used"] == 0
+    assert server.log().count(f"the request body stalled for over {BODY_TIMEOUT:g} s") == 2

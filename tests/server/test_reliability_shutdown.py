@@ -1,5 +1,5 @@
 """Real HTTP, graceful termination on a tensor-parallel server (--num-shard 2, gloo; rank 0 runs the same
-HTTP server as one shard does): on SIGTERM /health turns 503, new requests get a 503 `unhealthy` error,
+HTTP server as one shard does): on SIGTERM /health turns 503 (/live stays 200), new requests get a 503 `unhealthy` error,
 in-flight requests (streams and JSON) run to their end with their uninterrupted answers, then the server
 exits 0 and its worker with it. (A worker killed mid-stream: test_tensor_parallel.py.)"""
 
@@ -46,6 +46,7 @@ def _drain_check(server) -> None:
     server.proc.send_signal(signal.SIGTERM)
     health = wait_for(lambda: (h := httpx.get(url + "/health", timeout=30)).status_code == 503 and h, "health 503")
     assert health.json()["error_type"] == "unhealthy"
+    assert httpx.get(url + "/live", timeout=30).status_code == 200  # liveness: a long drain is no reason to kill
     for route, body in [("/generate", {"inputs": "Hi"}), ("/v1/chat/completions",
                                                         {"messages": [{"role": "user", "content": "Hi"}]})]:
         r = httpx.post(url + route, json=body, timeout=30)
