@@ -126,7 +126,8 @@ def build_deployment(name: str, namespace: str, spec: ServiceSpec, settings: Ope
         "volumeMounts": mounts,
         "startupProbe": _probe("/health", PROBE_PERIOD_SECONDS, startup_failures),
         "readinessProbe": _probe("/health", 5, 3),
-        "livenessProbe": _probe("/health", 10, 6),
+        # /health is readiness and 503 while draining: liveness on it would kill a drain longer than 60 s
+        "livenessProbe": _probe("/live", 10, 6),
         # let endpoints drop the pod before SIGTERM starts the server's drain
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(settings.prestop_sleep_seconds)]}}},
         "securityContext": _container_security(),

@@ -130,8 +130,10 @@ def test_probes_grace_period_and_security():
     startup = server["startupProbe"]
     # the default 30 minutes for downloading and loading weights
     assert startup["periodSeconds"] * startup["failureThreshold"] >= spec.server.startup_timeout_seconds
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         assert server[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    # liveness stays 200 through a SIGTERM drain (readiness turns 503): a long drain is not killed
+    assert server["livenessProbe"]["httpGet"] == {"path": "/live", "port": "http"}
     assert server["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(SETTINGS.prestop_sleep_seconds)]
     assert "--graceful-termination-timeout" in server["args"]
     assert pod["terminationGracePeriodSeconds"] > spec.server.graceful_termination_seconds + \
