@@ -11,16 +11,18 @@ from genserve.operator import controller
 from genserve.operator.autoscaler import ScalerState
 from genserve.operator.autoscaler_metrics import AutoscalerMetrics
 from genserve.operator.kube import Kube, load_api_client
-from genserve.operator.settings import GROUP, MANAGED_BY, PLURAL, VERSION, OperatorSettings
+from genserve.operator.restore_retry import OwnerRetries, restore_owner
+from genserve.operator.settings import GROUP, MANAGED_BY, PLURAL, SERVICE_LABEL, VERSION, OperatorSettings
 
 TGS = (GROUP, VERSION, PLURAL)
-RESYNC_SECONDS = 60
 
 
 @kopf.on.startup()
 def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     config = OperatorSettings.from_env()
     memo.ctx = controller.Context(kube=Kube(load_api_client()), settings=config)
+    memo.restores = OwnerRetries(lambda namespace, name: restore_owner(memo.ctx, namespace, name))
+    _register_resync(config.reconcile_interval_seconds)
     memo.autoscaler_metrics = AutoscalerMetrics()
     if config.metrics_port:
         memo.autoscaler_metrics.serve(config.metrics_port)
@@ -37,6 +39,11 @@ def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: l
         settings.peering.name = config.peering
         settings.peering.standalone = False
     logger.info(f"genserve operator started: {config}")
+
+
+@kopf.on.cleanup()
+def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.restores.stop()
 
 
 @kopf.on.login()
@@ -59,9 +66,19 @@ def tgs_reconcile(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retr
         raise kopf.TemporaryError(f"{type(e).__name__}: {e}; retrying in {delay:g} s", delay=delay) from e
 
 
-@kopf.timer(*TGS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
 def tgs_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     controller.reconcile_service(memo.ctx, dict(body), logger, is_resync=True)
+
+
+_resync_interval: list[float] = []  # registered once per process (kopf's default registry is global)
+
+
+def _register_resync(seconds: float) -> None:
+    # a timer's interval is fixed when it is registered, and the settings are read at startup (never at
+    # import): so the timer is registered here, before kopf starts watching
+    if not _resync_interval:
+        _resync_interval.append(seconds)
+        kopf.timer(*TGS, interval=seconds, initial_delay=seconds)(tgs_resync)
 
 
 @kopf.daemon(*TGS, cancellation_timeout=5)
@@ -86,6 +103,16 @@ def tgs_autoscale(stopped: kopf.DaemonStopped, body: kopf.Body, spec: kopf.Spec,
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED_BY)
 @kopf.on.event("networking.k8s.io", "v1", "ingresses", labels=MANAGED_BY)
 def child_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    if type in ("MODIFIED", "DELETED"):
+    if type not in ("MODIFIED", "DELETED"):
+        return
+    try:
         controller.on_child_event(memo.ctx, type, dict(body), logger)
+    except Exception as e:
+        owner = (body["metadata"].get("labels") or {}).get(SERVICE_LABEL)
+        if not controller.is_transient(e) or not owner:
+            raise
+        # kopf never retries an event handler: the owner's whole pass is retried with the reconcile's backoff
+        started = memo.restores.request(body["metadata"]["namespace"], owner)
+        logger.info(f"restoring {body['kind']} {body['metadata']['name']} failed ({e.__class__.__name__}: {e}); "
+                    + ("retrying with backoff" if started else "its owner's retry is already pending"))
 

@@ -14,6 +14,8 @@ SERVICE_LABEL = "genserve.dev/service"
 @dataclass(slots=True)
 class OperatorSettings:
     default_image: str = "ghcr.io/genserve/genserve-server:0.1.0"
+    # the periodic resync of every service (main._register_resync): the safety net for missed events
+    reconcile_interval_seconds: float = 60.0
     scrape_timeout_seconds: float = 2.0
     cluster_domain: str = "cluster.local"
     peering: str = ""  # a KopfPeering name enables HA peering; empty runs standalone
