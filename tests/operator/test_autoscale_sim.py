@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import autoscale_sim as sim  # noqa: E402
 
-from genserve.operator.spec import AutoscalingSpec  # noqa: E402
+from genserve.operator.spec import AutoscalingSpec, parse_autoscaling  # noqa: E402
 
 MODEL = sim.ServerModel(step_points=[(1, 0.06), (8, 0.15), (32, 0.18)], ready_seconds=20.0)
 
@@ -169,3 +169,10 @@ def test_pooled_routing_fills_any_free_slot_from_one_fleet_queue():
     cluster.step(1.0, 0.0, waits)
     assert [len(r.running) for r in cluster.replicas] == [32, 32] and len(cluster.central) == 1
     assert waits == [0.5, 0.5] and not any(r.queue for r in cluster.replicas)
+
+
+def test_the_tuned_setting_is_a_valid_spec_autoscaling():
+    camel = {"intervalSeconds": 5, "targetKvCacheUsage": 0.33, "maxScaleUpStep": 16,
+             "scaleDownStabilizationSeconds": 30}
+    parsed = parse_autoscaling({"enabled": True, "minReplicas": 1, "maxReplicas": 16, **camel})
+    assert parsed == AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=16, **sim.TUNED)
