@@ -11,7 +11,7 @@ from genserve.operator import controller
 from genserve.operator.autoscaler import ScalerState
 from genserve.operator.autoscaler_metrics import AutoscalerMetrics
 from genserve.operator.kube import Kube, load_api_client
-from genserve.operator.restore_retry import OwnerRetries, restore_owner
+from genserve.operator.restore_retry import OwnerRetries, describe, restore_owner
 from genserve.operator.settings import GROUP, MANAGED_BY, PLURAL, SERVICE_LABEL, VERSION, OperatorSettings
 
 TGS = (GROUP, VERSION, PLURAL)
@@ -113,6 +113,6 @@ def child_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: logging.Log
             raise
         # kopf never retries an event handler: the owner's whole pass is retried with the reconcile's backoff
         started = memo.restores.request(body["metadata"]["namespace"], owner)
-        logger.info(f"restoring {body['kind']} {body['metadata']['name']} failed ({e.__class__.__name__}: {e}); "
+        logger.info(f"restoring {body['kind']} {body['metadata']['name']} failed ({describe(e)}); "
                     + ("retrying with backoff" if started else "its owner's retry is already pending"))
 

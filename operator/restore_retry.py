@@ -15,10 +15,19 @@ import logging
 import threading
 from collections.abc import Callable
 
+from kubernetes.client.exceptions import ApiException
+
 from genserve.operator import controller
 
 Key = tuple[str, str]  # the owner's (namespace, name)
 logger = logging.getLogger("genserve.operator.restore")
+
+
+def describe(error: BaseException) -> str:
+    """One line (an ApiException's own text carries the headers and the body)."""
+    if isinstance(error, ApiException):
+        return f"{error.status} {error.reason}"
+    return f"{type(error).__name__}: {error}"
 
 
 def restore_owner(ctx: controller.Context, namespace: str, name: str) -> None:
@@ -75,15 +84,15 @@ class OwnerRetries:
                     if not self._is_transient(e):
                         # e.g. an invalid spec, already Degraded by the pass (a permanent API error on a child
                         # does not even raise: the pass records it as Degraded ApplyFailed); a retry repeats it
-                        logger.warning(f"restore of {key[0]}/{key[1]} stopped: {type(e).__name__}: {e}")
+                        logger.warning(f"restore of {key[0]}/{key[1]} stopped: {describe(e)}")
                         return
                     retry += 1
-                    logger.info(f"restore of {key[0]}/{key[1]} failed ({type(e).__name__}: {e}); "
-                                f"retry {retry} in {self._delay(retry):g} s")
+                    logger.info(f"restore of {key[0]}/{key[1]} failed ({describe(e)}); "
+                                f"retry {retry + 1} in {self._delay(retry):g} s")
                     continue
                 with self._lock:
                     if self._requests[key] == covered:
-                        logger.info(f"restore of {key[0]}/{key[1]} done on retry {retry + 1}")
+                        logger.info(f"restore of {key[0]}/{key[1]}: a pass completed on retry {retry + 1}")
                         return
                 retry = 0  # asked again while this pass ran: one more, as soon as a first retry would be
         finally:

@@ -124,7 +124,11 @@ def test_a_deleted_deployment_comes_back_through_api_errors(disturbed):
     assert_backed_off(fault)
     # the event handler's attempt and two retries failed, the third retry applied it: no storm of applies
     assert len(patches(ct, "deployments", "deleted", run.since)) <= len(fault.hits) + 2
-    wait_for(lambda: "restore of deleted/chat done" in operator.log(), what="the retry's log line")
+    wait_for(lambda: "restore of deleted/chat: a pass completed" in operator.log(), what="the retry's log line")
+    # the retry's pass posts its Events too (it runs in a copy of kopf's handler context)
+    wait_for(lambda: [r for r in ct.operator_requests() if r.id >= run.since and r.method.value == "POST"
+                      and r.namespace == "deleted" and (r.data or {}).get("message") == "created Deployment chat"],
+             what="the Created Event")
     assert "Timer 'tgs_resync'" not in operator.log()  # the resync (an hour away) did not do it
 
 
