@@ -150,9 +150,9 @@ class LLMEngine:
             raise ValueError("LoRA adapters need a native decoder implementation; "
                              f"{getattr(hf_config, 'architectures', None)} runs through transformers here")
         if getattr(hf_config, "is_encoder_decoder", False):  # T5, BART: the prompt is the encoder input
-            from genserve.server.seq2seq_runner import Seq2SeqRunner
+            from genserve.server.seq2seq_runner import make_seq2seq_runner
 
-            return Seq2SeqRunner(self.config, hf_config, self.model_dir, self.device, self.torch_dtype)
+            return make_seq2seq_runner(self.config, hf_config, self.model_dir, self.device, self.torch_dtype)
         if self.config.use_transformers_fallback or get_model_class(getattr(hf_config, "architectures", None)) is None:
             from genserve.server.fallback_runner import FallbackRunner
 

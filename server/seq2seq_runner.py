@@ -1,5 +1,7 @@
-"""Runner for encoder-decoder models (T5, BART): transformers forwards, the encoder once per request,
-the decoder batched across requests.
+"""Runners for encoder-decoder models (T5, BART): `make_seq2seq_runner` picks the native one
+(paged_seq2seq_runner.py: models/bart.py, models/t5.py, decoder self-attention K/V in the paged pool)
+for the families and variants it knows, else `Seq2SeqRunner` here: transformers forwards, the encoder
+once per request, the decoder batched across requests, its K/V in transformers' cache.
 
 Token accounting stays the scheduler's: a request's token_ids are its prompt (the encoder input)
 then its generated tokens, and the KV budget counts both (the cross-attention K/V hold one entry per
@@ -33,6 +35,21 @@ from genserve.server.sampler import Sampler, SamplingRow
 from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+
+def make_seq2seq_runner(config: EngineConfig, hf_config, model_dir, device: torch.device, dtype: torch.dtype):
+    """The native runner where a native family serves the config (and --use-transformers-fallback is off)."""
+    from genserve.server.models.encoder_decoder import encoder_decoder_class, unsupported_reason
+
+    architectures = getattr(hf_config, "architectures", None)
+    if not config.use_transformers_fallback and encoder_decoder_class(architectures) is not None:
+        reason = unsupported_reason(hf_config)
+        if reason is None:
+            from genserve.server.paged_seq2seq_runner import PagedSeq2SeqRunner
+
+            return PagedSeq2SeqRunner(config, hf_config, model_dir, device, dtype)
+        logger.warning("%s: %s; serving it through transformers", architectures, reason)
+    return Seq2SeqRunner(config, hf_config, model_dir, device, dtype)
 
 
 def split(rows: list, size: int) -> list[list]:

@@ -1,7 +1,12 @@
 """Encoder-decoder models (T5, BART) are served exactly: greedy ids equal transformers float32
 `AutoModelForSeq2SeqLM.generate`, with requests joining mid-decode, chunked prefill, preemption and
-abort, several requests per decoder forward, and over real HTTP through /generate, /generate_stream
-and /v1/completions (chat answers 422: these models have no chat template)."""
+abort, every request of a step in one decoder forward, and over real HTTP through /generate,
+/generate_stream and /v1/completions (chat answers 422: these models have no chat template).
+
+The native path (models/bart.py, models/t5.py; decoder self-attention K/V in the paged pool) serves
+both families; BART's head_dim 64 decodes through the native paged kernel, T5's relative position
+bias through the gather path. The transformers runner (--use-transformers-fallback, unknown variants)
+keeps its own tests at the end of the engine tests."""
 
 from __future__ import annotations
 
@@ -30,16 +35,20 @@ EOS = 2
 MAX_NEW = 10
 FAMILIES = {
     # T5: relative position bias, decoder starts from the pad token
-    "t5": lambda: transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+    "t5": lambda **kw: transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                         pad_token_id=0, eos_token_id=EOS, decoder_start_token_id=0,
-                                        initializer_factor=3.0),
-    # BART: learned positions in both stacks, decoder starts from eos; no forced bos/eos (TGI applies none)
-    "bart": lambda: transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
-                                            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                        initializer_factor=3.0, **kw),
+    # BART: learned positions in both stacks, decoder starts from eos; no forced bos/eos (TGI applies none);
+    # head_dim 64: the native paged kernel decodes it; scaled embeddings
+    "bart": lambda **kw: transformers.BartConfig(vocab_size=VOCAB, d_model=128, encoder_layers=2, decoder_layers=2,
+                                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
                                             decoder_ffn_dim=64, max_position_embeddings=1024, pad_token_id=1,
                                             bos_token_id=0, eos_token_id=EOS, decoder_start_token_id=EOS,
-                                            forced_bos_token_id=None, forced_eos_token_id=None, init_std=0.3),
+                                            forced_bos_token_id=None, forced_eos_token_id=None, init_std=0.1,
+                                            scale_embedding=True, **kw),
 }
+# T5 v1.1 / Flan: gated-gelu feed-forward, no output rescale (the config's tie_word_embeddings=False)
+T5_GATED = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,9 +57,9 @@ def one_thread():
         yield
 
 
-def save_family(path, family: str, tokenizer_dir):
+def save_family(path, family: str, tokenizer_dir, **overrides):
     torch.manual_seed(0)
-    hf = transformers.AutoModelForSeq2SeqLM.from_config(FAMILIES[family]()).eval()
+    hf = transformers.AutoModelForSeq2SeqLM.from_config(FAMILIES[family](**overrides)).eval()
     hf.save_pretrained(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.chat_template = None  # like t5-small / bart-large: no chat template
@@ -81,10 +90,11 @@ def make_engine(model_dir, **overrides) -> LLMEngine:
 
 
 def record_decoder_batches(engine) -> list[int]:
+    """Requests per decoder forward (native: the CrossBatch's rows; transformers: the chunks)."""
     sizes, decode = [], engine.runner.model.decode
 
     def recording(chunks, *args, **kwargs):
-        sizes.append(len(chunks))
+        sizes.append(args[1].num_rows if engine.model_path_kind == "native" else len(chunks))
         return decode(chunks, *args, **kwargs)
 
     engine.runner.model.decode = recording
@@ -122,17 +132,18 @@ def family(request, tmp_path_factory, smollm2_dir):
 
 
 def test_prompts_sent_at_once_share_decoder_forwards_and_equal_transformers(family):
-    """The prefill budget (48) starts them in two steps, so two decoder lengths: T5 left-pads them into
-    one forward (relative positions); BART's learned positions keep each length in its own forward."""
+    """The prefill budget (48) starts them in two steps, so two decoder lengths; the paged decoder runs
+    all six in one forward. Their blocks and cross-attention K/V are gone once they finish."""
     name, path, hf = family
     prompts = random_prompts([5, 17, 9, 30, 3, 12])
     engine = make_engine(path)
-    assert engine.model_path_kind == "transformers-seq2seq"
+    assert engine.model_path_kind == "native"
+    assert engine.runner.decode_backend == ("gather" if name == "t5" else "kernel")
     sizes, encoded = record_decoder_batches(engine), record_encoder_calls(engine)
     assert engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)) == reference(hf, prompts)
     assert sorted(encoded) == sorted(len(p) for p in prompts)  # each prompt encoded exactly once
-    assert max(sizes) == (6 if name == "t5" else 3), sizes
-    assert not engine.runner.homes and engine.kv_cache.num_used_blocks == 0
+    assert max(sizes) == 6, sizes
+    assert not engine.runner.cross and engine.kv_cache.num_used_blocks == 0
 
 
 def test_requests_joining_mid_decode_with_chunked_prefill_equal_transformers(family):
@@ -171,17 +182,41 @@ def test_a_request_aborted_mid_decode_leaves_the_others_exact(family):
     expected = reference(hf, prompts)
     assert [tokens[i] for i in ids[:1] + ids[2:]] == expected[:1] + expected[2:]
     assert 0 < len(tokens[ids[1]]) < MAX_NEW and tokens[ids[1]] == expected[1][:len(tokens[ids[1]])]
-    assert not engine.runner.homes
+    assert not engine.runner.cross and engine.kv_cache.num_used_blocks == 0
 
 
-def test_one_at_a_time_switch_gives_the_same_tokens(family, monkeypatch):
+def test_t5_v1_1_gated_gelu_with_its_own_head_equals_transformers(tmp_path, smollm2_dir):
+    hf = save_family(tmp_path, "t5", smollm2_dir, **T5_GATED)
+    prompts = random_prompts([6, 21, 3, 14], seed=5)
+    engine = make_engine(tmp_path)
+    assert engine.model_path_kind == "native" and not engine.runner.model.scale_outputs
+    assert engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)) == reference(hf, prompts)
+
+
+def test_transformers_runner_serves_the_fallback_exactly(family):
+    """--use-transformers-fallback: T5 left-pads both decoder lengths into one forward (relative
+    positions); BART's learned positions keep each length in its own forward."""
+    name, path, hf = family
+    prompts = random_prompts([5, 17, 9, 30, 3, 12])
+    engine = make_engine(path, use_transformers_fallback=True)
+    assert engine.model_path_kind == "transformers-seq2seq"
+    sizes, encoded = record_decoder_batches(engine), record_encoder_calls(engine)
+    assert engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)) == reference(hf, prompts)
+    assert sorted(encoded) == sorted(len(p) for p in prompts)
+    assert max(sizes) == (6 if name == "t5" else 3), sizes
+    assert not engine.runner.homes and engine.kv_cache.num_used_blocks == 0
+
+
+def test_transformers_runner_preempts_and_runs_one_at_a_time_exactly(family, monkeypatch):
     _, path, hf = family
     monkeypatch.setenv(BATCHING_ENV, "0")
-    engine = make_engine(path)
+    prompts = random_prompts([20, 18, 25, 16, 22, 19], seed=2)
+    engine = make_engine(path, use_transformers_fallback=True, max_batch_total_tokens=96, block_size=16,
+                         max_batch_prefill_tokens=64)
     sizes = record_decoder_batches(engine)
-    prompts = random_prompts([6, 3, 9], seed=4)
-    assert engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)) == reference(hf, prompts)
-    assert set(sizes) == {1}
+    assert engine.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True)) == reference(
+        hf, prompts, max_new=24)
+    assert engine.scheduler.num_preemptions > 0 and set(sizes) == {1}
 
 
 def test_max_new_tokens_counts_generated_tokens_only(family):
@@ -226,8 +261,8 @@ def test_an_eos_from_generation_config_stops_generated_tokens(family, tmp_path):
 
 UNSUPPORTED = [  # engine features an encoder-decoder lacks, and the one line that says so
     (["--speculate", "2"], r"--speculate needs a decoder-only native model"),
-    (["--num-shard", "2"], r"--num-shard > 1 needs a native model"),
-    (["--quantize", "eetq"], r"--quantize eetq` needs a native model; encoder-decoder"),
+    (["--num-shard", "2"], r"--num-shard > 1 needs a decoder-only native model"),
+    (["--quantize", "eetq"], r"--quantize eetq` needs a decoder-only native model; encoder-decoder"),
 ]
 
 
@@ -276,10 +311,10 @@ def served(family, tmp_path_factory):
     server.stop()
 
 
-def test_info_names_the_seq2seq_path(served):
+def test_info_names_the_native_path(served):
     server, _, _ = served
-    assert httpx.get(server.base_url + "/info", timeout=10).json()["model_path_kind"] == "transformers-seq2seq"
-    assert "model path: transformers-seq2seq" in server.log()
+    assert httpx.get(server.base_url + "/info", timeout=10).json()["model_path_kind"] == "native"
+    assert "model path: native" in server.log()
 
 
 def test_generate_routes_sent_at_once_equal_transformers(served):
