@@ -25,7 +25,8 @@ import random
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -307,43 +308,65 @@ def summarize(results: list[Result]) -> dict:
             "per_seed_p99_wait_seconds": [round(r.p99_wait, 1) for r in results]}
 
 
-def run_scenario(name: str, startup: float, model: ServerModel, seeds: list[int], hours: float,
-                 max_replicas: int) -> dict:
+def run_seed(startup: float, model: ServerModel, seed: int, hours: float, max_replicas: int) -> dict[str, Result]:
+    """Every policy under both routings on one seed's day (one task of the process pool)."""
     spec = AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=max_replicas)
     tuned = AutoscalingSpec(enabled=True, min_replicas=1, max_replicas=max_replicas, **TUNED)
-    per_policy: dict[str, list[Result]] = {}
-    for seed in seeds:
-        trace, arrivals = day(seed, hours, model)
-        for routing in ROUTINGS:
-            tuned_policy = Ours(tuned)
-            tuned_policy.name = "ours-tuned"
-            oracle = Clairvoyant(arrivals, model, startup, 1, max_replicas, utilization=ORACLE_UTILIZATION)
-            for policy in (Ours(spec), tuned_policy, KedaThreshold(1, max_replicas), HpaCpu(1, max_replicas),
-                           oracle, AlwaysMax(max_replicas)):
-                warm = max_replicas if isinstance(policy, AlwaysMax) else 1
-                per_policy.setdefault(f"{policy.name} / {routing}", []).append(
-                    simulate(policy, trace, model, startup, seed, routing=routing, arrivals=arrivals,
-                             min_replicas=warm))
-    return {"scenario": name, "startup_seconds": startup, "max_replicas": max_replicas, "seeds": seeds, "hours": hours,
-            "replica_capacity_rps": model.max_batch / (64.0 * model.step_seconds(model.max_batch)),
-            "policies": {p: summarize(rs) for p, rs in per_policy.items()},
-            "timeline": {p: rs[0].timeline for p, rs in per_policy.items()}}
+    trace, arrivals = day(seed, hours, model)
+    results = {}
+    for routing in ROUTINGS:
+        tuned_policy = Ours(tuned)
+        tuned_policy.name = "ours-tuned"
+        oracle = Clairvoyant(arrivals, model, startup, 1, max_replicas, utilization=ORACLE_UTILIZATION)
+        for policy in (Ours(spec), tuned_policy, KedaThreshold(1, max_replicas), HpaCpu(1, max_replicas),
+                       oracle, AlwaysMax(max_replicas)):
+            warm = max_replicas if isinstance(policy, AlwaysMax) else 1
+            results[f"{policy.name} / {routing}"] = simulate(policy, trace, model, startup, seed, routing=routing,
+                                                             arrivals=arrivals, min_replicas=warm)
+    return results
 
 
-def ceiling_sweep(startup: float, model: ServerModel, seeds: list[int], hours: float,
-                  ceilings: tuple[int, ...] = (16, 20, 24, 28, 32)) -> dict:
+def run_scenario(pool: Executor, name: str, startup: float, model: ServerModel, seeds: list[int], hours: float,
+                 max_replicas: int) -> Callable[[], dict]:
+    """Submits the scenario's seeds; the returned function collects them into the scenario's summary."""
+    jobs = [pool.submit(run_seed, startup, model, seed, hours, max_replicas) for seed in seeds]
+
+    def collect() -> dict:
+        per_policy: dict[str, list[Result]] = {}
+        for job in jobs:
+            for policy, result in job.result().items():
+                per_policy.setdefault(policy, []).append(result)
+        return {"scenario": name, "startup_seconds": startup, "max_replicas": max_replicas, "seeds": seeds,
+                "hours": hours, "replica_capacity_rps": model.max_batch / (64.0 * model.step_seconds(model.max_batch)),
+                "policies": {p: summarize(rs) for p, rs in per_policy.items()},
+                "timeline": {p: rs[0].timeline for p, rs in per_policy.items()}}
+    return collect
+
+
+SWEEP_CEILINGS = (16, 20, 24, 28)
+SWEEP_ROUTINGS = ("load-aware", "pooled")  # random routing's bound is in the scenarios
+
+
+def sweep_seed(startup: float, model: ServerModel, seed: int, hours: float) -> dict:
+    trace, arrivals = day(seed, hours, model)
+    rows = {f"{hi} / {routing}": simulate(AlwaysMax(hi), trace, model, startup, seed, routing=routing,
+                                          arrivals=arrivals, min_replicas=hi)
+            for routing in SWEEP_ROUTINGS for hi in SWEEP_CEILINGS}
+    return {"rows": rows, "counting": {hi: round(on_time_bound(arrivals, model, hi), 4) for hi in SWEEP_CEILINGS}}
+
+
+def ceiling_sweep(pool: Executor, startup: float, model: ServerModel, seeds: list[int],
+                  hours: float) -> Callable[[], dict]:
     """The capacity bound (every replica of the ceiling warm all day) for a range of ceilings: the smallest
-    ceiling under which the bar can be met at all, whatever the policy."""
-    days = {seed: day(seed, hours, model) for seed in seeds}
-    rows = {}
-    for routing in (*ROUTINGS, "pooled"):
-        for hi in ceilings:
-            rows[f"{hi} / {routing}"] = summarize(
-                [simulate(AlwaysMax(hi), trace, model, startup, seed, routing=routing, arrivals=arrivals,
-                          min_replicas=hi) for seed, (trace, arrivals) in days.items()])
-    counting = {hi: [round(on_time_bound(arrivals, model, hi), 4) for _, arrivals in days.values()]
-                for hi in ceilings}
-    return {"startup_seconds": startup, "seeds": seeds, "hours": hours, "ceilings": rows, "counting_bound": counting}
+    ceiling under which the bar can be met at all, whatever the policy; and the counting bound beside it."""
+    jobs = [pool.submit(sweep_seed, startup, model, seed, hours) for seed in seeds]
+
+    def collect() -> dict:
+        done = [job.result() for job in jobs]
+        return {"startup_seconds": startup, "seeds": seeds, "hours": hours,
+                "ceilings": {row: summarize([d["rows"][row] for d in done]) for row in done[0]["rows"]},
+                "counting_bound": {hi: [d["counting"][hi] for d in done] for hi in SWEEP_CEILINGS}}
+    return collect
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--hours", type=float, default=4.0)
     parser.add_argument("--max-replicas", type=int, default=16)
-    parser.add_argument("--jobs", type=int, default=2, help="scenarios simulated in parallel processes")
+    parser.add_argument("--jobs", type=int, default=2, help="seeds simulated in parallel processes")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--measure", action="store_true", help="re-measure the server figures first")
     parser.add_argument("--genserve", default=str(Path(sys.executable).with_name("genserve")))
@@ -367,12 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     # more than 16 replicas), so the same day also runs with room to grow
     started = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
-        jobs = [pool.submit(run_scenario, "measured start-up", measured, model, seeds, args.hours, args.max_replicas),
-                pool.submit(run_scenario, "measured start-up, 2x ceiling", measured, model, seeds, args.hours,
-                            2 * args.max_replicas),
-                pool.submit(run_scenario, "GPU-like cold start", 120.0, model, seeds, args.hours, args.max_replicas)]
-        sweep = pool.submit(ceiling_sweep, measured, model, seeds, args.hours).result()
-        scenarios = [j.result() for j in jobs]
+        pending = [run_scenario(pool, "measured start-up", measured, model, seeds, args.hours, args.max_replicas),
+                   run_scenario(pool, "measured start-up, 2x ceiling", measured, model, seeds, args.hours,
+                                2 * args.max_replicas),
+                   run_scenario(pool, "GPU-like cold start", 120.0, model, seeds, args.hours, args.max_replicas)]
+        sweep = ceiling_sweep(pool, measured, model, seeds, args.hours)
+        scenarios, sweep = [collect() for collect in pending], sweep()
     write_outputs(scenarios, sweep, model, args.out, wall_seconds=time.perf_counter() - started)
     print((args.out / "autoscale_results.md").read_text())
     return 0
