@@ -160,9 +160,13 @@ def test_preempted_requests_recompute_and_stay_exact(family):
     _, path, hf = family
     prompts = random_prompts([20, 18, 25, 16, 22, 19], seed=2)
     engine = make_engine(path, max_batch_total_tokens=96, block_size=16, max_batch_prefill_tokens=64)
+    encoded = record_encoder_calls(engine)
     got = engine.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True))
     assert engine.scheduler.num_preemptions > 0
     assert got == reference(hf, prompts, max_new=24)
+    # a preempted request's cross-attention K/V went with its blocks: its encoder ran again
+    assert len(encoded) > len(prompts)
+    assert not engine.runner.cross and engine.kv_cache.num_used_blocks == 0
 
 
 def test_a_request_aborted_mid_decode_leaves_the_others_exact(family):
@@ -210,12 +214,12 @@ def test_transformers_runner_serves_the_fallback_exactly(family):
 def test_transformers_runner_preempts_and_runs_one_at_a_time_exactly(family, monkeypatch):
     _, path, hf = family
     monkeypatch.setenv(BATCHING_ENV, "0")
-    prompts = random_prompts([20, 18, 25, 16, 22, 19], seed=2)
-    engine = make_engine(path, use_transformers_fallback=True, max_batch_total_tokens=96, block_size=16,
-                         max_batch_prefill_tokens=64)
+    prompts = random_prompts([14, 12, 16, 13], seed=2)  # four prompts of one block each grow to two: preempted
+    engine = make_engine(path, use_transformers_fallback=True, max_total_tokens=64, max_batch_total_tokens=64,
+                         block_size=16, max_batch_prefill_tokens=64)
     sizes = record_decoder_batches(engine)
-    assert engine.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True)) == reference(
-        hf, prompts, max_new=24)
+    assert engine.generate(prompts, SamplingParams(max_new_tokens=16, ignore_eos=True)) == reference(
+        hf, prompts, max_new=16)
     assert engine.scheduler.num_preemptions > 0 and set(sizes) == {1}
 
 
