@@ -61,7 +61,9 @@ class ServeProcess:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("the server did not get healthy")
+                self.proc.kill()  # nobody else holds it: a failed start must not leave a server behind
+                self.proc.wait()
+                raise RuntimeError(f"the server did not get healthy within 600 s:\n{self.log()[-3000:]}")
             time.sleep(0.5)
 
     def log(self) -> str:
