@@ -159,10 +159,18 @@ def test_requests_joining_mid_decode_with_chunked_prefill_equal_transformers(fam
 def test_preempted_requests_recompute_and_stay_exact(family):
     _, path, hf = family
     prompts = random_prompts([20, 18, 25, 16, 22, 19], seed=2)
-    engine = make_engine(path, max_batch_total_tokens=96, block_size=16, max_batch_prefill_tokens=64)
-    encoded = record_encoder_calls(engine)
+    # a prefill budget of 16: a recomputed request's decoder tokens come back in chunks over its cached ones
+    engine = make_engine(path, max_batch_total_tokens=96, block_size=16, max_batch_prefill_tokens=16)
+    encoded, prefixed, execute = record_encoder_calls(engine), [], engine.runner.execute
+
+    def recording(out, rows):
+        prefixed.extend(s.num_new_tokens for s in out.scheduled
+                        if s.request.num_computed_tokens > s.request.num_prompt_tokens and s.num_new_tokens > 1)
+        return execute(out, rows)
+
+    engine.runner.execute = recording
     got = engine.generate(prompts, SamplingParams(max_new_tokens=24, ignore_eos=True))
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.scheduler.num_preemptions > 0 and prefixed
     assert got == reference(hf, prompts, max_new=24)
     # a preempted request's cross-attention K/V went with its blocks: its encoder ran again
     assert len(encoded) > len(prompts)
