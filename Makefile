@@ -11,7 +11,7 @@ export GENSERVE_CACHE ?= $(HOME)/.cache/genserve
 # pytest-xdist workers; each test file runs whole on one worker (module-scoped servers stay shared)
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv install model serve test lint e2e sync-crds bench clean prometheus
+.PHONY: venv install model serve test lint e2e sync-crds bench clean prometheus images
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -41,6 +41,11 @@ prometheus:
 test: model prometheus
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The server (CPU variant) and operator images, with buildah on a debootstrapped Debian base: no Docker
+# engine or registry needed (root, buildah, debootstrap). Prints sizes and build times. See docs/delivery.md.
+images:
+	TORCH="$(TORCH)" TORCH_PIP_ARGS="$(TORCH_PIP_ARGS)" scripts/images/build.sh
 
 e2e: install
 	$(PY) -m pytest -v e2e
