@@ -93,7 +93,8 @@ class LLMEngine:
         self.hf_config = hf_config
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         apply_tokenizer_config(self.tokenizer, config.tokenizer_config_path)
-        config.resolve_limits(getattr(hf_config, "max_position_embeddings", 4096))
+        # a multimodal config under the fallback keeps its limits and vocabulary in its text config
+        config.resolve_limits(getattr(hf_config.get_text_config(), "max_position_embeddings", 4096))
         self.device = resolve_device(config.device)
         self.torch_dtype = resolve_dtype(config.dtype, hf_config, self.device)
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
@@ -212,7 +213,7 @@ class LLMEngine:
                 f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_total_tokens}. "
                 f"Given: {num_input} `inputs` tokens and {max_new} `max_new_tokens`"
             )
-        vocab = self.hf_config.vocab_size
+        vocab = self.hf_config.get_text_config().vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.logit_bias):

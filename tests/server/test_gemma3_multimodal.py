@@ -52,6 +52,27 @@ def test_both_checkpoint_layouts_load_the_text_weights_and_skip_the_vision_tower
     assert torch.equal(embed, hf.model.language_model.embed_tokens.weight) and ours.lm_head.weight is embed
 
 
+def test_the_fallback_serves_it_too(tmp_path, smollm2_dir):
+    """--use-transformers-fallback runs Gemma3ForConditionalGeneration itself; the engine's limits and vocabulary
+    come from its text config."""
+    from genserve.server.config import EngineConfig
+    from genserve.server.engine import LLMEngine
+    from genserve.server.sampling_params import SamplingParams
+
+    hf = save_family(tmp_path, NAME)
+    transformers.AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp_path)
+    prompts = [list(range(3, 40)), [60, 61, 62]]
+    with torch_threads(1):
+        engine = LLMEngine(EngineConfig(model_id=str(tmp_path), dtype="float32", device="cpu", num_threads=1,
+                                        max_batch_total_tokens=2048, use_transformers_fallback=True))
+        assert engine.model_path_kind == "transformers" and engine.config.max_total_tokens == 128
+        got = engine.generate(prompts, SamplingParams(max_new_tokens=4))
+        with torch.no_grad():
+            expected = [hf.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False, eos_token_id=2,
+                                    pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert got == expected
+
+
 def test_text_prompts_at_once_over_http_equal_transformers_and_images_are_refused(tmp_path, smollm2_dir):
     hf = save_served_model(tmp_path / "model", NAME, smollm2_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
