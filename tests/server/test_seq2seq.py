@@ -205,6 +205,15 @@ def test_t5_v1_1_gated_gelu_with_its_own_head_equals_transformers(tmp_path, smol
     assert engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)) == reference(hf, prompts)
 
 
+def test_a_variant_the_port_lacks_falls_back_to_the_transformers_runner(tmp_path, smollm2_dir):
+    hf = save_family(tmp_path, "bart", smollm2_dir, activation_function="quick_gelu")
+    engine = make_engine(tmp_path)
+    assert engine.model_path_kind == "transformers-seq2seq"
+    prompts = random_prompts([9], seed=3)
+    assert engine.generate(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True)) == reference(
+        hf, prompts, max_new=4)
+
+
 def test_transformers_runner_serves_the_fallback_exactly(family):
     """--use-transformers-fallback: T5 left-pads both decoder lengths into one forward (relative
     positions); BART's learned positions keep each length in its own forward."""
