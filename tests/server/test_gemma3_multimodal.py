@@ -2,7 +2,8 @@
 path natively. Logits at tp=1 and tp=2 are checked with the other families (`gemma3-multimodal` in
 family_configs); here: the config the engine reads, both tensor layouts transformers has saved (vision tensors never
 read), and over HTTP 6 prompts at once, longer than the sliding window, equal the conditional-generation model's
-own text-only generate() in float32, while a chat request with an image is a 422."""
+own text-only generate() in float32, while a chat request with an image is a 422; --use-transformers-fallback
+serves it too."""
 
 from __future__ import annotations
 
