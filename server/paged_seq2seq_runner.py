@@ -34,7 +34,8 @@ from genserve.server.layers.attention import (
 )
 from genserve.server.layers.cpu_packing import pack_model_for_cpu
 from genserve.server.model_runner import StepOutput, available_memory
-from genserve.server.models.encoder_decoder import CrossBatch, CrossKV, encoder_decoder_class, pad_decode_rows
+from genserve.server.models import get_encoder_decoder_class
+from genserve.server.models.encoder_decoder import CrossBatch, CrossKV, pad_decode_rows
 from genserve.server.prompt_scores import PromptScores
 from genserve.server.sampler import Sampler, SamplingRow
 from genserve.server.scheduler import SchedulerOutput
@@ -86,7 +87,7 @@ class PagedSeq2SeqRunner:
         if config.kv_cache_dtype not in (None, "", "auto"):
             raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype} needs a decoder-only native model")
         self.config, self.device, self.dtype = config, device, dtype
-        model_cls = encoder_decoder_class(architectures)
+        model_cls = get_encoder_decoder_class(architectures)
         with torch.device(device):
             self.model = model_cls(hf_config, dtype=dtype,
                                    has_lm_head=checkpoint_has_lm_head(model_dir, config.load_format))

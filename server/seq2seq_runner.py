@@ -39,10 +39,11 @@ logger = logging.getLogger(__name__)
 
 def make_seq2seq_runner(config: EngineConfig, hf_config, model_dir, device: torch.device, dtype: torch.dtype):
     """The native runner where a native family serves the config (and --use-transformers-fallback is off)."""
-    from genserve.server.models.encoder_decoder import encoder_decoder_class, unsupported_reason
+    from genserve.server.models import get_encoder_decoder_class
+    from genserve.server.models.encoder_decoder import unsupported_reason
 
     architectures = getattr(hf_config, "architectures", None)
-    if not config.use_transformers_fallback and encoder_decoder_class(architectures) is not None:
+    if not config.use_transformers_fallback and get_encoder_decoder_class(architectures) is not None:
         reason = unsupported_reason(hf_config)
         if reason is None:
             from genserve.server.paged_seq2seq_runner import PagedSeq2SeqRunner

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from genserve.server.models import bloom, gemma2, gemma3, gpt2, gpt_neox, mixtral, phi3, qwen3, qwen3_moe
+from genserve.server.models import (
+    bart,
+    bloom,
+    gemma2,
+    gemma3,
+    gpt2,
+    gpt_neox,
+    mixtral,
+    phi3,
+    qwen3,
+    qwen3_moe,
+    t5,
+)
 from genserve.server.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type] = {
@@ -19,6 +31,17 @@ MODEL_REGISTRY: dict[str, type] = {
     **mixtral.ARCHITECTURES,
     **qwen3_moe.ARCHITECTURES,
 }
+
+# encoder-decoder families: served by paged_seq2seq_runner.py (the decoder-only runner never sees them)
+ENCODER_DECODER_REGISTRY: dict[str, type] = {**bart.ARCHITECTURES, **t5.ARCHITECTURES}
+
+
+def get_encoder_decoder_class(architectures: list[str] | None) -> type | None:
+    """The native encoder-decoder class for the first known architecture, or None (transformers serves it)."""
+    for arch in architectures or []:
+        if arch in ENCODER_DECODER_REGISTRY:
+            return ENCODER_DECODER_REGISTRY[arch]
+    return None
 
 
 def get_model_class(architectures: list[str] | None) -> type | None:

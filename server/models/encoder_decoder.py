@@ -161,17 +161,6 @@ class BiasedAttention(Attention):
         return out.reshape(batch, self.num_heads, self.head_dim)
 
 
-def encoder_decoder_class(architectures: list[str] | None) -> type | None:
-    """The native encoder-decoder class for the first known architecture, or None (transformers serves it)."""
-    from genserve.server.models import bart, t5
-
-    registry = {**bart.ARCHITECTURES, **t5.ARCHITECTURES}
-    for arch in architectures or []:
-        if arch in registry:
-            return registry[arch]
-    return None
-
-
 def unsupported_reason(hf_config) -> str | None:
     """Why the native class cannot serve this variant of its family (None: it can)."""
     from genserve.server.layers.activation import Activation
