@@ -19,7 +19,6 @@ token_ids are its prompt then its generated tokens, the decoder sequence is [dec
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import torch
 
@@ -39,6 +38,7 @@ from genserve.server.models.encoder_decoder import CrossBatch, CrossKV, pad_deco
 from genserve.server.prompt_scores import PromptScores
 from genserve.server.sampler import Sampler, SamplingRow
 from genserve.server.scheduler import SchedulerOutput
+from genserve.server.seq2seq_runner import decoder_row
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +56,6 @@ def checkpoint_has_lm_head(model_dir, load_format: str) -> bool:
             if "lm_head.weight" in f.keys():
                 return True
     return False
-
-
-def decoder_row(row: SamplingRow, request, start_token: int) -> SamplingRow:
-    """The repetition penalty reads the decoder's tokens ([start] + generated), as TGI's and transformers'
-    do for encoder-decoder models, not the encoder's prompt."""
-    if row.params.repetition_penalty == 1.0:
-        return row
-    return replace(row, token_ids=[start_token, *row.token_ids[request.num_prompt_tokens:]], num_prompt_tokens=1)
 
 
 class PagedSeq2SeqRunner:

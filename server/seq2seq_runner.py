@@ -53,6 +53,14 @@ def make_seq2seq_runner(config: EngineConfig, hf_config, model_dir, device: torc
     return Seq2SeqRunner(config, hf_config, model_dir, device, dtype)
 
 
+def decoder_row(row: SamplingRow, request, start_token: int) -> SamplingRow:
+    """The repetition penalty reads the decoder's tokens ([start] + generated), as TGI's and transformers'
+    do for encoder-decoder models, not the encoder's prompt."""
+    if row.params.repetition_penalty == 1.0:
+        return row
+    return replace(row, token_ids=[start_token, *row.token_ids[request.num_prompt_tokens:]], num_prompt_tokens=1)
+
+
 def split(rows: list, size: int) -> list[list]:
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
@@ -113,16 +121,9 @@ class Seq2SeqRunner:
         if not order:
             return [], None, prompt_logprobs
         logits = torch.stack([next_logits[s.request.request_id] for s in order])
-        return order, self.sampler(logits, [self._decoder_row(rows[s.request.request_id], s) for s in order]), \
-            prompt_logprobs
-
-    def _decoder_row(self, row: SamplingRow, s: ScheduledRequest) -> SamplingRow:
-        """The repetition penalty reads the decoder's tokens ([start] + generated), as TGI's and
-        transformers' do for encoder-decoder models, not the encoder's prompt."""
-        if row.params.repetition_penalty == 1.0:
-            return row
-        return replace(row, token_ids=[self.model.decoder_start_token_id, *row.token_ids[s.request.num_prompt_tokens:]],
-                       num_prompt_tokens=1)
+        start = self.model.decoder_start_token_id
+        return order, self.sampler(logits, [decoder_row(rows[s.request.request_id], s.request, start)
+                                            for s in order]), prompt_logprobs
 
     def _start(self, group: list[tuple[ScheduledRequest, list[int]]]) -> dict[str, torch.Tensor]:
         """Encode the group's prompts, then run the decoder from its start token (cross K/V computed here)."""
