@@ -13,7 +13,8 @@ does (`pick_endpoint`: shortest queue, most free KV), and wait in that replica's
 delay; a removed one stops receiving requests and drains. Queue wait is arrival to first batch slot.
 
     python benchmarks/autoscale_sim.py --measure  # first re-measure the server figures (starts genserve serve)
-    python benchmarks/autoscale_sim.py            # both scenarios, table + plot into benchmarks/results/
+    python benchmarks/autoscale_sim.py            # 16 and 32 replica ceilings, bounds (autoscale_sim_oracle.py),
+                                                  # table + plot into benchmarks/results/ (--cold-start: 120 s too)
 """
 
 from __future__ import annotations
