@@ -117,7 +117,16 @@ def wait_http(url: str, proc: subprocess.Popen, log_path: Path, timeout: float =
         time.sleep(1)
 
 
-def cache_volume(tmp_path: Path) -> Path:
+def saved_kernels(image: str) -> Path:
+    """Where the kernels this image compiled on its first test run are kept, as a pod's cache volume keeps
+    them across restarts: compiling them takes minutes at low priority on a loaded 2-core machine."""
+    from genserve.server.model_files import cache_dir
+
+    image_id = buildah("inspect", "--type", "image", "--format", "{{.FromImageID}}", image).stdout.strip()
+    return cache_dir() / "image-tests" / image_id[:16] / "kernels"
+
+
+def cache_volume(tmp_path: Path, kernels: Path) -> Path:
     """GENSERVE_CACHE as the operator's init step leaves it on the pod's volume: the default model converted
     under models/, not weights baked into the image (an image per model, rebuilt and pulled for each weight
     change). Copied, and opened to the image's uid 10001 (the host's cache files may be root-only)."""
@@ -128,6 +137,8 @@ def cache_volume(tmp_path: Path) -> Path:
         pytest.skip(f"the default model is not prepared at {source}: run `make model`")
     volume = tmp_path / "genserve"
     shutil.copytree(source, volume / "models" / source.name, copy_function=shutil.copyfile)
+    if kernels.is_dir():
+        shutil.copytree(kernels, volume / "kernels", copy_function=shutil.copyfile)
     for path in (volume, *volume.rglob("*")):
         path.chmod(0o777 if path.is_dir() else 0o644)  # the server writes its compiled kernels there too
     return volume
@@ -137,7 +148,8 @@ def test_server_image_serves_the_default_model(tmp_path):
     require_image(SERVER_IMAGE)
     from http_server import free_port, greedy_reference, text_ids
 
-    volume = cache_volume(tmp_path)
+    kernels = saved_kernels(SERVER_IMAGE)
+    volume = cache_volume(tmp_path, kernels)
     port = free_port()
     # The image's entrypoint, plus flags for a small KV cache (fast start on a shared CPU box); float32 so
     # the greedy tokens equal transformers' float32 reference exactly. The volume goes to /data/genserve,
@@ -164,6 +176,8 @@ def test_server_image_serves_the_default_model(tmp_path):
             assert choice["text"] == text
             assert r.json()["usage"]["completion_tokens"] == len(tokens)
             phases.mark("completion and its reference")
+    if not kernels.is_dir() and (volume / "kernels").is_dir():
+        shutil.copytree(volume / "kernels", kernels)
     phases.mark("stop and buildah rm")
     print(phases)  # shown with -s or -rP: where the time of an image test goes
     assert "Traceback" not in log.read_text(errors="replace"), log.read_text()[-4000:]
