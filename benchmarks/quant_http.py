@@ -6,6 +6,7 @@ machine slows them alike and the ratios within a round hold. The report gives ea
 over rounds. Arms:
 
     genserve-q4_1   genserve serve --model-id <the .gguf> (linears Q4_1, LM head / embedding Q8_0, kept quantized)
+    genserve-q4_1-int8act  the same with --activation-quantization int8 (llama.cpp's integer arithmetic)
     llamacpp-q4_1   python -m llama_cpp.server --model <the .gguf> (one request at a time: 32 streams queue)
     genserve-float  genserve serve on the safetensors folder at --dtype (auto: what genserve picks on this CPU)
 
@@ -53,6 +54,9 @@ def arms(args) -> list[Arm]:
     # llama.cpp has no ignore_eos: min_tokens holds its outputs at the length
     llama_request = {"ignore_eos": False, "extra_body": {"min_tokens": args.output_tokens}}
     out = [Arm("genserve-q4_1", [*serve, "--model-id", gguf, "--dtype", "float32"], threads,
+               str(venv / "bin/python"), ["genserve", "torch"], (1, 32), genserve_request),
+           Arm("genserve-q4_1-int8act", [*serve, "--model-id", gguf, "--dtype", "float32",
+                                         "--activation-quantization", "int8"], threads,
                str(venv / "bin/python"), ["genserve", "torch"], (1, 32), genserve_request),
            Arm("llamacpp-q4_1", [str(llama / "bin/python"), "-m", "llama_cpp.server", "--model", gguf, "--n_threads",
                                  str(args.threads), "--n_ctx", "2048", "--interrupt_requests", "False",
@@ -129,6 +133,7 @@ def parse_args(argv=None):
     p.add_argument("--llamacpp-32-rounds", type=int, default=1,
                    help="rounds that run llama.cpp at 32 streams (it serves one request at a time: slow)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--levels", default="1,32", help="stream counts to run (comma-separated, from 1 and 32)")
     p.add_argument("--note", default=None)
     p.add_argument("--log-dir", default="/tmp/genserve-quant-http")
     return p.parse_args(argv)
@@ -147,6 +152,12 @@ def main(argv=None) -> int:
     doc = {"machine": machine(), "settings": vars(args), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "versions": {}, "rounds": [], "loadavg": [],
            "ratio_pairs": {"genserve Q4_1 / llama.cpp Q4_1, 1 stream": ("genserve-q4_1@1", "llamacpp-q4_1@1"),
+                           "genserve Q4_1 int8 activations / llama.cpp Q4_1, 1 stream":
+                               ("genserve-q4_1-int8act@1", "llamacpp-q4_1@1"),
+                           "genserve Q4_1 int8 activations / float activations, 1 stream":
+                               ("genserve-q4_1-int8act@1", "genserve-q4_1@1"),
+                           "genserve Q4_1 int8 activations / genserve float, 32 streams":
+                               ("genserve-q4_1-int8act@32", f"genserve-{args.dtype}@32"),
                            "genserve Q4_1 / llama.cpp Q4_1, 32 streams": ("genserve-q4_1@32", "llamacpp-q4_1@32"),
                            f"genserve Q4_1 / genserve {args.dtype}, 32 streams":
                                ("genserve-q4_1@32", f"genserve-{args.dtype}@32")}}
@@ -161,7 +172,7 @@ def main(argv=None) -> int:
                 return 1
         for index in range(args.rounds):
             results, load_before = {}, os.getloadavg()[0]
-            for concurrency in (1, 32):
+            for concurrency in sorted(int(level) for level in args.levels.split(",")):
                 for arm in servers:
                     if concurrency not in arm.levels or (arm.name.startswith("llamacpp") and concurrency == 32
                                                          and index >= args.llamacpp_32_rounds):

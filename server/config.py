@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 SCHEDULING_POLICIES = ("fcfs", "priority")
+ACTIVATION_QUANTIZATIONS = (None, "", "none", "int8")
 
 
 def parse_batch_sizes(spec: str) -> list[int]:
@@ -26,6 +27,9 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     quantize: str | None = None
+    # int8: round activations to 8 bits (blocks of 32, llama.cpp's Q8_0) for 4/8-bit grouped weights' integer
+    # dot products on CPU; faster decode, outputs close to (not equal to) the float activations'
+    activation_quantization: str | None = None
     num_shard: int = 1
     # request limits (TGI: --max-input-tokens, --max-total-tokens, ...); None = derived from the model
     max_input_tokens: int | None = None
@@ -79,6 +83,9 @@ class EngineConfig:
         if self.kv_cache_dtype not in (None, "", "auto", "fp8", "fp8_e4m3fn", "fp8_e5m2"):
             raise ValueError("`--kv-cache-dtype` must be auto, fp8_e4m3fn or fp8_e5m2 (fp8 = fp8_e4m3fn); "
                              f"got {self.kv_cache_dtype!r}")
+        if self.activation_quantization not in ACTIVATION_QUANTIZATIONS:
+            raise ValueError("`--activation-quantization` must be none or int8; got "
+                             f"{self.activation_quantization!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"`--load-format` must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:

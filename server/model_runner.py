@@ -17,6 +17,7 @@ import torch
 from genserve.server import cpu_env, distributed, warmup
 from genserve.server.config import EngineConfig
 from genserve.server.graphs import DecodeGraphs, graph_batch_sizes
+from genserve.server.layers import grouped_linear
 from genserve.server.layers.attention import (
     STATIC_DECODE_BACKENDS,
     Attention,
@@ -113,8 +114,12 @@ class ModelRunner:
         with torch.device(device):
             self.model = model_cls(hf_config, dtype=dtype)
         self.lora = self._lora_store(hf_config, adapters) if config.is_lora_enabled else None
+        # read by grouped_linear.choose_kernels while the weights load: which of our kernels it times
+        self.model.int8_activations = config.activation_quantization == "int8"
         load_weights(self.model, model_dir, config.load_format)
         quantize_model(self.model, config.quantize)
+        if self.model.int8_activations:
+            grouped_linear.use_int8_activations(self.model)
         if device.type == "cpu":
             pack_model_for_cpu(self.model)
         self.model.eval()

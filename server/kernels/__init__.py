@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 HEADER = Path(__file__).with_name("simd.h")  # included by the sources: part of the cache key
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp", "weight_only_linear_cpu.cpp",
-                         "int4_linear_cpu.cpp")]
+                         "int4_linear_cpu.cpp", "int8_dot_cpu.cpp")]
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # -march=native: the build is tied to this CPU, hence the CPU flags in the cache key below.
 # -ffast-math on the compile only: it lets GCC vectorize exp() through libmvec; linking with it
@@ -72,7 +72,8 @@ def load_cpu_kernels() -> bool:
             _build(library)  # loads it too: a second dlopen would register the ops twice
         _loaded = all(hasattr(torch.ops.genserve_cpu, op)
                       for op in ("paged_decode_attention", "silu_and_mul", "rms_norm", "weight_only_linear",
-                                 "int4_linear", "grouped_dequantize"))
+                                 "int4_linear", "grouped_dequantize",
+                                 "int4_linear_int8_activations"))
     except Exception as exc:  # no compiler, no ninja, read-only cache...: the SDPA path still works
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch attention path", exc)
     if _loaded:
@@ -135,6 +136,13 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, min
     """x [M, K] @ (q * scale + min)^T + bias -> [M, N]; qweight [N, K/2] uint8 (int4_linear_cpu.cpp's layout),
     scale and min [N, ceil(K / group_size)] float32 or float16."""
     return torch.ops.genserve_cpu.int4_linear(x, qweight, scale, mins, group_size, bias)
+
+
+def int4_linear_int8_activations(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
+                                 group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """int4_linear with x first rounded to int8 in blocks of 32 (one float scale each, GGUF's Q8_0), then
+    integer dot products (int8_dot_cpu.cpp): close to int4_linear, not equal."""
+    return torch.ops.genserve_cpu.int4_linear_int8_activations(x, qweight, scale, mins, group_size, bias)
 
 
 def grouped_dequantize(qweight: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -92,3 +92,29 @@ def test_smollm2_q4_1_greedy_equals_the_dequantized_float_model(quantized_dir, s
     del engine, model
     reference_dir = float_checkpoint(smollm2_dir, tmp_path / "dequantized", weights=dequantized_tensors(quantized_dir))
     assert quantized == hf_greedy(reference_dir, prompts)
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+
+def test_int8_activations_serve_the_q4_1_file_close_to_float_activations(quantized_dir, smollm2_dir):
+    # llama.cpp's arithmetic (activations rounded to int8 per block of 32): not token-exact by design, so the
+    # check is agreement with the float-activation run, which the test above ties to transformers
+    prompts = tokenize(smollm2_dir)
+    with torch.no_grad():
+        _, exact = engine_greedy(quantized_dir, prompts)
+        engine, rounded = engine_greedy(quantized_dir, prompts, activation_quantization="int8")
+    model = engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    assert all(m.quant_method.int8_activations for m in linears) and model.lm_head.grouped.int8_activations
+    divergence = [first_divergence(a, b) for a, b in zip(exact, rounded, strict=True)]
+    assert all(d >= 1 for d in divergence), divergence  # every prompt's first token agrees
+    assert sum(divergence) >= len(prompts) * len(exact[0]) // 2, divergence
+
+
+def test_int8_activations_need_grouped_weights(smollm2_dir):
+    with pytest.raises(ValueError, match="needs 4-bit or 8-bit grouped weights"):
+        engine_greedy(smollm2_dir, [[1, 2, 3]], activation_quantization="int8")
+    with pytest.raises(ValueError, match="must be none or int8"):
+        engine_greedy(smollm2_dir, [[1, 2, 3]], activation_quantization="int4")

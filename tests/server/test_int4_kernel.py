@@ -101,3 +101,51 @@ def test_quantize_int4_rounds_to_the_nearest_level_of_its_own_scale(group_size):
     # zero points are integers: min / scale is a whole number in [-15, 0]
     zero = -mins.float() / scale.float()
     assert ((zero - zero.round()).abs() < 1e-2).all() and zero.min() >= 0 and zero.max() <= 15
+
+
+def int8_activation_reference(x, qweight, scale, mins, group_size, bias):
+    """What int4_linear_int8_activations computes, in float64: x rounded to int8 per block of 32 (scale =
+    max |x| / 127) times the dequantized weight, with the min term on the exact sums of x."""
+    rows, k = x.shape
+    blocks = x.view(rows, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    rounded = (torch.round(blocks * inverse) * (amax / 127.0)).view(rows, k).double()
+    scales_only = dequantize(qweight, scale, torch.zeros_like(mins), group_size, torch.float64)
+    padded = torch.nn.functional.pad(x.double(), (0, mins.shape[1] * group_size - k))
+    y = rounded @ scales_only.T + padded.view(rows, -1, group_size).sum(-1) @ mins.double().T
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=["f16", "f32"])
+@pytest.mark.parametrize("n,k,group_size", [(64, 256, 32), (36, 576, 128), (8, 96, 32), (1536, 576, 32)],
+                         ids=["small", "ragged-last-group", "odd-block-count", "smollm2-mlp"])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_int8_activation_kernel_matches_its_float64_reference(bits, scale_dtype, n, k, group_size, rows):
+    torch.manual_seed(rows * 7 + n)
+    qweight, scale, mins = random_grouped(n, k, group_size, bits, scale_dtype)
+    x = torch.randn(rows, k)
+    x[0, :32] = 0.0  # an all-zero block: scale 0, no division by zero
+    bias = torch.randn(n) if rows % 2 else None
+    with torch_threads(2):
+        y = kernels.int4_linear_int8_activations(x, qweight, scale, mins, group_size, bias)
+        float_activations = kernels.int4_linear(x, qweight, scale, mins, group_size, bias)
+    expected = int8_activation_reference(x, qweight, scale, mins, group_size, bias)
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    assert (y.double() - expected).abs().max() <= 2e-5 * expected.abs().max() + 1e-5
+    # the rounding of x is the only difference from the float kernel: small, not zero
+    difference = (y - float_activations).norm() / float_activations.norm()
+    assert 0 < difference < 0.03
+
+
+def test_int8_activation_kernel_takes_bfloat16_and_refuses_bad_shapes():
+    torch.manual_seed(1)
+    qweight, scale, mins = random_grouped(64, 256, 32, 4, torch.float16)
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    y = kernels.int4_linear_int8_activations(x, qweight, scale, mins, 32, None)
+    assert y.dtype == torch.bfloat16
+    expected = int8_activation_reference(x.float(), qweight, scale, mins, 32, None)
+    assert (y.double() - expected).abs().max() <= 1e-2 * expected.abs().max()
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        kernels.int4_linear_int8_activations(torch.randn(1, 256), qweight, scale, mins, 48, None)
