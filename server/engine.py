@@ -124,6 +124,7 @@ class LLMEngine:
                 max_waiting_tokens=config.max_waiting_tokens,
                 policy=config.scheduling_policy,
                 max_loras=config.max_loras if config.is_lora_enabled else 0,
+                long_rope_from=getattr(self.runner, "long_rope_from", None),
             ),
             self.kv_cache,
         )

@@ -7,7 +7,8 @@ sharing a prompt prefix map to the same blocks:
     block 0: h0 = hash((None, tokens[0:16]))
     block 1: h1 = hash((h0,   tokens[16:32]))   ...
 
-A request with a LoRA adapter starts its chain at ("lora", adapter index) instead of None.
+A request with a LoRA adapter starts its chain at ("lora", adapter index) instead of None; one rotated with
+LongRoPE's long factors (Request.long_rope) at ("long rope", that seed).
 
 Freed blocks keep their hash and sit in an LRU queue; they are reused on a hit and evicted
 (oldest first) only when a fresh block is needed.
@@ -201,8 +202,8 @@ class KVCacheManager:
     def _extend_hashes(self, request: Request, state: _HashState, num_blocks: int) -> None:
         while len(state.hashes) < num_blocks:
             # the adapter seeds the chain: two adapters never share KV for the same tokens
-            parent = state.hashes[-1] if state.hashes else (("lora", request.adapter_index)
-                                                             if request.adapter_index else None)
+            # ... and so do LongRoPE's two factor sets
+            parent = state.hashes[-1] if state.hashes else _chain_seed(request)
             state.hashes.append(hash((parent, self._block_tokens(request, len(state.hashes)))))
 
     def _touch(self, block_id: int) -> None:
@@ -220,3 +221,8 @@ class KVCacheManager:
             block.block_hash, block.token_ids = None, ()
         block.ref_count = 1
         return block_id
+
+
+def _chain_seed(request: Request) -> object:
+    seed = ("lora", request.adapter_index) if request.adapter_index else None
+    return ("long rope", seed) if request.long_rope else seed

@@ -31,6 +31,7 @@ from genserve.server.layers.cpu_packing import pack_model_for_cpu
 from genserve.server.layers.kv_storage import is_float8, resolve_kv_cache_dtype
 from genserve.server.layers.lora import lora_context
 from genserve.server.layers.quantization import quantize_model
+from genserve.server.layers.rotary import longrope_original_length
 from genserve.server.models import get_model_class
 from genserve.server.prompt_scores import (
     PromptScores,
@@ -150,6 +151,7 @@ class ModelRunner:
         windows = [layer.sliding_window for layer in self.attention_layers]
         # blocks behind the window can go back to the pool only when every layer has one
         self.kv_sliding_window = None if None in windows else max(windows)
+        self.long_rope_from = longrope_original_length(hf_config)  # the scheduler picks each request's factors
         if any(windows):
             logger.info("sliding window: %s on %d of %d layers; %s", sorted({w for w in windows if w}),
                         sum(bool(w) for w in windows), len(windows),

@@ -45,6 +45,7 @@ class Request:
     num_draft_tokens: int = 0  # drafts verified so far
     num_accepted_tokens: int = 0  # of those, kept
     adapter_index: int = 0  # the LoRA adapter it runs with (lora_adapters.AdapterRegistry); 0 = the base model
+    long_rope: bool = False  # its KV is rotated with LongRoPE's long factors (set by the scheduler)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -32,6 +32,8 @@ class SchedulerConfig:
     max_waiting_tokens: int = 20
     policy: str = "fcfs"  # "priority": waiting by (priority, arrival); preempt the lowest priority first
     max_loras: int = 0  # LoRA adapters a step may hold (--max-loras); 0: no limit
+    # LongRoPE's original length: a request longer than it is rotated with the long factors at every position
+    long_rope_from: int | None = None
 
 
 @dataclass(slots=True)
@@ -91,8 +93,14 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if self._outgrows_short_rope(request):
+                # as transformers, its whole sequence is computed again, with the long factors
+                self.running.pop(index)
+                self._preempt(request, count=False)
+                out.preempted.append(request)
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            drafts = request.spec_token_ids[:budget - 1] if num_new == 1 else []
+            drafts = request.spec_token_ids[:min(budget - 1, self._short_rope_room(request))] if num_new == 1 else []
             request.spec_token_ids = []
             # drafts are optional: a pool too full for them runs the plain decode instead of preempting
             if drafts and self.kv_cache.allocate_slots(request, 1 + len(drafts)) is not None:
@@ -147,6 +155,10 @@ class Scheduler:
             if not self._adapter_fits(request):
                 held_back.append(self.waiting.popleft())
                 continue
+            long_rope = self.config.long_rope_from is not None and request.num_tokens > self.config.long_rope_from
+            if long_rope != request.long_rope:
+                self.kv_cache.forget(request)  # its hash chain is seeded by the factor set
+                request.long_rope = long_rope
             computed_blocks, num_hit = self.kv_cache.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_hit, budget)
             if self.kv_cache.allocate_slots(request, num_new, computed_blocks) is None:
@@ -168,14 +180,28 @@ class Scheduler:
             self.steps_since_admission = 0
         return budget
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request, count: bool = True) -> None:
         self.kv_cache.free(request)
         request.spec_token_ids = []
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        request.num_preemptions += 1
-        self.num_preemptions += 1
+        if count:
+            request.num_preemptions += 1
+            self.num_preemptions += 1
         self.waiting.appendleft(request)
+
+    def _outgrows_short_rope(self, request: Request) -> bool:
+        """Its KV was rotated with LongRoPE's short factors and it just grew past the original length."""
+        limit = self.config.long_rope_from
+        return limit is not None and not request.long_rope and request.num_tokens > limit
+
+    def _short_rope_room(self, request: Request) -> int:
+        """Drafts a request may verify before outgrowing LongRoPE's short factors (a draft at position q is
+        computed as part of a sequence of q + 1 tokens)."""
+        limit = self.config.long_rope_from
+        if limit is None or request.long_rope:
+            return len(request.spec_token_ids)
+        return max(limit - request.num_tokens, 0)
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
         """Advance each scheduled request; append its sampled tokens (one, or the drafts kept and the

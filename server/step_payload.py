@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import astuple, dataclass, fields
 
+from genserve.server.layers.rotary import LONG_ROPE_OFFSET
 from genserve.server.prompt_scores import PromptTarget, prompt_target
 from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -91,6 +92,11 @@ def lora_segments(row_adapters: list[tuple[int, int]]) -> list[int]:
     return out
 
 
+def rope_offset(request) -> int:
+    """Added to the positions of a request rotated with LongRoPE's long factors (layers/rotary.py)."""
+    return LONG_ROPE_OFFSET if request.long_rope else 0
+
+
 def pack_step(out: SchedulerOutput, bs: int) -> tuple[StepHeader, list[int], list[ScheduledRequest],
                                                       list[PromptTarget]]:
     """The step as a header and one flat list of ints (the payload `_unpack` reads), plus the sampling
@@ -124,7 +130,7 @@ def pack_step(out: SchedulerOutput, bs: int) -> tuple[StepHeader, list[int], lis
             if s.is_sampling:
                 sample_rows.append(len(input_ids))
             input_ids.append(token_id)
-            positions.append(pos + i)
+            positions.append(pos + i + rope_offset(req))
             context_lens.append(pos + i + 1)
             decode_block_ids.append(req.block_ids)
     max_len = max(context_lens, default=0)
@@ -143,7 +149,7 @@ def pack_step(out: SchedulerOutput, bs: int) -> tuple[StepHeader, list[int], lis
             prompt_rows.extend(range(len(input_ids), len(input_ids) + len(target[2])))
             prompt_targets.append(target)
         input_ids.extend(req.token_ids[begin:end])
-        positions.extend(range(begin, end))
+        positions.extend(range(begin + rope_offset(req), end + rope_offset(req)))
         begins.append(begin)
         ends.append(end)
         tables += req.block_ids[:-(-end // bs)]

@@ -89,12 +89,24 @@ def normalized_params(params: dict) -> dict:
     return params
 
 
-def longrope_freqs(config, head_dim: int, params: dict, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Phi-3's LongRoPE ("su"): per-frequency divisors, the short set inside the pretraining length and the long
-    set beyond it -> (angles [positions, rotary_dim / 2], attention scaling).
+# A token a request rotates with LongRoPE's long factors comes with its position plus this (step_payload)
+LONG_ROPE_OFFSET = 1 << 40
 
-    Chosen per position: transformers switches every position of a sequence to the long set once the sequence
-    outgrows original_max_position_embeddings (re-rotating the prompt); inside that length the two agree."""
+
+def longrope_original_length(config) -> int | None:
+    """LongRoPE's pretraining length, beyond which a request is rotated with the long factors; None without it."""
+    params = rope_parameters(config)
+    if params["rope_type"] not in ("longrope", "su"):
+        return None
+    return params.get("original_max_position_embeddings") or config.original_max_position_embeddings
+
+
+def longrope_freqs(config, head_dim: int, params: dict, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE ("su"): per-frequency divisors, a short set and a long set -> (angles [2 * positions,
+    rotary_dim / 2]: the short set's rows, then the long set's, attention scaling).
+
+    As transformers: a request no longer than original_max_position_embeddings is rotated with the short set,
+    a longer one with the long set at every position (the scheduler recomputes a request outgrowing it)."""
     base = float(params["rope_theta"])
     dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
     original = params.get("original_max_position_embeddings") or config.original_max_position_embeddings
@@ -105,8 +117,7 @@ def longrope_freqs(config, head_dim: int, params: dict, positions: torch.Tensor)
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     short = 1.0 / (torch.tensor(params["short_factor"], dtype=torch.float32) * base**exponents)
     long = 1.0 / (torch.tensor(params["long_factor"], dtype=torch.float32) * base**exponents)
-    is_long = (positions >= original)[:, None]
-    return positions.float()[:, None] * torch.where(is_long, long, short), scaling
+    return torch.cat([torch.outer(positions.float(), short), torch.outer(positions.float(), long)]), scaling
 
 
 class RotaryEmbedding(nn.Module):
@@ -116,7 +127,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         params = normalized_params(params) if params is not None else rope_parameters(config)
         positions = torch.arange(config.max_position_embeddings)
-        if params["rope_type"] in ("longrope", "su"):
+        # LongRoPE: rows [0, max) the short set, [max, 2 max) the long set (positions + LONG_ROPE_OFFSET)
+        self.long_rows = config.max_position_embeddings if params["rope_type"] in ("longrope", "su") else 0
+        if self.long_rows:
             freqs, scaling = longrope_freqs(config, head_dim, params, positions)
         else:
             inv_freq, scaling = compute_inv_freq(config, head_dim, params)
@@ -135,7 +148,10 @@ class RotaryEmbedding(nn.Module):
         # every layer rotates by the same positions in a step: look cos/sin up once
         if positions is not self._positions:
             self._positions = positions
-            self._cos_sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rotary_dim / 2]
+            rows = positions
+            if self.long_rows:
+                rows = torch.where(positions >= LONG_ROPE_OFFSET, positions - LONG_ROPE_OFFSET + self.long_rows, positions)
+            self._cos_sin = self.cos_sin_cache[rows].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rotary_dim / 2]
         cos, sin = self._cos_sin
         x = qk.view(num_tokens, -1, self.head_dim)
         half = self.rotary_dim // 2

@@ -89,7 +89,7 @@ def test_batched_greedy_decode_equals_transformers_token_for_token(family):
         assert hf_logits(hf, p + g[:-1])[len(p) - 1:].argmax(-1).tolist() == g
 
 
-def test_longrope_uses_the_short_factors_inside_the_pretraining_length_and_the_long_ones_beyond():
+def test_longrope_caches_the_short_and_the_long_factors_at_every_position():
     import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -102,10 +102,11 @@ def test_longrope_uses_the_short_factors_inside_the_pretraining_length_and_the_l
     short, scaling = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
     long, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=original + 1)
     assert rotary.rotary_dim == 8 and scaling > 1.0
-    for inv_freq, positions in ((short, torch.arange(original)), (long, torch.arange(original, 128))):
+    positions = torch.arange(128)
+    for inv_freq, rows in ((short, positions), (long, positions + 128)):  # the long set's rows follow the short's
         angles = positions.float()[:, None] * inv_freq
         expected = torch.cat([angles.cos(), angles.sin()], dim=-1) * scaling
-        torch.testing.assert_close(rotary.cos_sin_cache[positions], expected)
+        torch.testing.assert_close(rotary.cos_sin_cache[rows], expected)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bloom"])
