@@ -293,10 +293,13 @@ class LLMEngine:
             if state.prompt_logprobs is None:
                 state.prompt_logprobs = [None] * state.request.num_prompt_tokens
                 state.prompt_top = [[] for _ in range(state.request.num_prompt_tokens)]
-            # a preempted request scores its prompt again: same positions, same values
-            state.prompt_logprobs[first:first + len(values)] = values
-            if tops:
-                state.prompt_top[first:first + len(tops)] = tops
+            # a recomputed request scores its prompt again; the first scores stand (preempted: the same values;
+            # outgrown LongRoPE's original length: transformers scored the prompt with the short factors)
+            for j, value in enumerate(values, first):
+                if state.prompt_logprobs[j] is None:
+                    state.prompt_logprobs[j] = value
+                    if tops:
+                        state.prompt_top[j] = tops[j - first]
         # a request with drafts has a sampled row after its last token and after each draft
         first_rows, sampled, row = [], {}, 0
         for s in order:

@@ -91,3 +91,21 @@ def test_a_prefix_cached_with_one_factor_set_is_not_reused_with_the_other(phi3_d
     stays_short = SamplingParams(max_new_tokens=ORIGINAL - len(short), ignore_eos=True)
     assert engine.generate([short], stays_short) == [expected["short"][:ORIGINAL - len(short)]]
     assert engine.kv_cache.prefix_cache_hits == hits
+
+
+def test_prompt_logprobs_stay_the_prompts_own_when_the_request_outgrows_the_length(phi3_dir):
+    """The recompute at the switch scores the prompt again, with the long factors; transformers scored it
+    with the short ones, and so the first scores stand."""
+    path, hf = phi3_dir
+    prompt = random_prompts([ORIGINAL], seed=5)[0]
+    engine = make_engine(path)
+    engine.add_request(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True, prompt_logprobs=True))
+    scores = None
+    while engine.has_unfinished:
+        outputs, _ = engine.step()
+        scores = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), scores)
+    with torch_threads(1), torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
+    expected = logits.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    assert scores[0] is None
+    torch.testing.assert_close(torch.tensor(scores[1:], dtype=torch.float32), expected, atol=1e-4, rtol=1e-4)
