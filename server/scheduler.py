@@ -6,7 +6,8 @@ cut into chunks by the per-step token budget, so it never stalls the decodes run
 
 Order of work in a step:
 1. running requests, oldest first; when the pool is full the newest running request is preempted
-   (its blocks freed, recomputed later) until the older one fits;
+   (its blocks freed, recomputed later) until the older one fits; with LongRoPE (Phi-3) a request that
+   outgrows the original length is recomputed the same way, with the long factors (layers/rotary.py);
 2. waiting requests, FIFO, while the token budget, batch size and free blocks allow, gated by TGI's
    `waiting_served_ratio` / `max_waiting_tokens` so small arrivals don't interrupt a big batch.
 """
