@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,10 @@ import kmock
 from emulator import Cluster, str_resource
 from kmock import Request, ResourceInfo
 from kubernetes import client
+
+# The emulator's access log: one INFO line per API call, emitted from its thread, often after pytest has
+# closed the stream a test captured ("--- Logging error --- I/O operation on closed file" in the suite log)
+logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 TGS = "genserve.dev/v1alpha1/textgenerationservices"
 GROUP, VERSION, PLURAL = "genserve.dev", "v1alpha1", "textgenerationservices"
@@ -103,7 +108,7 @@ class ClusterThread:
     def __enter__(self) -> ClusterThread:
         ClusterThread.started.append(self)
         self._thread.start()
-        if not self._ready.wait(10):
+        if not self._ready.wait(120):  # generous: a loaded machine can take a while to start a thread's loop
             raise RuntimeError("the emulator did not start")
         return self
 
