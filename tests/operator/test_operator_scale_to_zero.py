@@ -57,7 +57,7 @@ def test_idle_service_scales_to_zero_and_a_held_request_wakes_it(operator, api, 
 
     # a request in flight keeps it up past the idle window
     server.text = server_metrics(6, running=1)
-    wait_for(lambda: tgs_status(api, namespace).get("runningRequests") == 1, what="a busy scrape")
+    wait_for(lambda: tgs_status(api, namespace).get("runningRequests") == 1, timeout=300, what="a busy scrape")  # a loaded machine missed 120 s
     server.text = server_metrics(6)
     # then quiet: after scaleToZeroAfterSeconds the autoscaler takes it to zero
     wait_for(lambda: replicas(cluster, namespace) == 0, what="scale to zero")
