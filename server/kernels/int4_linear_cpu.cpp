@@ -128,16 +128,6 @@ void run_tile(const float* x, const float* xsum, const weight_t* qw, const scale
   }
 }
 
-// The weight rows a few tiles ahead into the cache. A long matrix (an LM head) streams from DRAM, where the
-// hardware prefetcher alone leaves one row-at-a-time thread waiting on memory: 2-3x on [49152, 576] int8.
-template <typename weight_t>
-inline void prefetch_rows(const weight_t* start, int64_t bytes) {
-#if defined(__AVX2__)
-  const char* p = reinterpret_cast<const char*>(start);
-  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
-#endif
-}
-
 template <typename weight_t, typename scale_t, typename out_t>
 void grouped_rows(const float* x, const float* xsum, const weight_t* qw, const scale_t* scale, const scale_t* mins,
                const float* bias, out_t* out, int64_t M, int64_t N, int64_t K, int64_t G) {
@@ -149,7 +139,7 @@ void grouped_rows(const float* x, const float* xsum, const weight_t* qw, const s
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * rows_per_task;
       if (M == 1) {
-        prefetch_rows(qw + (n0 + 2 * rows_per_task) * (K / kPacking), t + 2 < end ? rows_per_task * K / kPacking : 0);
+        prefetch_bytes(qw + (n0 + 2 * rows_per_task) * (K / kPacking), t + 2 < end ? rows_per_task * K / kPacking : 0);
         run_tile<4, 1>(x, xsum, qw, scale, mins, bias, out, N, K, G, num_groups, n0, 0);
         continue;
       }

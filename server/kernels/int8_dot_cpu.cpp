@@ -20,9 +20,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -226,15 +224,7 @@ void q8_activation_linear(const std::vector<QuantizedRow>& xs, const weight_t* q
         block_scales(scale + (n0 + r) * groups, blocks, G / kBlock, ws_buffer.data() + r * blocks);
         ws[r] = ws_buffer.data() + r * blocks;
       }
-#if defined(__AVX2__)
-      // the rows two tiles ahead: a long matrix (the LM head) streams from DRAM, where the hardware
-      // prefetcher alone leaves a single thread waiting on memory
-      if (t + 2 < end) {
-        const char* ahead = reinterpret_cast<const char*>(qw + (n0 + 2 * kRows) * row_bytes);
-        for (int64_t offset = 0; offset < kRows * row_bytes * int64_t(sizeof(weight_t)); offset += 64)
-          _mm_prefetch(ahead + offset, _MM_HINT_T0);
-      }
-#endif
+      if (t + 2 < end) genserve_simd::prefetch_bytes(qw + (n0 + 2 * kRows) * row_bytes, kRows * row_bytes);
       for (int64_t m = 0; m < M; ++m) {
         const QuantizedRow& x = xs[m];
         float acc[kRows];
