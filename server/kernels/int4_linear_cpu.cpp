@@ -25,15 +25,6 @@ using namespace genserve_simd;
 
 constexpr int kBlock = 32;  // values per packed block (16 bytes)
 
-inline float widen(float v) { return v; }
-inline float widen(c10::Half v) {  // c10's conversion is bit arithmetic; F16C does it in one instruction
-#if defined(__F16C__)
-  return _cvtsh_ss(v.x);
-#else
-  return static_cast<float>(v);
-#endif
-}
-
 // the 32 values of one block as four float vectors of 8 (AVX2) or two of 16 (AVX-512)
 inline void widen_block(const int8_t* p, vfloat* out) {  // 8-bit weights (GGUF Q8_0): 32 bytes
   for (int v = 0; v < kBlock / W; ++v) out[v] = loadv(p + v * W);

@@ -26,14 +26,7 @@ namespace {
 
 constexpr int kBlock = 32;
 
-inline float to_float(float v) { return v; }
-inline float to_float(c10::Half v) {
-#if defined(__F16C__)
-  return _cvtsh_ss(v.x);
-#else
-  return static_cast<float>(v);
-#endif
-}
+using genserve_simd::widen;
 
 // One activation row as int8 blocks. For 4-bit weights each pair of blocks is stored as its 16 low-nibble
 // partners then its 16 high-nibble partners, side by side for both blocks ([b 0..15 | b+1 0..15][b 16..31 |
@@ -183,7 +176,7 @@ inline void block_scales(const scale_t* scale, int64_t blocks, int64_t per_group
   }
 #endif
   for (int64_t g = b / per_group; b < blocks; ++g) {
-    const float value = to_float(scale[g]);
+    const float value = widen(scale[g]);
     for (int64_t i = 0; i < per_group && b < blocks; ++i) ws[b++] = value;
   }
 }
@@ -202,7 +195,7 @@ inline float min_term(const scale_t* mins, const float* group_sum, int64_t group
     total = hsum8(acc);
   }
 #endif
-  for (; g < groups; ++g) total += to_float(mins[g]) * group_sum[g];
+  for (; g < groups; ++g) total += widen(mins[g]) * group_sum[g];
   return total;
 }
 

@@ -65,6 +65,16 @@ inline void prefetch_bytes(const void* start, int64_t bytes) {
 #endif
 }
 
+// one scale or min as float32 (c10's Half conversion is bit arithmetic; F16C does it in one instruction)
+inline float widen(float v) { return v; }
+inline float widen(c10::Half v) {
+#if defined(__F16C__)
+  return _cvtsh_ss(v.x);
+#else
+  return static_cast<float>(v);
+#endif
+}
+
 inline float hsum(vfloat v) {
   float total = 0.f;
   for (int i = 0; i < W; ++i) total += v[i];
