@@ -32,7 +32,7 @@ from genserve.server.layers.kv_storage import is_float8, resolve_kv_cache_dtype
 from genserve.server.layers.lora import lora_context
 from genserve.server.layers.quantization import quantize_model
 from genserve.server.layers.rotary import longrope_original_length
-from genserve.server.models import get_model_class
+from genserve.server.models import fused_decode, get_model_class
 from genserve.server.prompt_scores import (
     PromptScores,
     PromptTarget,
@@ -158,6 +158,11 @@ class ModelRunner:
                         "blocks behind it return to the pool" if self.kv_sliding_window else
                         "every block kept (the other layers attend fully)")
         self._allocate_kv_cache()
+        if device.type == "cpu" and self.decode_backend == "kernel":
+            fused, why = fused_decode.build(self.model, self.tp_size, self.lora is not None)
+            if fused is not None:
+                self.model.body.fused_decode = fused
+            logger.info("fused decode step (one native call per step): %s", why)
         buckets = graph_batch_sizes(config.cuda_graphs, device, config.max_batch_size)
         if buckets:
             self.enable_decode_graphs(buckets, capture=device.type == "cuda")

@@ -21,10 +21,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-HEADER = Path(__file__).with_name("simd.h")  # included by the sources: part of the cache key
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # included by the sources: part of the cache key
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp", "weight_only_linear_cpu.cpp",
-                         "int4_linear_cpu.cpp", "int8_dot_cpu.cpp")]
+                         "int4_linear_cpu.cpp", "int8_dot_cpu.cpp", "llama_decode_cpu.cpp")]
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # -march=native: the build is tied to this CPU, hence the CPU flags in the cache key below.
 # -ffast-math on the compile only: it lets GCC vectorize exp() through libmvec; linking with it
@@ -49,7 +49,7 @@ def build_directory() -> Path:
     from genserve.server.model_files import cache_dir
 
     key = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in (*SOURCES, HEADER)), " ".join(CFLAGS).encode(),
+    for part in (*(source.read_bytes() for source in (*SOURCES, *HEADERS)), " ".join(CFLAGS).encode(),
                  torch.__version__.encode(), _cpu_fingerprint().encode()):
         key.update(part)
     return cache_dir() / "kernels" / f"paged_attention_cpu-{key.hexdigest()[:16]}"
@@ -73,7 +73,7 @@ def load_cpu_kernels() -> bool:
         _loaded = all(hasattr(torch.ops.genserve_cpu, op)
                       for op in ("paged_decode_attention", "silu_and_mul", "rms_norm", "weight_only_linear",
                                  "int4_linear", "grouped_dequantize",
-                                 "int4_linear_int8_activations"))
+                                 "int4_linear_int8_activations", "llama_decode"))
     except Exception as exc:  # no compiler, no ninja, read-only cache...: the SDPA path still works
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch attention path", exc)
     if _loaded:
@@ -143,6 +143,20 @@ def int4_linear_int8_activations(x: torch.Tensor, qweight: torch.Tensor, scale: 
     """int4_linear with x first rounded to int8 in blocks of 32 (one float scale each, GGUF's Q8_0), then
     integer dot products (int8_dot_cpu.cpp): close to int4_linear, not equal."""
     return torch.ops.genserve_cpu.int4_linear_int8_activations(x, qweight, scale, mins, group_size, bias)
+
+
+def llama_decode(hidden: torch.Tensor, positions: torch.Tensor, norms: list[torch.Tensor],
+                 qweights: list[torch.Tensor], scales: list[torch.Tensor], mins: list[torch.Tensor],
+                 group_sizes: list[int], k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                 cos_sin: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, block_size: int, num_heads: int, num_kv_heads: int, attn_scale: float,
+                 eps: float, int8_activations: bool) -> torch.Tensor:
+    """A Llama layer stack's decode step over grouped weights in one call (llama_decode_cpu.cpp): hidden [B, H]
+    embeddings -> the final norm's output [B, H]; the K/V of the step's tokens land in the caches."""
+    return torch.ops.genserve_cpu.llama_decode(hidden, positions, norms, qweights, scales, mins, group_sizes,
+                                               k_caches, v_caches, cos_sin, slot_mapping, block_tables,
+                                               context_lens, block_size, num_heads, num_kv_heads, attn_scale, eps,
+                                               int8_activations)
 
 
 def grouped_dequantize(qweight: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:

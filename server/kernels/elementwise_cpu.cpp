@@ -8,14 +8,14 @@
 
 #include <cmath>
 
+#include "elementwise.h"
+
 namespace {
+
+using namespace genserve_elementwise;
 
 // rows per task: a decode-sized tensor (one row per sequence) runs on one thread
 constexpr int64_t kElementsPerTask = 32768;
-
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
 
 int64_t grain(int64_t row_size) { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(row_size, 1)); }
 
@@ -24,15 +24,7 @@ void silu_and_mul_rows(const scalar_t* x, scalar_t* out, int64_t rows, int64_t w
   at::parallel_for(0, rows, grain(2 * width), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* gate = x + r * 2 * width;
-      const scalar_t* up = gate + width;
-      scalar_t* o = out + r * width;
-      // PyTorch: silu(gate) rounded to the dtype, then times up, rounded again
-#pragma omp simd
-      for (int64_t i = 0; i < width; ++i) {
-        const float g = to_float(gate[i]);
-        const scalar_t act = static_cast<scalar_t>(g / (1.f + std::exp(-g)));
-        o[i] = static_cast<scalar_t>(to_float(act) * to_float(up[i]));
-      }
+      silu_and_mul_row(gate, gate + width, out + r * width, width);
     }
   });
 }
@@ -57,31 +49,8 @@ template <typename scalar_t>
 void rms_norm_rows(const scalar_t* x, scalar_t* residual, const scalar_t* weight, scalar_t* out, int64_t rows,
                    int64_t width, float eps) {
   at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* xr = x + r * width;
-      scalar_t* hr = residual ? residual + r * width : nullptr;
-      scalar_t* o = out + r * width;
-      float sum = 0.f;
-      if (hr) {  // residual += x, rounded to the dtype as PyTorch's add_ does; the norm reads the sum
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < width; ++i) {
-          const scalar_t h = static_cast<scalar_t>(to_float(hr[i]) + to_float(xr[i]));
-          hr[i] = h;
-          sum += to_float(h) * to_float(h);
-        }
-      } else {
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < width; ++i) sum += to_float(xr[i]) * to_float(xr[i]);
-      }
-      const scalar_t* src = hr ? hr : xr;
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(width) + eps);
-      // weight * normed.to(dtype): the normalised value is rounded before the weight multiplies it
-#pragma omp simd
-      for (int64_t i = 0; i < width; ++i) {
-        const scalar_t normed = static_cast<scalar_t>(to_float(src[i]) * inv);
-        o[i] = static_cast<scalar_t>(to_float(weight[i]) * to_float(normed));
-      }
-    }
+    for (int64_t r = begin; r < end; ++r)
+      rms_norm_row(x + r * width, residual ? residual + r * width : nullptr, weight, out + r * width, width, eps);
   });
 }
 

@@ -10,6 +10,11 @@
 #include <immintrin.h>
 #endif
 
+// On the loops both the op-by-op kernels and llama_decode_cpu.cpp run: never inlined, so every caller runs the one
+// copy the linker keeps (the symbols are weak), and both paths round alike to the bit. Inlined, the compiler is
+// free to vectorize a reduction differently at each call site.
+#define GENSERVE_SHARED __attribute__((noinline))
+
 namespace genserve_simd {
 
 // One native SIMD register of floats: 16 with AVX-512, 8 otherwise (AVX2, NEON pairs). A wider generic

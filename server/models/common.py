@@ -88,12 +88,15 @@ class PreNormModel(nn.Module):
         rotary_emb = RotaryEmbedding(config, head_dim_of(config))
         self.layers = nn.ModuleList(make_layer(config, i, rotary_emb) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.fused_decode = None  # models/fused_decode.py's one-call decode step, set by the runner where it fits
 
     def embedding(self) -> VocabParallelEmbedding:
         return self.embed_tokens
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
+        if self.fused_decode is not None and (fused := self.fused_decode(hidden, positions)) is not None:
+            return fused
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)

@@ -1,0 +1,111 @@
+"""A decode step of a Llama-family layer stack in one native call (kernels/llama_decode_cpu.cpp), on CPU.
+
+Op by op, one token of SmolLM2 is ~2,000 ATen calls and ~150 OpenMP regions from Python; for a single stream that
+overhead outweighs the matmuls. The fused step runs the same arithmetic (the same inner loops, bit for bit) with one
+OpenMP team for the whole step. It serves a step when:
+
+- the model is the Llama family's (LlamaAttention + LlamaMLP in PreNormDecoderLayers) on one rank, without LoRA;
+- every linear holds grouped 4/8-bit weights served by our kernel (GGUF, GPTQ, AWQ, --quantize int4*), no bias;
+- activations, K/V pool and norms are float32, rotary is plain (no LongRoPE, full head), no sliding window;
+- the step is decode only, of at most FUSED_MAX_ROWS sequences, through the native paged-attention kernel.
+
+Anything else, and GENSERVE_FUSED_DECODE=0, runs the op-by-op path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from genserve.server import kernels
+from genserve.server.layers.attention import get_forward_context
+from genserve.server.layers.grouped_linear import INT8_ACTIVATION_MAX_ROWS, GroupedWeights
+from genserve.server.layers.norm import RMSNorm
+
+logger = logging.getLogger(__name__)
+
+# the op-by-op path's kernels switch at these sizes too (int8 activations up to 16 rows)
+FUSED_MAX_ROWS = INT8_ACTIVATION_MAX_ROWS
+
+
+class FusedLlamaDecode:
+    """The operands of every layer, gathered once; called per step by PreNormModel.forward."""
+
+    def __init__(self, norms, linears, attention_layers, rotary, int8_activations: bool) -> None:
+        self.norms = norms
+        self.qweights = [m.weight for m in linears]
+        self.scales = [m.weight_scale for m in linears]
+        self.mins = [m.weight_min for m in linears]
+        self.group_sizes = [m.quant_method.group_size for m in linears]
+        self.attention_layers = attention_layers
+        self.cos_sin = rotary.cos_sin_cache
+        first = attention_layers[0]
+        self.num_heads, self.num_kv_heads, self.scale = first.num_heads, first.num_kv_heads, first.scale
+        self.eps = norms[0].eps
+        self.int8_activations = int8_activations
+
+    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The final norm's output [T, H] for a decode-only step; None for any other step."""
+        meta = get_forward_context()
+        rows = hidden.shape[0]
+        if (meta.num_decode_tokens != rows or rows > FUSED_MAX_ROWS or meta.decode_block_tables is None
+                or (meta.decode_backend or "kernel") != "kernel" or hidden.dtype != torch.float32):
+            return None
+        k_caches = [layer.k_cache for layer in self.attention_layers]
+        if k_caches[0].dtype != torch.float32:
+            return None
+        return kernels.llama_decode(hidden.contiguous(), positions, [n.weight for n in self.norms], self.qweights,
+                                    self.scales, self.mins, self.group_sizes, k_caches,
+                                    [layer.v_cache for layer in self.attention_layers], self.cos_sin,
+                                    meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
+                                    meta.block_size, self.num_heads, self.num_kv_heads, self.scale, self.eps,
+                                    self.int8_activations)
+
+
+def build(model, tp_size: int, lora_enabled: bool) -> tuple[FusedLlamaDecode | None, str]:
+    """The fused decode for `model` (a CausalLM), or None and why not."""
+    from genserve.server.models.common import PreNormDecoderLayer, PreNormModel
+    from genserve.server.models.llama import LlamaAttention, LlamaMLP
+
+    if os.environ.get("GENSERVE_FUSED_DECODE", "1") == "0":
+        return None, "off (GENSERVE_FUSED_DECODE=0)"
+    body = getattr(model, "body", None)
+    if type(body) is not PreNormModel:
+        return None, "not a Llama-family layer stack"
+    if tp_size > 1 or lora_enabled:
+        return None, "tensor parallel" if tp_size > 1 else "LoRA adapters"
+    norms, linears, attention_layers, rotaries = [], [], [], set()
+    for layer in body.layers:
+        if (type(layer) is not PreNormDecoderLayer or type(layer.self_attn) is not LlamaAttention
+                or type(layer.mlp) is not LlamaMLP):
+            return None, "a layer that is not Llama's"
+        attn = layer.self_attn
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        linears += [attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+        attention_layers.append(attn.attn)
+        rotaries.add(attn.rotary_emb)
+    norms.append(body.norm)
+    for norm in norms:
+        if type(norm) is not RMSNorm or norm.weight.dtype != torch.float32 or norm.eps != norms[0].eps:
+            return None, "norms that are not float32 RMSNorms of one eps"
+    for linear in linears:
+        method = linear.quant_method
+        if (not isinstance(method, GroupedWeights) or method.torch_int4 is not None or method.input_order is not None
+                or linear.bias is not None or linear.lora is not None or linear.weight.device.type != "cpu"):
+            return None, "linears that are not grouped 4/8-bit weights on our kernel (float, torch int4pack, " \
+                         "act-order or bias)"
+    if len({linear.quant_method.int8_activations for linear in linears}) != 1:
+        return None, "int8 activations on some linears only"
+    rotary = rotaries.pop() if len(rotaries) == 1 else None
+    first = attention_layers[0]
+    if (rotary is None or rotary.long_rows or rotary.rotary_dim != first.head_dim
+            or rotary.cos_sin_cache.dtype != torch.float32 or first.head_dim not in kernels.SUPPORTED_HEAD_DIMS):
+        return None, "rotary embedding other than plain full-head float32"
+    if any(a.sliding_window is not None or a.has_score_mods for a in attention_layers):
+        return None, "sliding windows or score changes"
+    if not kernels.load_cpu_kernels():
+        return None, "native CPU kernels unavailable"
+    return FusedLlamaDecode(norms, linears, attention_layers, rotary,
+                            linears[0].quant_method.int8_activations), "on"
