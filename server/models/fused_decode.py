@@ -9,6 +9,9 @@ OpenMP team for the whole step. It serves a step when:
 - activations, K/V pool and norms are float32, rotary is plain (no LongRoPE, full head), no sliding window;
 - the step is decode only, of at most FUSED_MAX_ROWS sequences, through the native paged-attention kernel.
 
+With --activation-quantization int8, steps of up to INT8_ACTIVATION_MAX_ROWS sequences round activations to int8,
+larger ones run the float kernels, as the op-by-op path does.
+
 Anything else, and GENSERVE_FUSED_DECODE=0, runs the op-by-op path.
 """
 
@@ -21,13 +24,13 @@ import torch
 
 from genserve.server import kernels
 from genserve.server.layers.attention import get_forward_context
-from genserve.server.layers.grouped_linear import INT8_ACTIVATION_MAX_ROWS, GroupedWeights
+from genserve.server.layers.grouped_linear import GROUPED_MAX_ROWS, INT8_ACTIVATION_MAX_ROWS, GroupedWeights
 from genserve.server.layers.norm import RMSNorm
 
 logger = logging.getLogger(__name__)
 
-# the op-by-op path's kernels switch at these sizes too (int8 activations up to 16 rows)
-FUSED_MAX_ROWS = INT8_ACTIVATION_MAX_ROWS
+# beyond this many rows the op-by-op path dequantizes and runs the dense GEMM
+FUSED_MAX_ROWS = GROUPED_MAX_ROWS
 
 
 class FusedLlamaDecode:
@@ -61,7 +64,7 @@ class FusedLlamaDecode:
                                     [layer.v_cache for layer in self.attention_layers], self.cos_sin,
                                     meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
                                     meta.block_size, self.num_heads, self.num_kv_heads, self.scale, self.eps,
-                                    self.int8_activations)
+                                    self.int8_activations and rows <= INT8_ACTIVATION_MAX_ROWS)
 
 
 def build(model, tp_size: int, lora_enabled: bool) -> tuple[FusedLlamaDecode | None, str]:

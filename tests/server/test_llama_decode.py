@@ -74,7 +74,8 @@ def fused_and_op_by_op(engine: LLMEngine, prompts: list[list[int]]):
 def test_fused_decode_is_the_op_by_op_path_to_the_bit(gguf_file, activations):
     engine = make_engine(gguf_file, activation_quantization=activations)
     prompts = tokenize(engine.model_dir)
-    for batch in (prompts[:1], prompts):  # one row (4-row tiles), four rows (panels / int8 rows)
+    # one row (4-row tiles), four rows (panels / int8 rows), twenty (panels: int8 activations stop at 16 rows)
+    for batch in (prompts[:1], prompts, prompts * 5):
         with_fused, op_by_op, calls = fused_and_op_by_op(engine, batch)
         assert any(calls), "no decode step went through the fused call"
         assert with_fused == op_by_op  # tokens and float log-probabilities, exactly
