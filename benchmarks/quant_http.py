@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import ROOT, free_port, gguf_path, machine, start, stop, versions, wait_ready  # noqa: E402
+from llamacpp_inprocess import LLAMACPP_SCRIPT, LONG, PROMPT, SHORT  # noqa: E402
 
 from genserve.server.benchmark.command import benchmark  # noqa: E402
 from genserve.server.benchmark.config import BenchmarkConfig, LoadConfig, RequestConfig, WorkloadConfig  # noqa: E402
@@ -80,6 +81,22 @@ def run_level(arm: Arm, concurrency: int, args, tokenizer) -> dict:
             "mean_output_tokens": level["output_tokens"] / max(level["num_ok"], 1)}
 
 
+def llamacpp_in_process(args, gguf: str) -> float | None:
+    """llama.cpp's own decode rate on the file, in process ((LONG - SHORT) tokens over the time difference):
+    the issue's bar for genserve's single stream over HTTP."""
+    import subprocess
+
+    python = Path(args.llamacpp_venv) / "bin/python"
+    if not python.exists():
+        return None
+    done = subprocess.run([str(python), "-c", LLAMACPP_SCRIPT, gguf, PROMPT, str(args.threads), str(SHORT), str(LONG),
+                           "2"], capture_output=True, text=True, timeout=1200)
+    if done.returncode:
+        print(f"llama.cpp in process failed: {done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["decode_tok_s"]
+
+
 def median_of(rounds: list[dict], key: str, field: str) -> float | None:
     values = [r[key][field] for r in rounds if key in r and r[key].get(field) is not None]
     return statistics.median(values) if values else None
@@ -112,6 +129,17 @@ def write_markdown(doc: dict, path: Path) -> None:
         per = [r[a]["output_tok_s"] / r[b]["output_tok_s"] for r in doc["rounds"] if a in r and b in r]
         if per:
             lines.append(f"- {name}: **x{statistics.median(per):.2f}** (rounds: {', '.join(f'{v:.2f}' for v in per)})")
+    decode = [(r, rate) for r, rate in zip(doc["rounds"], doc.get("llamacpp_in_process", []), strict=False) if rate]
+    if decode:
+        lines += ["", "Decode rate at 1 stream: 1 / ITL p50 over HTTP against llama.cpp decoding the same file in "
+                  f"process ({LONG} - {SHORT} tokens over the time difference, all servers idle meanwhile), same round:",
+                  "", f"- llama.cpp in process: {' / '.join(f'{rate:.1f}' for _, rate in decode)} tok/s"]
+        for key in keys:
+            if key.endswith("@1"):
+                per = [1 / r[key]["itl_p50_s"] / rate for r, rate in decode if r.get(key, {}).get("itl_p50_s")]
+                if per:
+                    lines.append(f"- {key} over HTTP / llama.cpp in process: **x{statistics.median(per):.2f}** "
+                                 f"(rounds: {', '.join(f'{v:.2f}' for v in per)})")
     lines += ["", "Versions: " + "; ".join(f"{k}: {v}" for k, v in doc["versions"].items()), "",
               f"lscpu flags: {m['flags']}"]
     path.write_text("\n".join(lines) + "\n")
@@ -181,6 +209,8 @@ def main(argv=None) -> int:
                     results[key] = run_level(arm, concurrency, args, tokenizer)
                     print(f"[round {index + 1}] {key}: {results[key]}", file=sys.stderr, flush=True)
             doc["rounds"].append(results)
+            if "1" in args.levels.split(","):
+                doc.setdefault("llamacpp_in_process", []).append(llamacpp_in_process(args, str(gguf_path(args.gguf))))
             doc["loadavg"].append((load_before, os.getloadavg()[0]))
             RESULTS.mkdir(exist_ok=True)
             (RESULTS / "quant_http.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -22,6 +22,7 @@ from genserve.server.cpu_env import configure_openmp_wait
 configure_openmp_wait()
 
 import torch  # noqa: E402
+from llamacpp_inprocess import LLAMACPP_SCRIPT, LONG, PROMPT, SHORT  # noqa: E402
 
 from genserve.server.config import EngineConfig  # noqa: E402
 from genserve.server.engine import LLMEngine  # noqa: E402
@@ -32,8 +33,6 @@ from genserve.server.sampling_params import SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LLAMACPP_PYTHON = Path("/work/peers/llamacpp/bin/python")
-PROMPT = "Write a short story about a robot who learns to paint."
-SHORT, LONG = 8, 72
 AGREEMENT_PROMPTS = [
     "The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,", "The best way to learn is",
     "Water boils at", "import numpy as np\n", "My favourite colour is", "The meaning of life", "Translate to French: hello",
@@ -41,21 +40,6 @@ AGREEMENT_PROMPTS = [
     "List three fruits:",
 ]
 
-LLAMACPP_SCRIPT = """
-import itertools, json, sys, time
-from llama_cpp import Llama
-path, prompt, threads, short, long, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), *map(int, sys.argv[4:7])
-llm = Llama(model_path=path, n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
-tokens = llm.tokenize(prompt.encode())
-def run(n):
-    llm.reset()
-    start = time.perf_counter()
-    list(itertools.islice(llm.generate(tokens, top_k=1, temp=0.0, reset=True), n))
-    return time.perf_counter() - start
-run(short)
-best = min(run(long) - run(short) for _ in range(rounds))
-print(json.dumps({"decode_tok_s": (long - short) / best}))
-"""
 
 
 def lscpu() -> str:
