@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from genserve.server import kernels
 from genserve.server.grammar import GrammarMatcher, allowed_token_mask, fill_bitmasks
 from genserve.server.sampling_params import SamplingParams
 from genserve.server.stopping import holds_back_stops
@@ -173,13 +174,13 @@ class Sampler:
             # masked first: penalties, warpers, greedy and the reported logprobs all see the constrained logits
             raw = apply_grammars(raw, rows, inputs.grammar_rows if inputs.has("grammar_rows") else None)
         params = [r.params for r in rows]
-        lse = torch.logsumexp(raw, dim=-1)
-
-        if all(p.is_greedy and not _has_repetition_penalty(p) and not _has_output_penalty(p) for p in params):
+        greedy = all(p.is_greedy and not _has_repetition_penalty(p) and not _has_output_penalty(p) for p in params)
+        if greedy and raw.device.type == "cpu" and kernels.load_cpu_kernels():
             # (logit_bias and grammars are already in `raw`)
-            ids = raw.argmax(dim=-1)
+            ids, lse = kernels.greedy_pick(raw)
         else:
-            ids = self._choose(raw, rows, inputs)
+            lse = torch.logsumexp(raw, dim=-1)
+            ids = raw.argmax(dim=-1) if greedy else self._choose(raw, rows, inputs)
 
         logprobs = raw.gather(1, ids[:, None]).squeeze(1) - lse
         columns = [ids[:, None].to(torch.float64), logprobs[:, None].to(torch.float64)]

@@ -73,7 +73,7 @@ def load_cpu_kernels() -> bool:
         _loaded = all(hasattr(torch.ops.genserve_cpu, op)
                       for op in ("paged_decode_attention", "silu_and_mul", "rms_norm", "weight_only_linear",
                                  "int4_linear", "grouped_dequantize",
-                                 "int4_linear_int8_activations", "llama_decode"))
+                                 "int4_linear_int8_activations", "llama_decode", "greedy_pick"))
     except Exception as exc:  # no compiler, no ninja, read-only cache...: the SDPA path still works
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch attention path", exc)
     if _loaded:
@@ -143,6 +143,11 @@ def int4_linear_int8_activations(x: torch.Tensor, qweight: torch.Tensor, scale: 
     """int4_linear with x first rounded to int8 in blocks of 32 (one float scale each, GGUF's Q8_0), then
     integer dot products (int8_dot_cpu.cpp): close to int4_linear, not equal."""
     return torch.ops.genserve_cpu.int4_linear_int8_activations(x, qweight, scale, mins, group_size, bias)
+
+
+def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] float32 -> (argmax [N] int64, logsumexp [N] float32), two passes per row."""
+    return torch.ops.genserve_cpu.greedy_pick(logits)
 
 
 def llama_decode(hidden: torch.Tensor, positions: torch.Tensor, norms: list[torch.Tensor],

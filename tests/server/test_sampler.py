@@ -318,3 +318,21 @@ def test_bad_words_ban_single_tokens_and_the_last_token_after_a_prefix():
     assert SamplingRow(SamplingParams(bad_words_token_ids=[[3, 6]]), None, [3], 1).banned_token_ids() == set()
     with pytest.raises(ValueError, match="`bad_words` must not contain empty words"):
         SamplingParams(bad_words_token_ids=[[]]).validate()
+
+
+def test_native_greedy_pick_matches_argmax_and_logsumexp():
+    from genserve.server import kernels
+
+    if not kernels.load_cpu_kernels():
+        pytest.skip("native CPU kernels unavailable")
+    torch.manual_seed(0)
+    logits = torch.randn(5, 49152) * 4
+    logits[1, 100:] = float("-inf")  # banned tokens (min_tokens, allowed_token_ids) are -inf
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie: the first one, as torch.argmax
+    logits[3] = float("-inf")  # nothing allowed: logsumexp is -inf too
+    ids, lse = kernels.greedy_pick(logits)
+    assert torch.equal(ids[:3], logits[:3].argmax(-1)) and ids[2] == 7
+    assert torch.allclose(lse[[0, 1, 2, 4]], torch.logsumexp(logits[[0, 1, 2, 4]], -1), rtol=1e-6, atol=1e-5)
+    assert lse[3] == float("-inf")
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.greedy_pick(logits.double())
