@@ -5,7 +5,7 @@
 // Why: run op by op from Python, one token of a 30-layer model is ~2,000 ATen calls and ~150 OpenMP regions, and
 // between two regions the Python in between lets the worker threads fall asleep, so each region pays a wake-up.
 // For one stream that overhead is larger than the matmuls. Here one OpenMP team lives for the whole step and its
-// threads meet at barriers between the phases, the way llama.cpp runs its graph.
+// threads meet at spinning barriers between the phases, the way llama.cpp runs its graph.
 //
 // The arithmetic is the op-by-op path's, from the same inner loops (grouped_dot.h, int8_dot.h,
 // decode_attention.h, elementwise.h): the outputs are the same to the bit (tests/server/test_llama_decode.py).
@@ -14,6 +14,9 @@
 #include <omp.h>
 #include <torch/library.h>
 
+#include <sched.h>
+
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -85,6 +88,35 @@ inline void share(int64_t total, int tid, int nt, int64_t& begin, int64_t& end) 
   begin = total * tid / nt;
   end = total * (tid + 1) / nt;
 }
+
+// The step's threads meet ~9 times per layer, a few microseconds to a few hundred apart. OpenMP's barrier spins
+// GOMP_SPINCOUNT times (3,000, cpu_env.py: right for op-by-op batches on a shared host) and then sleeps, so a
+// thread often slept through a phase and paid a wake-up: ~7.5-10.5 ms per step against 6.6 ms with
+// OMP_WAIT_POLICY=ACTIVE (SmolLM2 Q4_1, 2 threads). This one spins with `pause` for ~1 ms, then yields the core
+// (a preempted partner gets it back), and never sleeps: llama.cpp's barrier does the same.
+struct SpinBarrier {
+  std::atomic<int> arrived{0};
+  std::atomic<int> generation{0};
+  int threads = 1;
+
+  void wait() {
+    const int gen = generation.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == threads - 1) {
+      arrived.store(0, std::memory_order_relaxed);
+      generation.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins < 20000) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        sched_yield();
+      }
+    }
+  }
+};
 
 // Each thread's buffers.
 struct Scratch {
@@ -245,10 +277,13 @@ at::Tensor llama_decode(const at::Tensor& hidden, const at::Tensor& positions, a
   const int64_t group = num_heads / num_kv_heads, kv_width = num_kv_heads * D;
   const float scale = static_cast<float>(attn_scale), epsilon = static_cast<float>(eps);
   const bool int8 = int8_activations;
+  SpinBarrier barrier;
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    if (tid == 0) barrier.threads = nt;
+#pragma omp barrier
     Scratch s;
     s.panel.resize(genserve_grouped::kPanel * max_k);
     s.ws.resize(genserve_int8::kRows * (max_k / 32));
@@ -259,8 +294,8 @@ at::Tensor llama_decode(const at::Tensor& hidden, const at::Tensor& positions, a
       const float* post_norm = norms[2 * l + 1].data_ptr<float>();
       float* k_cache = k_caches[l].data_ptr<float>();
       float* v_cache = v_caches[l].data_ptr<float>();
-#pragma omp single
-      {
+      // the small serial parts (norms, rotary, activation rounding) on thread 0, the others waiting
+      if (tid == 0) {
         for (int64_t b = 0; b < B; ++b) {  // layer 0 normalises the embeddings; later ones add the MLP's output
           float* res = residual.data() + b * Hd;
           genserve_elementwise::rms_norm_row(l == 0 ? res : proj.data() + b * Hd, l == 0 ? nullptr : res,
@@ -268,38 +303,40 @@ at::Tensor llama_decode(const at::Tensor& hidden, const at::Tensor& positions, a
         }
         prepare_input(lin[0], normed.data(), B, int8, xsum.data(), xq.data());
       }
+      barrier.wait();
       run_linear(lin[0], normed.data(), xsum.data(), xq.data(), B, int8, qkv.data(), tid, nt, s);
-#pragma omp barrier
-#pragma omp single
-      for (int64_t b = 0; b < B; ++b) {
-        float* row = qkv.data() + b * qkv_width;
-        const float* cos = cs + pos[b] * D;
-        rotate_heads(row, num_heads + num_kv_heads, D, cos, cos + D / 2);
-        std::memcpy(k_cache + slot[b] * kv_width, row + q_width, kv_width * sizeof(float));
-        std::memcpy(v_cache + slot[b] * kv_width, row + q_width + kv_width, kv_width * sizeof(float));
+      barrier.wait();
+      if (tid == 0) {
+        for (int64_t b = 0; b < B; ++b) {
+          float* row = qkv.data() + b * qkv_width;
+          const float* cos = cs + pos[b] * D;
+          rotate_heads(row, num_heads + num_kv_heads, D, cos, cos + D / 2);
+          std::memcpy(k_cache + slot[b] * kv_width, row + q_width, kv_width * sizeof(float));
+          std::memcpy(v_cache + slot[b] * kv_width, row + q_width + kv_width, kv_width * sizeof(float));
+        }
       }
+      barrier.wait();
       share(B * num_kv_heads, tid, nt, begin, end);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
         attend(D, qkv.data() + b * qkv_width + h * group * D, k_cache, v_cache, tables + b * max_blocks, lens[b],
                attn.data() + b * q_width + h * group * D, num_kv_heads, h, group, block_size, scale, s);
       }
-#pragma omp barrier
-#pragma omp single
-      prepare_input(lin[1], attn.data(), B, int8, xsum.data(), xq.data());
+      barrier.wait();
+      if (tid == 0) prepare_input(lin[1], attn.data(), B, int8, xsum.data(), xq.data());
+      barrier.wait();
       run_linear(lin[1], attn.data(), xsum.data(), xq.data(), B, int8, proj.data(), tid, nt, s);
-#pragma omp barrier
-#pragma omp single
-      {
+      barrier.wait();
+      if (tid == 0) {
         for (int64_t b = 0; b < B; ++b)
           genserve_elementwise::rms_norm_row(proj.data() + b * Hd, residual.data() + b * Hd, post_norm,
                                              normed.data() + b * Hd, Hd, epsilon);
         prepare_input(lin[2], normed.data(), B, int8, xsum.data(), xq.data());
       }
+      barrier.wait();
       run_linear(lin[2], normed.data(), xsum.data(), xq.data(), B, int8, gate_up.data(), tid, nt, s);
-#pragma omp barrier
-#pragma omp single
-      {
+      barrier.wait();
+      if (tid == 0) {
         for (int64_t b = 0; b < B; ++b) {
           const float* gate = gate_up.data() + b * 2 * intermediate;
           genserve_elementwise::silu_and_mul_row(gate, gate + intermediate, act.data() + b * intermediate,
@@ -307,11 +344,11 @@ at::Tensor llama_decode(const at::Tensor& hidden, const at::Tensor& positions, a
         }
         prepare_input(lin[3], act.data(), B, int8, xsum.data(), xq.data());
       }
+      barrier.wait();
       run_linear(lin[3], act.data(), xsum.data(), xq.data(), B, int8, proj.data(), tid, nt, s);
-#pragma omp barrier
+      barrier.wait();
     }
-#pragma omp single
-    {
+    if (tid == 0) {
       const float* final_norm = norms[2 * L].data_ptr<float>();
       for (int64_t b = 0; b < B; ++b)
         genserve_elementwise::rms_norm_row(proj.data() + b * Hd, residual.data() + b * Hd, final_norm,
