@@ -89,9 +89,9 @@ inline void share(int64_t total, int tid, int nt, int64_t& begin, int64_t& end) 
   end = total * (tid + 1) / nt;
 }
 
-// The step's threads meet ~9 times per layer, a few microseconds to a few hundred apart. OpenMP's barrier spins
+// The step's threads meet 5 times per layer, a few microseconds to a few hundred apart. OpenMP's barrier spins
 // GOMP_SPINCOUNT times (3,000, cpu_env.py: right for op-by-op batches on a shared host) and then sleeps, so a
-// thread often slept through a phase and paid a wake-up: ~7.5-10.5 ms per step against 6.6 ms with
+// thread often slept through a phase and paid a wake-up (then 9 barriers per layer): ~7.5-10.5 ms per step against 6.6 ms with
 // OMP_WAIT_POLICY=ACTIVE (SmolLM2 Q4_1, 2 threads). This one spins with `pause` for ~1 ms, then yields the core
 // (a preempted partner gets it back), and never sleeps: llama.cpp's barrier does the same.
 struct SpinBarrier {
@@ -268,17 +268,19 @@ at::Tensor llama_decode(const at::Tensor& hidden, const at::Tensor& positions, a
   }
 
   const int64_t max_groups = (max_k + 31) / 32;
-  std::vector<float> residual(hidden.data_ptr<float>(), hidden.data_ptr<float>() + B * Hd);
-  std::vector<float> normed(B * Hd), qkv(B * qkv_width), attn(B * q_width), proj(B * Hd),
-      gate_up(B * 2 * intermediate), act(B * intermediate), xsum(B * max_groups);
-  std::vector<QuantizedRow> xq(B);
+  std::vector<float> qkv(B * qkv_width), attn(B * q_width), proj(B * Hd), gate_up(B * 2 * intermediate);
   auto out = at::empty({B, Hd}, hidden.options());
   const float* cs = cos_sin.data_ptr<float>();
+  const float* embeddings = hidden.data_ptr<float>();
   const int64_t group = num_heads / num_kv_heads, kv_width = num_kv_heads * D;
   const float scale = static_cast<float>(attn_scale), epsilon = static_cast<float>(eps);
   const bool int8 = int8_activations;
   SpinBarrier barrier;
 
+  // Five barriers per layer, after each phase whose output every thread reads (q|k|v, attention, o, gate|up,
+  // down). The small serial parts between them (norms, SiLU, rounding a linear's input) every thread computes
+  // for itself, on its own copy of the residual stream: the same arithmetic on the same inputs gives every copy
+  // the same bits, and nobody waits for one thread to do them.
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -287,6 +289,9 @@ at::Tensor llama_decode(const at::Tensor& hidden, const at::Tensor& positions, a
     Scratch s;
     s.panel.resize(genserve_grouped::kPanel * max_k);
     s.ws.resize(genserve_int8::kRows * (max_k / 32));
+    std::vector<float> residual(embeddings, embeddings + B * Hd), normed(B * Hd), act(B * intermediate),
+        xsum(B * max_groups);
+    std::vector<QuantizedRow> xq(B);
     int64_t begin, end;
     for (int64_t l = 0; l < L; ++l) {
       const Linear* lin = linears.data() + 4 * l;
@@ -294,57 +299,45 @@ at::Tensor llama_decode(const at::Tensor& hidden, const at::Tensor& positions, a
       const float* post_norm = norms[2 * l + 1].data_ptr<float>();
       float* k_cache = k_caches[l].data_ptr<float>();
       float* v_cache = v_caches[l].data_ptr<float>();
-      // the small serial parts (norms, rotary, activation rounding) on thread 0, the others waiting
-      if (tid == 0) {
-        for (int64_t b = 0; b < B; ++b) {  // layer 0 normalises the embeddings; later ones add the MLP's output
-          float* res = residual.data() + b * Hd;
-          genserve_elementwise::rms_norm_row(l == 0 ? res : proj.data() + b * Hd, l == 0 ? nullptr : res,
-                                             input_norm, normed.data() + b * Hd, Hd, epsilon);
-        }
-        prepare_input(lin[0], normed.data(), B, int8, xsum.data(), xq.data());
+      for (int64_t b = 0; b < B; ++b) {  // layer 0 normalises the embeddings; later ones add the MLP's output
+        float* res = residual.data() + b * Hd;
+        genserve_elementwise::rms_norm_row(l == 0 ? res : proj.data() + b * Hd, l == 0 ? nullptr : res, input_norm,
+                                           normed.data() + b * Hd, Hd, epsilon);
       }
-      barrier.wait();
+      prepare_input(lin[0], normed.data(), B, int8, xsum.data(), xq.data());
       run_linear(lin[0], normed.data(), xsum.data(), xq.data(), B, int8, qkv.data(), tid, nt, s);
       barrier.wait();
-      if (tid == 0) {
-        for (int64_t b = 0; b < B; ++b) {
-          float* row = qkv.data() + b * qkv_width;
-          const float* cos = cs + pos[b] * D;
-          rotate_heads(row, num_heads + num_kv_heads, D, cos, cos + D / 2);
-          std::memcpy(k_cache + slot[b] * kv_width, row + q_width, kv_width * sizeof(float));
-          std::memcpy(v_cache + slot[b] * kv_width, row + q_width + kv_width, kv_width * sizeof(float));
-        }
-      }
-      barrier.wait();
+      // each (sequence, KV head) item: rotate its query heads and its key, store its K/V, attend
       share(B * num_kv_heads, tid, nt, begin, end);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
-        attend(D, qkv.data() + b * qkv_width + h * group * D, k_cache, v_cache, tables + b * max_blocks, lens[b],
-               attn.data() + b * q_width + h * group * D, num_kv_heads, h, group, block_size, scale, s);
+        float* row = qkv.data() + b * qkv_width;
+        float* q = row + h * group * D;
+        float* k = row + q_width + h * D;
+        const float* cos = cs + pos[b] * D;
+        rotate_heads(q, group, D, cos, cos + D / 2);
+        rotate_heads(k, 1, D, cos, cos + D / 2);
+        std::memcpy(k_cache + slot[b] * kv_width + h * D, k, D * sizeof(float));
+        std::memcpy(v_cache + slot[b] * kv_width + h * D, row + q_width + kv_width + h * D, D * sizeof(float));
+        attend(D, q, k_cache, v_cache, tables + b * max_blocks, lens[b], attn.data() + b * q_width + h * group * D,
+               num_kv_heads, h, group, block_size, scale, s);
       }
       barrier.wait();
-      if (tid == 0) prepare_input(lin[1], attn.data(), B, int8, xsum.data(), xq.data());
-      barrier.wait();
+      prepare_input(lin[1], attn.data(), B, int8, xsum.data(), xq.data());
       run_linear(lin[1], attn.data(), xsum.data(), xq.data(), B, int8, proj.data(), tid, nt, s);
       barrier.wait();
-      if (tid == 0) {
-        for (int64_t b = 0; b < B; ++b)
-          genserve_elementwise::rms_norm_row(proj.data() + b * Hd, residual.data() + b * Hd, post_norm,
-                                             normed.data() + b * Hd, Hd, epsilon);
-        prepare_input(lin[2], normed.data(), B, int8, xsum.data(), xq.data());
-      }
-      barrier.wait();
+      for (int64_t b = 0; b < B; ++b)
+        genserve_elementwise::rms_norm_row(proj.data() + b * Hd, residual.data() + b * Hd, post_norm,
+                                           normed.data() + b * Hd, Hd, epsilon);
+      prepare_input(lin[2], normed.data(), B, int8, xsum.data(), xq.data());
       run_linear(lin[2], normed.data(), xsum.data(), xq.data(), B, int8, gate_up.data(), tid, nt, s);
       barrier.wait();
-      if (tid == 0) {
-        for (int64_t b = 0; b < B; ++b) {
-          const float* gate = gate_up.data() + b * 2 * intermediate;
-          genserve_elementwise::silu_and_mul_row(gate, gate + intermediate, act.data() + b * intermediate,
-                                                 intermediate);
-        }
-        prepare_input(lin[3], act.data(), B, int8, xsum.data(), xq.data());
+      for (int64_t b = 0; b < B; ++b) {
+        const float* gate = gate_up.data() + b * 2 * intermediate;
+        genserve_elementwise::silu_and_mul_row(gate, gate + intermediate, act.data() + b * intermediate,
+                                               intermediate);
       }
-      barrier.wait();
+      prepare_input(lin[3], act.data(), B, int8, xsum.data(), xq.data());
       run_linear(lin[3], act.data(), xsum.data(), xq.data(), B, int8, proj.data(), tid, nt, s);
       barrier.wait();
     }
