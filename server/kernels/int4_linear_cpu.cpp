@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "grouped_dot.h"
+#include "grouped_operands.h"
 
 namespace {
 
@@ -45,20 +46,11 @@ void grouped_panels(const float* x, const weight_t* qw, const scale_t* scale, co
 // K % 32 == 0, G % 32 == 0, N % 4 == 0.
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                        const at::Tensor& mins, int64_t group_size, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2, "x [M, K], qweight [N, K / 2]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
-  const bool is_4bit = qweight.scalar_type() == at::kByte;
-  TORCH_CHECK(is_4bit || qweight.scalar_type() == at::kChar, "qweight: uint8 (4-bit pairs) or int8");
-  const int64_t M = x.size(0), N = qweight.size(0), K = x.size(1), G = group_size;
-  TORCH_CHECK(qweight.size(1) * (is_4bit ? 2 : 1) == K, "qweight holds K / 2 (4-bit) or K (8-bit) bytes per row");
-  TORCH_CHECK(K % kBlock == 0 && G % kBlock == 0 && G > 0 && N % 4 == 0,
-              "int4_linear: K and the group size must be multiples of 32, N of 4");
-  const int64_t num_groups = (K + G - 1) / G;
-  TORCH_CHECK(scale.sizes() == mins.sizes() && scale.size(0) == N && scale.size(1) == num_groups,
-              "scale and min: [N, ceil(K / group_size)]");
-  TORCH_CHECK(scale.scalar_type() == mins.scalar_type() &&
-                  (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf),
-              "scale and min: both float32 or both float16");
+  TORCH_CHECK(x.dim() == 2, "int4_linear: x [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_linear: x float32 or bfloat16");
+  const auto op = check_grouped_operands(qweight, scale, mins, x.size(1), group_size, "int4_linear");
+  const bool is_4bit = op.four_bit;
+  const int64_t M = x.size(0), N = op.N, K = op.K, G = op.G, num_groups = (K + G - 1) / G;
   auto qw = qweight.contiguous();
   auto s = scale.contiguous();
   auto mn = mins.contiguous();

@@ -19,11 +19,13 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "decode_attention.h"
 #include "elementwise.h"
 #include "grouped_dot.h"
+#include "grouped_operands.h"
 #include "int8_dot.h"
 
 namespace {
@@ -31,36 +33,18 @@ namespace {
 using genserve_int8::QuantizedRow;
 
 // One grouped linear's operands (int4_linear's layout), checked once per call.
-struct Linear {
+struct Linear : genserve_grouped::GroupedOperands {
   const void* q = nullptr;
   const void* scale = nullptr;
   const void* mins = nullptr;
-  bool four_bit = true;
-  bool half_scales = false;
-  int64_t N = 0, K = 0, G = 0;
 };
 
 Linear make_linear(const at::Tensor& q, const at::Tensor& s, const at::Tensor& m, int64_t G, int64_t K,
                    int64_t layer, const char* what) {
-  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && s.is_contiguous() && m.is_contiguous(), "llama_decode: layer ",
-              layer, " ", what, ": contiguous [N, K / 2] weight, scale and min");
+  const std::string name = "llama_decode: layer " + std::to_string(layer) + " " + what;
   Linear L;
-  L.four_bit = q.scalar_type() == at::kByte;
-  TORCH_CHECK(L.four_bit || q.scalar_type() == at::kChar, "llama_decode: layer ", layer, " ", what,
-              ": uint8 (4-bit pairs) or int8 weight");
-  L.N = q.size(0);
-  L.K = K;
-  L.G = G;
-  TORCH_CHECK(q.size(1) * (L.four_bit ? 2 : 1) == K, "llama_decode: layer ", layer, " ", what, " takes ", K,
-              " input features");
-  TORCH_CHECK(L.N % 4 == 0 && K % 32 == 0 && G % 32 == 0 && G > 0, "llama_decode: layer ", layer, " ", what,
-              ": N a multiple of 4, K and the group size of 32");
-  const int64_t groups = (K + G - 1) / G;
-  TORCH_CHECK(s.sizes() == m.sizes() && s.dim() == 2 && s.size(0) == L.N && s.size(1) == groups &&
-                  s.scalar_type() == m.scalar_type() &&
-                  (s.scalar_type() == at::kFloat || s.scalar_type() == at::kHalf),
-              "llama_decode: layer ", layer, " ", what, ": scale and min [N, ceil(K / G)], both float32 or float16");
-  L.half_scales = s.scalar_type() == at::kHalf;
+  static_cast<genserve_grouped::GroupedOperands&>(L) = genserve_grouped::check_grouped_operands(q, s, m, K, G, name);
+  TORCH_CHECK(q.is_contiguous() && s.is_contiguous() && m.is_contiguous(), name, ": contiguous weight, scale and min");
   L.q = q.data_ptr();
   L.scale = s.data_ptr();
   L.mins = m.data_ptr();
