@@ -37,17 +37,22 @@ class FusedLlamaDecode:
     """The operands of every layer, gathered once; called per step by PreNormModel.forward."""
 
     def __init__(self, norms, linears, attention_layers, rotary, int8_activations: bool) -> None:
-        self.norms = norms
+        self.norm_weights = [n.weight for n in norms]
+        self.eps = norms[0].eps
         self.qweights = [m.weight for m in linears]
         self.scales = [m.weight_scale for m in linears]
         self.mins = [m.weight_min for m in linears]
         self.group_sizes = [m.quant_method.group_size for m in linears]
         self.attention_layers = attention_layers
+        self._gather_caches()
         self.cos_sin = rotary.cos_sin_cache
         first = attention_layers[0]
         self.num_heads, self.num_kv_heads, self.scale = first.num_heads, first.num_kv_heads, first.scale
-        self.eps = norms[0].eps
         self.int8_activations = int8_activations
+
+    def _gather_caches(self) -> None:
+        self.k_caches = [layer.k_cache for layer in self.attention_layers]
+        self.v_caches = [layer.v_cache for layer in self.attention_layers]
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """The final norm's output [T, H] for a decode-only step; None for any other step."""
@@ -56,12 +61,10 @@ class FusedLlamaDecode:
         if (meta.num_decode_tokens != rows or rows > FUSED_MAX_ROWS or meta.decode_block_tables is None
                 or (meta.decode_backend or "kernel") != "kernel" or hidden.dtype != torch.float32):
             return None
-        k_caches = [layer.k_cache for layer in self.attention_layers]
-        if k_caches[0].dtype != torch.float32:
-            return None
-        return kernels.llama_decode(hidden.contiguous(), positions, [n.weight for n in self.norms], self.qweights,
-                                    self.scales, self.mins, self.group_sizes, k_caches,
-                                    [layer.v_cache for layer in self.attention_layers], self.cos_sin,
+        if self.attention_layers[0].k_cache is not self.k_caches[0]:  # the pool was allocated again
+            self._gather_caches()
+        return kernels.llama_decode(hidden.contiguous(), positions, self.norm_weights, self.qweights, self.scales,
+                                    self.mins, self.group_sizes, self.k_caches, self.v_caches, self.cos_sin,
                                     meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
                                     meta.block_size, self.num_heads, self.num_kv_heads, self.scale, self.eps,
                                     self.int8_activations and rows <= INT8_ACTIVATION_MAX_ROWS)
@@ -108,6 +111,8 @@ def build(model, tp_size: int, lora_enabled: bool) -> tuple[FusedLlamaDecode | N
         return None, "rotary embedding other than plain full-head float32"
     if any(a.sliding_window is not None or a.has_score_mods for a in attention_layers):
         return None, "sliding windows or score changes"
+    if first.k_cache.dtype != torch.float32:
+        return None, "a K/V pool that is not float32"
     if not kernels.load_cpu_kernels():
         return None, "native CPU kernels unavailable"
     return FusedLlamaDecode(norms, linears, attention_layers, rotary,

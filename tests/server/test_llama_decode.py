@@ -11,23 +11,12 @@ from quant_reference import tokenize
 from genserve.server import kernels
 from genserve.server.config import EngineConfig
 from genserve.server.engine import LLMEngine
-from genserve.server.model_files import DEFAULT_MODEL_GGUF, _fetch_default_gguf, cache_dir
 from genserve.server.models import fused_decode
 from genserve.server.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not kernels.load_cpu_kernels(), reason="native CPU kernels unavailable")
 
 NEW_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def gguf_file():
-    cached = sorted((cache_dir() / "gguf").rglob(DEFAULT_MODEL_GGUF))
-    if cached:
-        return cached[0]
-    folder = cache_dir() / "gguf" / "fetched"
-    folder.mkdir(parents=True, exist_ok=True)
-    return _fetch_default_gguf(folder)
 
 
 def make_engine(gguf_file, **settings) -> LLMEngine:
@@ -98,16 +87,15 @@ def test_float_weights_and_the_switch_keep_the_op_by_op_path(gguf_file, smollm2_
 def test_bad_operands_are_refused_before_any_thread_starts(gguf_file):
     engine = make_engine(gguf_file)
     fused = engine.runner.model.body.fused_decode
-    layers = fused.attention_layers
-    hidden = torch.zeros(1, fused.norms[0].weight.shape[0])
-    args = dict(hidden=hidden, positions=torch.tensor([3]), norms=[n.weight for n in fused.norms],
+    hidden = torch.zeros(1, fused.norm_weights[0].shape[0])
+    args = dict(hidden=hidden, positions=torch.tensor([3]), norms=fused.norm_weights,
                 qweights=fused.qweights, scales=fused.scales, mins=fused.mins, group_sizes=fused.group_sizes,
-                k_caches=[a.k_cache for a in layers], v_caches=[a.v_cache for a in layers], cos_sin=fused.cos_sin,
+                k_caches=fused.k_caches, v_caches=fused.v_caches, cos_sin=fused.cos_sin,
                 slot_mapping=torch.tensor([3]), block_tables=torch.tensor([[0]]), context_lens=torch.tensor([4]),
                 block_size=engine.config.block_size, num_heads=fused.num_heads, num_kv_heads=fused.num_kv_heads,
                 attn_scale=fused.scale, eps=fused.eps, int8_activations=False)
     assert kernels.llama_decode(**args).shape == hidden.shape
-    pool_blocks = layers[0].k_cache.shape[0] // engine.config.block_size
+    pool_blocks = fused.k_caches[0].shape[0] // engine.config.block_size
     for change, message in ((dict(block_tables=torch.tensor([[pool_blocks]])), "outside the pool"),
                             (dict(slot_mapping=torch.tensor([-1])), "outside the pool"),
                             (dict(positions=torch.tensor([10**9])), "outside the cache"),
