@@ -35,7 +35,7 @@ from genserve.server.benchmark.command import benchmark
 from genserve.server.benchmark.config import BenchmarkConfig, LoadConfig, RequestConfig, WorkloadConfig
 from genserve.server.benchmark.report import level_name, markdown, plot_png
 from genserve.server.benchmark.workload import Prompt, load_tokenizer
-from genserve.server.model_files import DEFAULT_MODEL_GGUF, _fetch_default_gguf, cache_dir, default_model_dir
+from genserve.server.model_files import default_gguf_file, default_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS_OF_INTEREST = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -272,12 +272,7 @@ def write_markdown(doc: dict, path: Path) -> None:
 def gguf_path(explicit: str | None) -> Path:
     if explicit:
         return Path(explicit)
-    folder = cache_dir() / "gguf"
-    found = sorted(folder.rglob(DEFAULT_MODEL_GGUF)) if folder.is_dir() else []
-    if found:
-        return found[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    return _fetch_default_gguf(folder)
+    return default_gguf_file()
 
 
 def parse_args(argv=None):

@@ -28,7 +28,7 @@ from genserve.server.config import EngineConfig  # noqa: E402
 from genserve.server.engine import LLMEngine  # noqa: E402
 from genserve.server.layers.embedding import VocabParallelEmbedding  # noqa: E402
 from genserve.server.layers.linear import LinearBase  # noqa: E402
-from genserve.server.model_files import DEFAULT_MODEL_GGUF, cache_dir, prepare_default_model  # noqa: E402
+from genserve.server.model_files import default_gguf_file, prepare_default_model  # noqa: E402
 from genserve.server.sampling_params import SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -98,11 +98,10 @@ def main() -> None:
                         help="comma-separated subset (fp32, int8, int4 (g128), int4-g32, GGUF Q4_1); llama.cpp always runs")
     args = parser.parse_args()
     model_dir = prepare_default_model()
-    gguf = sorted((cache_dir() / "gguf").rglob(DEFAULT_MODEL_GGUF))
+    gguf = str(default_gguf_file())
     variants = {"fp32": (str(model_dir), None), "int8": (str(model_dir), "int8"),
                 "int4 (g128)": (str(model_dir), "int4"), "int4-g32": (str(model_dir), "int4-g32")}
-    if gguf:
-        variants["GGUF Q4_1"] = (str(gguf[0]), None)
+    variants["GGUF Q4_1"] = (gguf, None)
     if args.variants:
         wanted = {v.strip() for v in args.variants.split(",")}
         variants = {name: v for name, v in variants.items() if name in wanted}
@@ -124,8 +123,8 @@ def main() -> None:
                      "tokens_before_divergence": round(sum(divergence) / (32 * len(divergence)), 3)})
         print(rows[-1], flush=True)
         del engine
-    if gguf and LLAMACPP_PYTHON.is_file():
-        out = subprocess.run([str(LLAMACPP_PYTHON), "-c", LLAMACPP_SCRIPT, str(gguf[0]), PROMPT, str(args.threads),
+    if LLAMACPP_PYTHON.is_file():
+        out = subprocess.run([str(LLAMACPP_PYTHON), "-c", LLAMACPP_SCRIPT, gguf, PROMPT, str(args.threads),
                               str(SHORT), str(LONG), str(args.rounds)], capture_output=True, text=True)
         if out.returncode == 0:
             rows.append({"variant": "llama.cpp Q4_1 (llama-cpp-python)", **json.loads(out.stdout.strip().splitlines()[-1])})

