@@ -1,8 +1,10 @@
 """Native CPU kernels, compiled on first use (a few seconds) and cached per CPU and torch version.
 
-Paged decode attention (paged_attention_cpu.cpp), the fused elementwise ops of a layer
-(elementwise_cpu.cpp: silu * mul, residual add + RMSNorm) and a matmul over int8 / bf16 weights
-widened in registers (weight_only_linear_cpu.cpp). They need a C++ compiler and `ninja` at
+Paged decode attention (paged_attention_cpu.cpp), the fused elementwise ops of a layer and greedy
+sampling's argmax + logsumexp (elementwise_cpu.cpp), a matmul over int8 / bf16 weights widened in
+registers (weight_only_linear_cpu.cpp), grouped 4/8-bit matmuls with float or int8 activations
+(int4_linear_cpu.cpp, int8_dot_cpu.cpp) and a Llama decode step in one call (llama_decode_cpu.cpp);
+the loops they share live in the headers. They need a C++ compiler and `ninja` at
 run time; without them, or with GENSERVE_CPU_KERNELS=0, the PyTorch paths run instead (gather +
 SDPA for attention), which give the same results to float rounding, slower.
 """
