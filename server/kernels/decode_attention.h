@@ -22,17 +22,16 @@ struct ScoreMods {
   const float* slopes = nullptr;  // [H]: s += slope * (key position - query position)
 };
 
-// One sequence and one KV head: `group` of its query heads (the first of them the model's `first_head`-th;
-// q and out point at it) against the context (its last `window` tokens with a sliding window). One query
-// head at a time, so the query (scores pass) or the output row (values pass) stays in registers; the K/V rows
-// come from memory for the first head and from cache for the others.
+// One sequence and one KV head: its `group` query heads against the context (its last `window` tokens
+// with a sliding window). One query head at a time, so the query (scores pass) or the output row
+// (values pass) stays in registers; the K/V rows come from memory for the first head and from cache
+// for the others.
 template <int D, typename scalar_t>
 GENSERVE_SHARED void decode_one(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table,
-                int64_t context_len, scalar_t* out, int64_t num_kv_heads, int64_t kv_head, int64_t first_head,
-                int64_t group, int64_t block_size, float scale, const ScoreMods& mods, std::vector<float>& scores,
+                int64_t context_len, scalar_t* out, int64_t num_kv_heads, int64_t kv_head, int64_t group,
+                int64_t block_size, float scale, const ScoreMods& mods, std::vector<float>& scores,
                 std::vector<int64_t>& rows) {
   constexpr int V = D / W;
-  constexpr int64_t kAhead = 8;  // K and V rows prefetched this many tokens ahead (the pool is often cold)
   const int64_t row_stride = num_kv_heads * D;
   const int64_t first = mods.window > 0 ? std::max<int64_t>(0, context_len - mods.window) : 0;
   const int64_t count = context_len - first;
@@ -50,10 +49,6 @@ GENSERVE_SHARED void decode_one(const scalar_t* q, const scalar_t* k_cache, cons
     for (int i = 0; i < V; ++i) qv[i] = loadv(q + g * D + i * W) * scale;
     float* s = scores.data();
     for (int64_t i = 0; i < count; ++i) {
-      if (g == 0 && i + kAhead < count) {  // the first head's pass fetches the rows, the others find them cached
-        prefetch_bytes(k_cache + rows[i + kAhead], D * sizeof(scalar_t));
-        prefetch_bytes(v_cache + rows[i + kAhead], D * sizeof(scalar_t));
-      }
       const scalar_t* key = k_cache + rows[i];
       vfloat acc = qv[0] * loadv(key);
       for (int j = 1; j < V; ++j) acc += qv[j] * loadv(key + j * W);
@@ -66,7 +61,7 @@ GENSERVE_SHARED void decode_one(const scalar_t* q, const scalar_t* k_cache, cons
       for (int64_t i = 0; i < count; ++i) s[i] = cap * std::tanh(s[i] * inv_cap);
     }
     if (mods.slopes) {
-      const float slope = mods.slopes[first_head + g], start = static_cast<float>(first) - query_pos;
+      const float slope = mods.slopes[kv_head * group + g], start = static_cast<float>(first) - query_pos;
 #pragma omp simd
       for (int64_t i = 0; i < count; ++i) s[i] += slope * (start + static_cast<float>(i));
     }
@@ -94,27 +89,6 @@ GENSERVE_SHARED void decode_one(const scalar_t* q, const scalar_t* k_cache, cons
     }
     for (int d = 0; d < D; ++d) out[g * D + d] = static_cast<scalar_t>(row[d]);
   }
-}
-
-// Every K and V row of one (sequence, KV head) item's first `count` tokens toward L2, a phase before its attention
-// runs (llama_decode prefetches a layer's rows before its q|k|v matmul): the rows sit at a stride of KVH * D in
-// blocks scattered over the pool, and fetched as the attention reaches them they arrive a few at a time
-// (paired on Zen 3, contexts 96-256, cold pool: a quarter less time in attention).
-template <typename scalar_t>
-inline void prefetch_context(const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table, int64_t count,
-                             int64_t num_kv_heads, int64_t kv_head, int64_t head_dim, int64_t block_size) {
-#if defined(__AVX2__)
-  const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t t = 0; t < count; ++t) {
-    const int64_t row = ((table[t / block_size] * block_size + t % block_size) * num_kv_heads + kv_head) * head_dim;
-    const char* k = reinterpret_cast<const char*>(k_cache + row);
-    const char* v = reinterpret_cast<const char*>(v_cache + row);
-    for (int64_t offset = 0; offset < row_bytes; offset += 64) {
-      _mm_prefetch(k + offset, _MM_HINT_T1);
-      _mm_prefetch(v + offset, _MM_HINT_T1);
-    }
-  }
-#endif
 }
 
 }  // namespace genserve_attention

@@ -73,7 +73,7 @@ inline void share(int64_t total, int tid, int nt, int64_t& begin, int64_t& end) 
   end = total * (tid + 1) / nt;
 }
 
-// The step's threads meet 6 times per layer, a few microseconds to a few hundred apart. OpenMP's barrier spins
+// The step's threads meet 5 times per layer, a few microseconds to a few hundred apart. OpenMP's barrier spins
 // GOMP_SPINCOUNT times (3,000, cpu_env.py: right for op-by-op batches on a shared host) and then sleeps, so a
 // thread often slept through a phase and paid a wake-up (then 9 barriers per layer): ~7.5-10.5 ms per step against 6.6 ms with
 // OMP_WAIT_POLICY=ACTIVE (SmolLM2 Q4_1, 2 threads). This one spins with `pause` for ~1 ms, then yields the core
@@ -158,21 +158,21 @@ void rotate_heads(float* x, int64_t heads, int64_t head_dim, const float* cos, c
 #pragma GCC pop_options
 
 void attend(int64_t head_dim, const float* q, const float* k_cache, const float* v_cache, const int64_t* table,
-            int64_t context_len, float* out, int64_t num_kv_heads, int64_t kv_head, int64_t first_head,
-            int64_t heads, int64_t block_size, float scale, Scratch& s) {
+            int64_t context_len, float* out, int64_t num_kv_heads, int64_t kv_head, int64_t group,
+            int64_t block_size, float scale, Scratch& s) {
   const genserve_attention::ScoreMods mods;
   switch (head_dim) {
     case 64:
       genserve_attention::decode_one<64, float>(q, k_cache, v_cache, table, context_len, out, num_kv_heads, kv_head,
-                                                first_head, heads, block_size, scale, mods, s.scores, s.rows);
+                                                group, block_size, scale, mods, s.scores, s.rows);
       break;
     case 128:
       genserve_attention::decode_one<128, float>(q, k_cache, v_cache, table, context_len, out, num_kv_heads, kv_head,
-                                                 first_head, heads, block_size, scale, mods, s.scores, s.rows);
+                                                 group, block_size, scale, mods, s.scores, s.rows);
       break;
     default:
       genserve_attention::decode_one<256, float>(q, k_cache, v_cache, table, context_len, out, num_kv_heads, kv_head,
-                                                 first_head, heads, block_size, scale, mods, s.scores, s.rows);
+                                                 group, block_size, scale, mods, s.scores, s.rows);
   }
 }
 
@@ -260,12 +260,9 @@ at::Tensor llama_decode(const at::Tensor& hidden, const at::Tensor& positions, a
   const float scale = static_cast<float>(attn_scale), epsilon = static_cast<float>(eps);
   const bool int8 = int8_activations;
   SpinBarrier barrier;
-  int64_t max_context = 0;
-  for (int64_t b = 0; b < B; ++b) max_context = std::max(max_context, lens[b]);
-  constexpr int64_t kPrefetchBudget = 256 * 1024;  // bytes of K/V rows per thread and layer: half a Zen 3 L2
 
-  // Six barriers per layer, after each phase whose output every thread reads (q|k|v, the rotated q and stored
-  // K/V, attention, o, gate|up, down). The small serial parts between them (norms, SiLU, rounding a linear's input) every thread computes
+  // Five barriers per layer, after each phase whose output every thread reads (q|k|v, attention, o, gate|up,
+  // down). The small serial parts between them (norms, SiLU, rounding a linear's input) every thread computes
   // for itself, on its own copy of the residual stream: the same arithmetic on the same inputs gives every copy
   // the same bits, and nobody waits for one thread to do them.
 #pragma omp parallel num_threads(at::get_num_threads())
@@ -291,41 +288,23 @@ at::Tensor llama_decode(const at::Tensor& hidden, const at::Tensor& positions, a
         genserve_elementwise::rms_norm_row(l == 0 ? res : proj.data() + b * Hd, l == 0 ? nullptr : res, input_norm,
                                            normed.data() + b * Hd, Hd, epsilon);
       }
-      // the K/V rows this thread's attention will read, toward its L2 while the q|k|v matmul runs (up to a
-      // budget: a large batch's contexts would only push each other out)
-      share(B * num_heads, tid, nt, begin, end);
-      if ((end - begin) * 2 * max_context * D * static_cast<int64_t>(sizeof(float)) <= kPrefetchBudget * group)
-        for (int64_t unit = begin; unit < end; ++unit) {
-          const int64_t b = unit / num_heads, h = (unit % num_heads) / group;
-          if (unit == begin || (unit % num_heads) % group == 0)  // once per (sequence, KV head)
-            genserve_attention::prefetch_context(k_cache, v_cache, tables + b * max_blocks, lens[b] - 1,
-                                                 num_kv_heads, h, D, block_size);
-        }
       prepare_input(lin[0], normed.data(), B, int8, xsum.data(), xq.data());
       run_linear(lin[0], normed.data(), xsum.data(), xq.data(), B, int8, qkv.data(), tid, nt, s);
       barrier.wait();
-      // each (sequence, KV head) item: rotate its query heads and its key, store its K/V
+      // each (sequence, KV head) item: rotate its query heads and its key, store its K/V, attend
       share(B * num_kv_heads, tid, nt, begin, end);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
         float* row = qkv.data() + b * qkv_width;
+        float* q = row + h * group * D;
         float* k = row + q_width + h * D;
         const float* cos = cs + pos[b] * D;
-        rotate_heads(row + h * group * D, group, D, cos, cos + D / 2);
+        rotate_heads(q, group, D, cos, cos + D / 2);
         rotate_heads(k, 1, D, cos, cos + D / 2);
         std::memcpy(k_cache + slot[b] * kv_width + h * D, k, D * sizeof(float));
         std::memcpy(v_cache + slot[b] * kv_width + h * D, row + q_width + kv_width + h * D, D * sizeof(float));
-      }
-      barrier.wait();
-      // attention by query head, not by KV head: one sequence has few KV heads (3 for SmolLM2: 2 for one
-      // thread, 1 for the other); a thread takes a run of query heads, read together where they share a KV head
-      share(B * num_heads, tid, nt, begin, end);
-      for (int64_t unit = begin; unit < end;) {
-        const int64_t b = unit / num_heads, head = unit % num_heads, h = head / group;
-        const int64_t heads = std::min({end - unit, (h + 1) * group - head, num_heads - head});
-        attend(D, qkv.data() + b * qkv_width + head * D, k_cache, v_cache, tables + b * max_blocks, lens[b],
-               attn.data() + b * q_width + head * D, num_kv_heads, h, head, heads, block_size, scale, s);
-        unit += heads;
+        attend(D, q, k_cache, v_cache, tables + b * max_blocks, lens[b], attn.data() + b * q_width + h * group * D,
+               num_kv_heads, h, group, block_size, scale, s);
       }
       barrier.wait();
       prepare_input(lin[1], attn.data(), B, int8, xsum.data(), xq.data());

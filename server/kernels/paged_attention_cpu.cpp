@@ -56,7 +56,7 @@ void decode_all(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
       const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
       const int64_t offset = (b * num_heads + h * group) * D;
       decode_one<D, scalar_t>(q_ptr + offset, k_ptr, v_ptr, table_ptr + b * max_blocks, len_ptr[b],
-                              out_ptr + offset, num_kv_heads, h, h * group, group, block_size, scale, mods, scores, rows);
+                              out_ptr + offset, num_kv_heads, h, group, block_size, scale, mods, scores, rows);
     }
   });
 }
