@@ -129,7 +129,7 @@ GENSERVE_SHARED void grouped_row_tasks(const float* x, const float* xsum, const 
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n0 = t * per_task;
     if (M == 1) {
-      prefetch_bytes(qw + (n0 + 2 * per_task) * (K / kPacking), t + 2 < end ? per_task * K / kPacking : 0);
+      prefetch_bytes(qw + (n0 + per_task) * (K / kPacking), t + 1 < end ? per_task * K / kPacking : 0);
       run_tile<4, 1>(x, xsum, qw, scale, mins, bias, out, N, K, G, num_groups, n0, 0);
       continue;
     }

@@ -61,12 +61,16 @@ inline vfloat loadv(const int8_t* p) {  // GCC scalarizes the generic int8 -> fl
   return __builtin_convertvector(__builtin_convertvector(bytes, vi32), vfloat);
 #endif
 }
-// Weight rows a few tiles ahead into the cache: a long matrix (an LM head) streams from DRAM, where the hardware
+// Weight rows a tile ahead into the cache: a long matrix (an LM head) streams from DRAM, where the hardware
 // prefetcher alone leaves a row-at-a-time thread waiting on memory (2-3x on [49152, 576] int8, one row).
+// Non-temporal: a decode step streams ~100 MB of weights that are read once, and a temporal fetch pushes out
+// what is read again (the Python interpreter's working set, the K/V rows, the activations). Paired step by step
+// on Zen 3 (SmolLM2 Q4_1, one stream), NTA one tile ahead against T0 two tiles ahead: x0.97 (int8 activations)
+// and x0.95 (float); without the prefetch a step took x1.35.
 inline void prefetch_bytes(const void* start, int64_t bytes) {
 #if defined(__AVX2__)
   const char* p = static_cast<const char*>(start);
-  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
+  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_NTA);
 #endif
 }
 

@@ -14,7 +14,7 @@ from torch import nn
 from genserve.server.distributed import all_gather, all_reduce, get_tp_rank, get_tp_size
 from genserve.server.layers.cpu_packing import pack_weight, packed_linear, should_pack
 from genserve.server.layers.grouped_linear import GroupedWeights
-from genserve.server.layers.grouped_weights import BLOCK, dequantize, quantize_int8
+from genserve.server.layers.grouped_weights import BLOCK, quantize_int8
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -82,9 +82,7 @@ class VocabParallelEmbedding(nn.Module):
         """Rows of the given local ids, in the float dtype (only those rows are dequantized)."""
         if self.grouped is None:
             return F.embedding(ids, self.weight)
-        flat = ids.reshape(-1)
-        rows = dequantize(self.weight[flat], self.weight_scale[flat], self.weight_min[flat], self.grouped.group_size,
-                          self.float_dtype)
+        rows = self.grouped.dequantized(self.float_dtype, ids.reshape(-1))
         return rows.view(*ids.shape, self.embedding_dim)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -45,12 +45,16 @@ class GroupedWeights:
         self.input_order: torch.Tensor | None = None  # act-order GPTQ: columns are held in this order of x
         self.int8_activations = False  # --activation-quantization int8 (use_int8_activations)
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weight [N, K], or only its `rows` (an embedding lookup dequantizes just those)."""
         layer = self.layer
-        if layer.weight.device.type == "cpu" and self.torch_int4 is None and kernels.load_cpu_kernels():
-            return kernels.grouped_dequantize(layer.weight, layer.weight_scale, layer.weight_min,
-                                              self.group_size).to(dtype)
-        return dequantize(layer.weight, layer.weight_scale, layer.weight_min, self.group_size, dtype)
+        qweight, scale, mins = layer.weight, layer.weight_scale, layer.weight_min
+        if rows is not None:
+            qweight, scale, mins = qweight[rows], scale[rows], mins[rows]
+        if qweight.device.type == "cpu" and self.torch_int4 is None and kernels.load_cpu_kernels():
+            # one native pass, not six tensor ops: a single stream's embedding lookup is a few hundred us in Python
+            return kernels.grouped_dequantize(qweight, scale, mins, self.group_size).to(dtype)
+        return dequantize(qweight, scale, mins, self.group_size, dtype)
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
