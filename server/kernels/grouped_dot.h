@@ -115,9 +115,10 @@ void run_tile(const float* x, const float* xsum, const weight_t* qw, const scale
   }
 }
 
-// one activation row: tasks of 4 weight rows sharing each x load; batches: 2 x 2 tiles keep the accumulators in
-// registers. Tasks [begin, end) of N / rows_per_task(M).
-inline int64_t rows_per_task(int64_t M) { return M == 1 ? 4 : 2; }
+// one activation row: tasks of 2 weight rows sharing each x load (4 rows left the widened blocks and the
+// accumulators short of registers: a float decode step x0.89-0.98 with 2, paired per step on Zen 3; 8 rows
+// x1.3); batches: 2 x 2 tiles keep the accumulators in registers. Tasks [begin, end) of N / rows_per_task(M).
+inline int64_t rows_per_task(int64_t) { return 2; }
 
 template <typename weight_t, typename scale_t, typename out_t>
 GENSERVE_SHARED void grouped_row_tasks(const float* x, const float* xsum, const weight_t* qw, const scale_t* scale, const scale_t* mins,
@@ -130,7 +131,7 @@ GENSERVE_SHARED void grouped_row_tasks(const float* x, const float* xsum, const 
     const int64_t n0 = t * per_task;
     if (M == 1) {
       prefetch_bytes(qw + (n0 + per_task) * (K / kPacking), t + 1 < end ? per_task * K / kPacking : 0);
-      run_tile<4, 1>(x, xsum, qw, scale, mins, bias, out, N, K, G, num_groups, n0, 0);
+      run_tile<2, 1>(x, xsum, qw, scale, mins, bias, out, N, K, G, num_groups, n0, 0);
       continue;
     }
     int64_t m0 = 0;
