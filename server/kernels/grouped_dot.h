@@ -115,29 +115,21 @@ void run_tile(const float* x, const float* xsum, const weight_t* qw, const scale
   }
 }
 
-// one activation row: tasks of 2 weight rows sharing each x load (4 rows left the widened blocks and the
-// accumulators short of registers: a float decode step x0.89-0.98 with 2, paired per step on Zen 3; 8 rows
-// x1.3); batches: 2 x 2 tiles keep the accumulators in registers. Tasks [begin, end) of N / rows_per_task(M).
-inline int64_t rows_per_task(int64_t) { return 2; }
+// One activation row (batches of kPanelMinRows or more run the panels below): tasks of kRowsPerTask weight rows
+// sharing each x load. 4 rows left the widened blocks and the accumulators short of registers (a float decode
+// step x0.89-0.98 with 2, paired per step on Zen 3; 8 rows x1.3). Tasks [begin, end) of N / kRowsPerTask.
+constexpr int64_t kRowsPerTask = 2;
 
 template <typename weight_t, typename scale_t, typename out_t>
-GENSERVE_SHARED void grouped_row_tasks(const float* x, const float* xsum, const weight_t* qw, const scale_t* scale, const scale_t* mins,
-                       const float* bias, out_t* out, int64_t M, int64_t N, int64_t K, int64_t G, int64_t begin,
-                       int64_t end) {
+GENSERVE_SHARED void grouped_row_tasks(const float* x, const float* xsum, const weight_t* qw, const scale_t* scale,
+                                       const scale_t* mins, const float* bias, out_t* out, int64_t N, int64_t K,
+                                       int64_t G, int64_t begin, int64_t end) {
   const int64_t num_groups = (K + G - 1) / G;
-  const int64_t per_task = rows_per_task(M);
   constexpr int64_t kPacking = std::is_same<weight_t, uint8_t>::value ? 2 : 1;
   for (int64_t t = begin; t < end; ++t) {
-    const int64_t n0 = t * per_task;
-    if (M == 1) {
-      prefetch_bytes(qw + (n0 + per_task) * (K / kPacking), t + 1 < end ? per_task * K / kPacking : 0);
-      run_tile<2, 1>(x, xsum, qw, scale, mins, bias, out, N, K, G, num_groups, n0, 0);
-      continue;
-    }
-    int64_t m0 = 0;
-    for (; m0 + 2 <= M; m0 += 2)
-      run_tile<2, 2>(x, xsum, qw, scale, mins, bias, out, N, K, G, num_groups, n0, m0);
-    if (m0 < M) run_tile<2, 1>(x, xsum, qw, scale, mins, bias, out, N, K, G, num_groups, n0, m0);
+    const int64_t n0 = t * kRowsPerTask;
+    prefetch_bytes(qw + (n0 + kRowsPerTask) * (K / kPacking), t + 1 < end ? kRowsPerTask * K / kPacking : 0);
+    run_tile<kRowsPerTask, 1>(x, xsum, qw, scale, mins, bias, out, N, K, G, num_groups, n0, 0);
   }
 }
 

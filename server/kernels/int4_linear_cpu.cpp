@@ -26,9 +26,9 @@ using namespace genserve_grouped;
 
 template <typename weight_t, typename scale_t, typename out_t>
 void grouped_rows(const float* x, const float* xsum, const weight_t* qw, const scale_t* scale, const scale_t* mins,
-                  const float* bias, out_t* out, int64_t M, int64_t N, int64_t K, int64_t G) {
-  at::parallel_for(0, N / rows_per_task(M), 8, [&](int64_t begin, int64_t end) {
-    grouped_row_tasks(x, xsum, qw, scale, mins, bias, out, M, N, K, G, begin, end);
+                  const float* bias, out_t* out, int64_t N, int64_t K, int64_t G) {
+  at::parallel_for(0, N / kRowsPerTask, 8, [&](int64_t begin, int64_t end) {
+    grouped_row_tasks(x, xsum, qw, scale, mins, bias, out, N, K, G, begin, end);
   });
 }
 
@@ -77,9 +77,9 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
       else
         grouped_panels(xp, q, s.data_ptr<c10::Half>(), mn.data_ptr<c10::Half>(), b, o, M, N, K, G);
     } else if (s.scalar_type() == at::kFloat) {
-      grouped_rows(xp, xsp, q, s.data_ptr<float>(), mn.data_ptr<float>(), b, o, M, N, K, G);
+      grouped_rows(xp, xsp, q, s.data_ptr<float>(), mn.data_ptr<float>(), b, o, N, K, G);
     } else {
-      grouped_rows(xp, xsp, q, s.data_ptr<c10::Half>(), mn.data_ptr<c10::Half>(), b, o, M, N, K, G);
+      grouped_rows(xp, xsp, q, s.data_ptr<c10::Half>(), mn.data_ptr<c10::Half>(), b, o, N, K, G);
     }
   };
   auto dispatch = [&](auto* o) {

@@ -127,8 +127,8 @@ void run_linear(const Linear& L, const float* x, const float* xsum, const Quanti
       share(L.N / genserve_int8::kRows, tid, nt, begin, end);
       genserve_int8::q8_tasks(xq, q, scale, mins, nullptr, out, M, L.N, L.K, L.G, begin, end, s.ws.data());
     } else if (M < genserve_grouped::kPanelMinRows) {
-      share(L.N / genserve_grouped::rows_per_task(M), tid, nt, begin, end);
-      genserve_grouped::grouped_row_tasks(x, xsum, q, scale, mins, nullptr, out, M, L.N, L.K, L.G, begin, end);
+      share(L.N / genserve_grouped::kRowsPerTask, tid, nt, begin, end);
+      genserve_grouped::grouped_row_tasks(x, xsum, q, scale, mins, nullptr, out, L.N, L.K, L.G, begin, end);
     } else {
       share(genserve_grouped::panels_of(L.N), tid, nt, begin, end);
       genserve_grouped::grouped_panel_tasks(x, q, scale, mins, nullptr, out, M, L.N, L.K, L.G, begin, end,
