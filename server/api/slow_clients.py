@@ -60,11 +60,12 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
     return HeaderTimeoutH11Protocol
 
 
-class SendTimedOut(Exception):
-    pass
-
-
 class SendTimeout:
+    """One watchdog timer per response, not one per message: a stream sends a message per token, and
+    `wait_for` around each would cost a task and two loop turns per token on the engine's CPUs. The
+    watchdog wakes at most every `seconds / 2`; a send still blocked `seconds` after it began cancels the
+    response's task (exactly `seconds` late or less: a check finding a send in progress re-arms for its deadline)."""
+
     def __init__(self, app: ASGIApp, seconds: float):
         self.app = app
         self.seconds = seconds
@@ -72,15 +73,37 @@ class SendTimeout:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.seconds:
             return await self.app(scope, receive, send)
+        loop, task, seconds = asyncio.get_running_loop(), asyncio.current_task(), self.seconds
+        sending_since: float | None = None
+        expired = False
+
+        def check() -> None:
+            nonlocal watchdog, expired
+            now = loop.time()
+            if sending_since is not None and now - sending_since >= seconds:
+                expired = True
+                task.cancel()
+                return
+            next_check = sending_since + seconds if sending_since is not None else now + seconds / 2
+            watchdog = loop.call_at(next_check, check)
 
         async def timed_send(message: Message) -> None:
+            nonlocal sending_since
+            sending_since = loop.time()
             try:
-                await asyncio.wait_for(send(message), self.seconds)
-            except asyncio.TimeoutError:
-                raise SendTimedOut from None
+                await send(message)
+            finally:
+                sending_since = None
 
+        watchdog = loop.call_later(seconds / 2, check)
         try:
             await self.app(scope, receive, timed_send)
-        except SendTimedOut:
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            if hasattr(task, "uncancel"):  # 3.11+: this cancel was ours, the task goes on to finish
+                task.uncancel()
             # the app's own cleanup (stream closed -> engine request aborted) has run by now
-            logger.warning("%s: the client read nothing for %g s: response abandoned", scope["path"], self.seconds)
+            logger.warning("%s: the client read nothing for %g s: response abandoned", scope["path"], seconds)
+        finally:
+            watchdog.cancel()
