@@ -253,6 +253,19 @@ class GenerationService:
     async def stream(self, admitted: AdmittedRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
         """The jobs' outputs as they come, tagged with the job's index; ended sequences are counted."""
         record = admitted.record
+        if len(admitted.jobs) == 1:
+            # one sequence (nearly every stream): read it directly, no pump task and queue hop per token
+            finished = False
+            async with contextlib.aclosing(self._outputs(record, admitted.jobs[0])) as outputs:
+                async for out in outputs:
+                    if out.finished:
+                        finished = True
+                        record.num_generated_tokens += out.num_generated_tokens
+                        record.finish_reason = out.finish_reason
+                    yield 0, out
+            if not finished:
+                raise incomplete_generation()
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, job: AdmittedJob) -> None:
