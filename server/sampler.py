@@ -79,6 +79,14 @@ def _has_output_penalty(p: SamplingParams) -> bool:
     return p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
+def _plain_greedy(row: SamplingRow) -> bool:
+    """Greedy with nothing that changes or reports beyond the chosen token's logprob."""
+    p = row.params
+    return (row.grammar is None and p.top_n_tokens == 0 and p.min_tokens == 0 and p.is_greedy
+            and not _has_repetition_penalty(p) and not _has_output_penalty(p) and not p.logit_bias
+            and not p.allowed_token_ids and not p.bad_words_token_ids)
+
+
 class SamplerInputs:
     """Every row's host-side sampling inputs, copied to the device in one transfer.
 
@@ -156,6 +164,10 @@ class Sampler:
         """As __call__, leaving the result on the device for the step's one transfer back."""
         assert logits.shape[0] == len(rows)
         raw = logits.float()
+        if raw.device.type == "cpu" and all(map(_plain_greedy, rows)) and kernels.load_cpu_kernels():
+            # the common case (greedy, nothing to mask or report beyond the logprob): one native call, the same
+            # packed result the general path below gives; a step's Python here is time the CPUs decode nothing
+            return PendingSample(kernels.greedy_pick(raw)[0], [0] * len(rows))
         inputs = SamplerInputs(rows, raw.shape[-1], raw.device)
         if inputs.has("bias_rows"):
             # OpenAI's logit_bias: -100 bans a token, +100 all but forces it
@@ -177,13 +189,13 @@ class Sampler:
         greedy = all(p.is_greedy and not _has_repetition_penalty(p) and not _has_output_penalty(p) for p in params)
         if greedy and raw.device.type == "cpu" and kernels.load_cpu_kernels():
             # (logit_bias and grammars are already in `raw`)
-            ids, lse = kernels.greedy_pick(raw)
+            picked, lse = kernels.greedy_pick(raw)
+            columns = [picked]
         else:
             lse = torch.logsumexp(raw, dim=-1)
             ids = raw.argmax(dim=-1) if greedy else self._choose(raw, rows, inputs)
-
-        logprobs = raw.gather(1, ids[:, None]).squeeze(1) - lse
-        columns = [ids[:, None].to(torch.float64), logprobs[:, None].to(torch.float64)]
+            logprobs = raw.gather(1, ids[:, None]).squeeze(1) - lse
+            columns = [ids[:, None].to(torch.float64), logprobs[:, None].to(torch.float64)]
         max_top_n = min(max(p.top_n_tokens for p in params), raw.shape[-1])
         if max_top_n > 0:
             top_values, top_ids = (raw - lse[:, None]).topk(max_top_n, dim=-1)

@@ -148,7 +148,8 @@ def int4_linear_int8_activations(x: torch.Tensor, qweight: torch.Tensor, scale: 
 
 
 def greedy_pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [N, V] float32 -> (argmax [N] int64, logsumexp [N] float32), two passes per row."""
+    """logits [N, V] float32 -> (picked [N, 2] float64: argmax id and its log-probability, as the sampler
+    packs them; logsumexp [N] float32)."""
     return torch.ops.genserve_cpu.greedy_pick(logits)
 
 

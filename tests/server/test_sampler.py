@@ -330,8 +330,12 @@ def test_native_greedy_pick_matches_argmax_and_logsumexp():
     logits[1, 100:] = float("-inf")  # banned tokens (min_tokens, allowed_token_ids) are -inf
     logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie: the first one, as torch.argmax
     logits[3] = float("-inf")  # nothing allowed: logsumexp is -inf too
-    ids, lse = kernels.greedy_pick(logits)
-    assert torch.equal(ids[:3], logits[:3].argmax(-1)) and ids[2] == 7
+    picked, lse = kernels.greedy_pick(logits)
+    ids = picked[:, 0].long()
+    assert torch.equal(ids[:3], logits[:3].argmax(-1)) and ids[2] == 7 and ids[3] == 0
+    # the log-probability as the sampler reported it before: float32 logit - lse, then widened
+    logprobs = (logits.gather(1, ids[:, None]).squeeze(1) - lse).double()
+    assert torch.equal(picked[[0, 1, 2, 4], 1], logprobs[[0, 1, 2, 4]])
     assert torch.allclose(lse[[0, 1, 2, 4]], torch.logsumexp(logits[[0, 1, 2, 4]], -1), rtol=1e-6, atol=1e-5)
     assert lse[3] == float("-inf")
     with pytest.raises(RuntimeError, match="float32"):
