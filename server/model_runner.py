@@ -301,8 +301,7 @@ class ModelRunner:
             if inputs.graph_bucket is not None:  # DecodeGraphs builds the metadata from its own buffers
                 inputs.decode_block_tables, inputs.decode_context_lens = table, lens
                 return inputs
-            last = lens - 1
-            slots.append(table[torch.arange(num_decodes, device=self.device), last // bs] * bs + last % bs)
+            slots.append(t[at.decode_slots])
             set_decode_metadata(meta, self.decode_backend, table, lens, bs, header.max_len, host_lens,
                                 self.decode_flash)
         offsets = torch.arange(bs, device=self.device) if num_prefills else None

@@ -3,9 +3,9 @@
 `pack_step` writes the payload and `StepLayout` reads it back, side by side in this file, so the two
 cannot drift apart:
 
-    payload: [input_ids T | positions T | sample rows S | decode context lens B | prefill begins P |
-              prefill ends P | decode block tables B*max_blocks | each prefill's blocks | prompt rows R |
-              prompt token ids R | LoRA segments 3*L (start, end, adapter index)]
+    payload: [input_ids T | positions T | sample rows S | decode context lens B | decode slots B |
+              prefill begins P | prefill ends P | decode block tables B*max_blocks | each prefill's blocks |
+              prompt rows R | prompt token ids R | LoRA segments 3*L (start, end, adapter index)]
 
 With LoRA adapters, the decodes and the prefills are each ordered by adapter, so the rows of one adapter
 form few segments; base rows (adapter 0) are in none.
@@ -55,6 +55,7 @@ class StepLayout:
     positions: slice
     sample_rows: slice
     decode_lens: slice
+    decode_slots: slice  # each decode row's new K/V slot: computed here, not by six tensor ops per step
     prefill_begins: slice
     prefill_ends: slice
     decode_tables: slice
@@ -65,7 +66,8 @@ class StepLayout:
 
     @classmethod
     def of(cls, h: StepHeader) -> StepLayout:
-        sizes = [h.num_tokens, h.num_tokens, h.num_samples, h.num_decodes, h.num_prefills, h.num_prefills,
+        sizes = [h.num_tokens, h.num_tokens, h.num_samples, h.num_decodes, h.num_decodes, h.num_prefills,
+                 h.num_prefills,
                  h.num_decodes * h.max_blocks]
         cuts = [0]
         for size in sizes:
@@ -113,6 +115,7 @@ def pack_step(out: SchedulerOutput, bs: int) -> tuple[StepHeader, list[int], lis
     sample_rows: list[int] = []
     sampling_order: list[ScheduledRequest] = []
     context_lens: list[int] = []
+    decode_slots: list[int] = []
     prompt_rows: list[int] = []
     prompt_targets: list[PromptTarget] = []
     decode_block_ids: list[list[int]] = []
@@ -132,6 +135,7 @@ def pack_step(out: SchedulerOutput, bs: int) -> tuple[StepHeader, list[int], lis
             input_ids.append(token_id)
             positions.append(pos + i + rope_offset(req))
             context_lens.append(pos + i + 1)
+            decode_slots.append(req.block_ids[(pos + i) // bs] * bs + (pos + i) % bs)
             decode_block_ids.append(req.block_ids)
     max_len = max(context_lens, default=0)
     max_blocks = -(-max_len // bs)
@@ -158,7 +162,7 @@ def pack_step(out: SchedulerOutput, bs: int) -> tuple[StepHeader, list[int], lis
             sampling_order.append(s)
     scored_ids = [t for _, _, ids, _ in prompt_targets for t in ids]
     segments = lora_segments(row_adapters)
-    values = (input_ids + positions + sample_rows + context_lens + begins + ends + tables + prompt_rows
+    values = (input_ids + positions + sample_rows + context_lens + decode_slots + begins + ends + tables + prompt_rows
               + scored_ids + segments)
     header = StepHeader(num_tokens=len(input_ids), num_decodes=len(context_lens), max_blocks=max_blocks,
                         num_prefills=len(prefills), num_samples=len(sample_rows), max_len=max_len,

@@ -161,6 +161,7 @@ def test_step_layout_reads_back_what_pack_step_wrote():
     assert values[at.positions] == [39, *range(16, 30)]
     assert values[at.sample_rows] == [0, 14] and [s.request.request_id for s in order] == ["d", "p"]
     assert values[at.decode_lens] == [40]
+    assert values[at.decode_slots] == [9 * 16 + 7]  # position 39: block 2 of [7, 3, 9] (9), offset 7
     assert values[at.prefill_begins] == [16] and values[at.prefill_ends] == [30]
     assert values[at.decode_tables] == [7, 3, 9]
     assert values[at.prefill_blocks] == [1, 2]
