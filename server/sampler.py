@@ -79,12 +79,16 @@ def _has_output_penalty(p: SamplingParams) -> bool:
     return p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
+def _argmax_picks(p: SamplingParams) -> bool:
+    """The token is the logits' argmax (after any masks): greedy, with no penalty reshaping the scores."""
+    return p.is_greedy and not _has_repetition_penalty(p) and not _has_output_penalty(p)
+
+
 def _plain_greedy(row: SamplingRow) -> bool:
-    """Greedy with nothing that changes or reports beyond the chosen token's logprob."""
+    """An argmax pick with nothing masked and nothing reported beyond the chosen token's logprob."""
     p = row.params
-    return (row.grammar is None and p.top_n_tokens == 0 and p.min_tokens == 0 and p.is_greedy
-            and not _has_repetition_penalty(p) and not _has_output_penalty(p) and not p.logit_bias
-            and not p.allowed_token_ids and not p.bad_words_token_ids)
+    return (_argmax_picks(p) and row.grammar is None and p.top_n_tokens == 0 and not row.holds_back_stops
+            and not p.logit_bias and not p.allowed_token_ids and not p.bad_words_token_ids)
 
 
 class SamplerInputs:
@@ -186,7 +190,7 @@ class Sampler:
             # masked first: penalties, warpers, greedy and the reported logprobs all see the constrained logits
             raw = apply_grammars(raw, rows, inputs.grammar_rows if inputs.has("grammar_rows") else None)
         params = [r.params for r in rows]
-        greedy = all(p.is_greedy and not _has_repetition_penalty(p) and not _has_output_penalty(p) for p in params)
+        greedy = all(map(_argmax_picks, params))
         if greedy and raw.device.type == "cpu" and kernels.load_cpu_kernels():
             # (logit_bias and grammars are already in `raw`)
             picked, lse = kernels.greedy_pick(raw)

@@ -67,8 +67,7 @@ class StepLayout:
     @classmethod
     def of(cls, h: StepHeader) -> StepLayout:
         sizes = [h.num_tokens, h.num_tokens, h.num_samples, h.num_decodes, h.num_decodes, h.num_prefills,
-                 h.num_prefills,
-                 h.num_decodes * h.max_blocks]
+                 h.num_prefills, h.num_decodes * h.max_blocks]
         cuts = [0]
         for size in sizes:
             cuts.append(cuts[-1] + size)
@@ -162,8 +161,8 @@ def pack_step(out: SchedulerOutput, bs: int) -> tuple[StepHeader, list[int], lis
             sampling_order.append(s)
     scored_ids = [t for _, _, ids, _ in prompt_targets for t in ids]
     segments = lora_segments(row_adapters)
-    values = (input_ids + positions + sample_rows + context_lens + decode_slots + begins + ends + tables + prompt_rows
-              + scored_ids + segments)
+    values = (input_ids + positions + sample_rows + context_lens + decode_slots + begins + ends + tables
+              + prompt_rows + scored_ids + segments)
     header = StepHeader(num_tokens=len(input_ids), num_decodes=len(context_lens), max_blocks=max_blocks,
                         num_prefills=len(prefills), num_samples=len(sample_rows), max_len=max_len,
                         payload_len=len(values), num_prompt_rows=len(prompt_rows),

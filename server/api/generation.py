@@ -252,19 +252,25 @@ class GenerationService:
 
     async def stream(self, admitted: AdmittedRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
         """The jobs' outputs as they come, tagged with the job's index; ended sequences are counted."""
-        record = admitted.record
-        if len(admitted.jobs) == 1:
-            # one sequence (nearly every stream): read it directly, no pump task and queue hop per token
-            finished = False
-            async with contextlib.aclosing(self._outputs(record, admitted.jobs[0])) as outputs:
+        record, finished = admitted.record, 0
+        async with contextlib.aclosing(self._merged(admitted)) as outputs:
+            async for i, out in outputs:
+                if out.finished:
+                    finished += 1
+                    record.num_generated_tokens += out.num_generated_tokens
+                    record.finish_reason = out.finish_reason
+                yield i, out
+        if finished < len(admitted.jobs):
+            raise incomplete_generation()
+
+    async def _merged(self, admitted: AdmittedRequest) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every job's outputs interleaved as they arrive, tagged with the job's index."""
+        record, jobs = admitted.record, admitted.jobs
+        if len(jobs) == 1:
+            # one sequence (nearly every stream): read directly, no pump task and queue hop per token
+            async with contextlib.aclosing(self._outputs(record, jobs[0])) as outputs:
                 async for out in outputs:
-                    if out.finished:
-                        finished = True
-                        record.num_generated_tokens += out.num_generated_tokens
-                        record.finish_reason = out.finish_reason
                     yield 0, out
-            if not finished:
-                raise incomplete_generation()
             return
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -277,8 +283,8 @@ class GenerationService:
                 raise
             queue.put_nowait((i, None))
 
-        tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(admitted.jobs)]
-        remaining, finished = len(tasks), 0
+        tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+        remaining = len(tasks)
         try:
             while remaining:
                 i, item = await queue.get()
@@ -287,13 +293,7 @@ class GenerationService:
                 if item is None:
                     remaining -= 1
                     continue
-                if item.finished:
-                    finished += 1
-                    record.num_generated_tokens += item.num_generated_tokens
-                    record.finish_reason = item.finish_reason
                 yield i, item
-            if finished < len(tasks):
-                raise incomplete_generation()
         finally:
             for t in tasks:
                 t.cancel()

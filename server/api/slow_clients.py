@@ -63,8 +63,9 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
 class SendTimeout:
     """One watchdog timer per response, not one per message: a stream sends a message per token, and
     `wait_for` around each would cost a task and two loop turns per token on the engine's CPUs. The
-    watchdog wakes at most every `seconds / 2`; a send still blocked `seconds` after it began cancels the
-    response's task (exactly `seconds` late or less: a check finding a send in progress re-arms for its deadline)."""
+    watchdog checks every `seconds / 2` while nothing is being sent; a check that finds a send in progress
+    re-arms for that send's deadline, so a send still blocked `seconds` after it began cancels the
+    response's task then."""
 
     def __init__(self, app: ASGIApp, seconds: float):
         self.app = app

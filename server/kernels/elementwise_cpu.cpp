@@ -112,10 +112,12 @@ std::tuple<at::Tensor, at::Tensor> greedy_pick(const at::Tensor& logits) {
 #pragma omp simd reduction(max : best)
       for (int64_t i = 1; i < vocab; ++i) best = row[i] > best ? row[i] : best;
       // the first maximum; the reduction's identity may be -FLT_MAX, not -inf (all -inf rows find nothing)
-      int64_t arg = 0;
-      if (finite(best))
+      int64_t arg = vocab;
+      if (finite(best)) {
+        arg = 0;
         while (arg < vocab && row[arg] != best) ++arg;
-      if (arg == vocab || !finite(best)) {  // infs or NaNs: the plain scan's answer (NaN never wins)
+      }
+      if (arg == vocab) {  // infs or NaNs: the plain scan's answer (NaN never wins)
         arg = 0;
         best = row[0];
         for (int64_t i = 1; i < vocab; ++i)
