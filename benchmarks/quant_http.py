@@ -8,7 +8,12 @@ over rounds. Arms:
     genserve-q4_1   genserve serve --model-id <the .gguf> (linears Q4_1, LM head / embedding Q8_0, kept quantized)
     genserve-q4_1-int8act  the same with --activation-quantization int8 (llama.cpp's integer arithmetic)
     llamacpp-q4_1   python -m llama_cpp.server --model <the .gguf> (one request at a time: 32 streams queue)
+    genserve-q4_1-steps8, genserve-q4_1-int8act-steps8  the two above with --num-scheduler-steps 8 (8 greedy
+                    decode steps per native call; tokens stream in bursts of 8), at 1 stream
     genserve-float  genserve serve on the safetensors folder at --dtype (auto: what genserve picks on this CPU)
+
+"ITL" is each request's mean time per token after the first ((last - first token time) / (tokens - 1)), so bursts
+of 8 count as 8 tokens over the time they took.
 
     .venv/bin/python benchmarks/quant_http.py --rounds 3
 """
@@ -59,6 +64,12 @@ def arms(args) -> list[Arm]:
            Arm("genserve-q4_1-int8act", [*serve, "--model-id", gguf, "--dtype", "float32",
                                          "--activation-quantization", "int8"], threads,
                str(venv / "bin/python"), ["genserve", "torch"], (1, 32), genserve_request),
+           Arm("genserve-q4_1-steps8", [*serve, "--model-id", gguf, "--dtype", "float32", "--num-scheduler-steps",
+                                        "8"], threads, str(venv / "bin/python"), ["genserve", "torch"], (1,),
+               genserve_request),
+           Arm("genserve-q4_1-int8act-steps8", [*serve, "--model-id", gguf, "--dtype", "float32",
+                                                "--activation-quantization", "int8", "--num-scheduler-steps", "8"],
+               threads, str(venv / "bin/python"), ["genserve", "torch"], (1,), genserve_request),
            Arm("llamacpp-q4_1", [str(llama / "bin/python"), "-m", "llama_cpp.server", "--model", gguf, "--n_threads",
                                  str(args.threads), "--n_ctx", "2048", "--interrupt_requests", "False",
                                  "--host", "127.0.0.1"], threads, str(llama / "bin/python"), ["llama_cpp_python"],
@@ -131,7 +142,8 @@ def write_markdown(doc: dict, path: Path) -> None:
             lines.append(f"- {name}: **x{statistics.median(per):.2f}** (rounds: {', '.join(f'{v:.2f}' for v in per)})")
     decode = [(r, rate) for r, rate in zip(doc["rounds"], doc.get("llamacpp_in_process", []), strict=False) if rate]
     if decode:
-        lines += ["", "Decode rate at 1 stream: 1 / ITL p50 over HTTP against llama.cpp decoding the same file in "
+        lines += ["", "Decode rate at 1 stream: 1 / ITL p50 over HTTP (ITL: a request's mean time per token after its "
+                  "first; p50 over the requests) against llama.cpp decoding the same file in "
                   f"process ({LONG} - {SHORT} tokens over the time difference, all servers idle meanwhile), same round:",
                   "", f"- llama.cpp in process: {' / '.join(f'{rate:.1f}' for _, rate in decode)} tok/s"]
         for key in keys:
@@ -182,6 +194,10 @@ def main(argv=None) -> int:
            "ratio_pairs": {"genserve Q4_1 / llama.cpp Q4_1, 1 stream": ("genserve-q4_1@1", "llamacpp-q4_1@1"),
                            "genserve Q4_1 int8 activations / llama.cpp Q4_1, 1 stream":
                                ("genserve-q4_1-int8act@1", "llamacpp-q4_1@1"),
+                           "genserve Q4_1 8 steps per call / llama.cpp Q4_1, 1 stream":
+                               ("genserve-q4_1-steps8@1", "llamacpp-q4_1@1"),
+                           "genserve Q4_1 int8 activations, 8 steps per call / llama.cpp Q4_1, 1 stream":
+                               ("genserve-q4_1-int8act-steps8@1", "llamacpp-q4_1@1"),
                            "genserve Q4_1 int8 activations / float activations, 1 stream":
                                ("genserve-q4_1-int8act@1", "genserve-q4_1@1"),
                            "genserve Q4_1 int8 activations / genserve float, 32 streams":

@@ -43,6 +43,8 @@ ENGINE_HELP = {
     "load_format": "auto or safetensors: read the weights; dummy: random weights, the model folder needs only "
                    "config.json and a tokenizer (benchmarks of a model's shape without its weights)",
     "speculate": "n-gram (prompt-lookup) draft tokens verified per decode step of greedy requests; 0 = off",
+    "num_scheduler_steps": "greedy decode steps run back to back in one call (CPU fused decode of grouped 4/8-bit "
+                           "weights; tokens stream in bursts of this many); 1 = off",
     "cuda_graphs": "decode batch sizes captured as CUDA graphs (steps padded up to the next one); 0 = off; "
                    "default 1,2,4,8,16,32 on CUDA, ignored without CUDA",
     "kv_cache_dtype": "fp8_e4m3fn or fp8_e5m2 (fp8 = e4m3): K/V stored in float8, 2-4x the tokens per byte; "

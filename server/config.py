@@ -59,6 +59,9 @@ class EngineConfig:
     load_format: str = "auto"
     # TGI's --speculate: n-gram draft tokens verified per decode step of greedy requests (0: off)
     speculate: int = 0
+    # vLLM's --num-scheduler-steps: greedy decode steps run back to back in one native call where the model's
+    # fused CPU decode can (docs/quantization.md); tokens then stream in bursts of this many (1: off)
+    num_scheduler_steps: int = 1
     # TGI's --cuda-graphs: decode batch sizes captured as CUDA graphs (None: 1,2,4,8,16,32 on CUDA; "0": off)
     cuda_graphs: str | None = None
     # TGI's --kv-cache-dtype: fp8_e4m3fn | fp8_e5m2 K/V storage (None / auto: the model dtype)
@@ -93,6 +96,11 @@ class EngineConfig:
                              f"got {self.scheduling_policy!r}")
         if self.speculate < 0:
             raise ValueError(f"`--speculate` must be >= 0; got {self.speculate}")
+        if self.num_scheduler_steps < 1:
+            raise ValueError(f"`--num-scheduler-steps` must be >= 1; got {self.num_scheduler_steps}")
+        if self.num_scheduler_steps > 1 and self.speculate:
+            raise ValueError("`--num-scheduler-steps` > 1 and `--speculate` both make a step sample several tokens; "
+                             "choose one")
         if self.cuda_graphs is not None:
             parse_batch_sizes(self.cuda_graphs)
         if self.max_loras < 1 or self.max_lora_rank < 1:

@@ -131,6 +131,13 @@ class LLMEngine:
         self.proposer = NgramProposer(config.speculate) if config.speculate else None
         # decode rows (drafts included) up to which drafting goes on; beyond, a step is bound by compute
         self.max_speculative_rows = MAX_SPECULATIVE_ROWS
+        # greedy decode steps run back to back where the runner can (--num-scheduler-steps)
+        self.num_scheduler_steps = config.num_scheduler_steps
+        if self.num_scheduler_steps > 1 and not getattr(self.runner, "has_greedy_steps", False):
+            logger.warning("--num-scheduler-steps %d: this model runs one decode step at a time (steps back to back "
+                           "need the fused CPU decode of grouped weights, embedding and LM head included)",
+                           self.num_scheduler_steps)
+            self.num_scheduler_steps = 1
         self.states: dict[str, _RequestState] = {}
         self.step_request_ids: list[str] = []  # the last step's batch: a failed step fails only these
         self.fault_token = fault_token()  # test-only (genserve.server.fault_injection); None in production
@@ -277,6 +284,9 @@ class LLMEngine:
         if out.is_empty:
             return [], None
         self.step_request_ids = [s.request.request_id for s in out.scheduled]
+        rows = {s.request.request_id: self.states[s.request.request_id].row for s in out.scheduled}
+        if self.num_scheduler_steps > 1 and not self.scheduler.waiting and self.runner.runs_greedy_steps(out, rows):
+            self.scheduler.run_ahead(out, self.num_scheduler_steps)
         check_step(self.fault_token, out.scheduled)
         started = time.perf_counter()
         has_prefill = any(s.num_new_tokens > 1 or s.request.num_computed_tokens < s.request.num_prompt_tokens
@@ -286,7 +296,6 @@ class LLMEngine:
             for s in out.scheduled)
         joined = (any(s.request.num_computed_tokens == 0 for s in out.scheduled)
                   and any(s.request.num_computed_tokens >= s.request.num_prompt_tokens for s in out.scheduled))
-        rows = {s.request.request_id: self.states[s.request.request_id].row for s in out.scheduled}
         order, result, prompt_logprobs = self.runner.execute(out, rows)
         for request_id, (first, values, tops) in prompt_logprobs.items():
             state = self.states[request_id]
@@ -304,13 +313,13 @@ class LLMEngine:
         first_rows, sampled, row = [], {}, 0
         for s in order:
             first_rows.append(row)
-            sampled[s.request.request_id] = result.token_ids[row:row + 1 + len(s.draft_token_ids)]
-            row += 1 + len(s.draft_token_ids)
+            sampled[s.request.request_id] = result.token_ids[row:row + s.num_samples]
+            row += s.num_samples
         num_tokens_before = [s.request.num_tokens for s in order]
         forwarded = time.perf_counter()
         self.scheduler.update_from_output(out, sampled)
         stats = StepStats("prefill" if has_prefill else "decode", forwarded - started,
-                          len(out.scheduled), out.num_batched_tokens,
+                          len(out.scheduled), out.num_batched_tokens + sum(s.num_steps - 1 for s in out.scheduled),
                           [num_accepted(s.draft_token_ids, sampled[s.request.request_id])
                            for s in order if s.draft_token_ids],
                           [len(s.draft_token_ids) for s in order if s.draft_token_ids])

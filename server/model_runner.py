@@ -39,7 +39,7 @@ from genserve.server.prompt_scores import (
     prompt_scores_on_device,
     unpack_prompt_scores,
 )
-from genserve.server.sampler import Sampler, SampleResult, SamplingRow
+from genserve.server.sampler import Sampler, SampleResult, SamplingRow, plain_greedy
 from genserve.server.scheduler import ScheduledRequest, SchedulerOutput
 from genserve.server.step_payload import HEADER_SIZE, SHUTDOWN_HEADER, StepHeader, StepLayout, pack_step
 from genserve.server.transfer import to_device, to_host
@@ -166,6 +166,21 @@ class ModelRunner:
         buckets = graph_batch_sizes(config.cuda_graphs, device, config.max_batch_size)
         if buckets:
             self.enable_decode_graphs(buckets, capture=device.type == "cuda")
+
+    @property
+    def has_greedy_steps(self) -> bool:
+        """The fused decode can run greedy steps itself (models/fused_decode.py), LM head and pick included."""
+        fused = getattr(self.model.body, "fused_decode", None) if hasattr(self.model, "body") else None
+        return (getattr(fused, "runs_greedy_steps", False) and self.graphs is None and self.lora is None
+                and self.dtype == torch.float32)
+
+    def runs_greedy_steps(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> bool:
+        """The step goes to the fused greedy steps: decodes only (one new token past the prompt, no drafts), every
+        row a plain greedy pick (nothing masked, no top-n), few enough rows for the fused kernel."""
+        return (self.has_greedy_steps and 0 < len(out.scheduled) <= fused_decode.FUSED_MAX_ROWS
+                and all(s.num_new_tokens == 1 and not s.draft_token_ids
+                        and s.request.num_computed_tokens >= s.request.num_prompt_tokens
+                        and plain_greedy(rows[s.request.request_id]) for s in out.scheduled))
 
     def _lora_store(self, hf_config, adapters):
         """LoRA layers on the model before any weight loads (a bad adapter fails fast); `adapters`: the engine's
@@ -357,6 +372,8 @@ class ModelRunner:
             os._exit(1)
 
     def _execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepOutput:
+        if self.runs_greedy_steps(out, rows):
+            return self._greedy_steps(out)
         inputs = self.prepare(out)
         logits, prompt_logits = self.forward(inputs)
         targets = inputs.prompt_targets or []
@@ -368,6 +385,32 @@ class ModelRunner:
         result = pending.result(host.pop(0)) if pending else None
         prompt_logprobs = unpack_prompt_scores(host.pop(0), targets) if scores is not None else {}
         return order, result, prompt_logprobs
+
+    def _greedy_steps(self, out: SchedulerOutput) -> StepOutput:
+        """Every row's next `num_steps` greedy tokens from one native call (tensor parallelism and LoRA never
+        come here, so the step is not broadcast): the inputs of its first step, a slot per token for each step,
+        block tables covering them all."""
+        steps, bs = out.scheduled[0].num_steps, self.block_size
+        max_blocks = -(-max(s.request.num_computed_tokens + steps for s in out.scheduled) // bs)
+        tokens, positions, slots, tables = [], [], [], []
+        for s in out.scheduled:
+            request = s.request
+            pos = request.num_computed_tokens
+            tokens.append(request.token_ids[pos])
+            positions.append(pos)
+            slots += [request.block_ids[p // bs] * bs + p % bs for p in range(pos, pos + steps)]
+            blocks = request.block_ids[:max_blocks]
+            tables += blocks + [0] * (max_blocks - len(blocks))
+        values = torch.tensor(tokens + positions + slots + tables, dtype=torch.long)
+        b = len(tokens)
+        lens = values[b:2 * b] + 1
+        picked = self.model.body.fused_decode.greedy_steps(
+            values[:b], values[b:2 * b], steps, values[2 * b:2 * b + b * steps],
+            values[2 * b + b * steps:].view(b, max_blocks), lens, bs)
+        host = picked.tolist()
+        result = SampleResult(token_ids=[int(r[0]) for r in host], logprobs=[r[1] for r in host],
+                              top_tokens=[[] for _ in host])
+        return out.scheduled, result, {}
 
     def shutdown(self) -> None:
         """Rank 0: tell the workers to stop, join them and leave the process group."""

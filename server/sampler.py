@@ -84,7 +84,7 @@ def _argmax_picks(p: SamplingParams) -> bool:
     return p.is_greedy and not _has_repetition_penalty(p) and not _has_output_penalty(p)
 
 
-def _plain_greedy(row: SamplingRow) -> bool:
+def plain_greedy(row: SamplingRow) -> bool:
     """An argmax pick with nothing masked and nothing reported beyond the chosen token's logprob."""
     p = row.params
     return (_argmax_picks(p) and row.grammar is None and p.top_n_tokens == 0 and not row.holds_back_stops
@@ -168,7 +168,7 @@ class Sampler:
         """As __call__, leaving the result on the device for the step's one transfer back."""
         assert logits.shape[0] == len(rows)
         raw = logits.float()
-        if raw.device.type == "cpu" and all(map(_plain_greedy, rows)) and kernels.load_cpu_kernels():
+        if raw.device.type == "cpu" and all(map(plain_greedy, rows)) and kernels.load_cpu_kernels():
             # the common case (greedy, nothing to mask or report beyond the logprob): one native call, the same
             # packed result the general path below gives; a step's Python here is time the CPUs decode nothing
             return PendingSample(kernels.greedy_pick(raw)[0], [0] * len(rows))

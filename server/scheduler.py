@@ -42,6 +42,12 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int  # drafts included
     draft_token_ids: list[int] = field(default_factory=list)  # after the last known token
+    num_steps: int = 1  # decode steps run back to back (--num-scheduler-steps): one token sampled per step
+
+    @property
+    def num_samples(self) -> int:
+        """Tokens the step samples for this request: after the last known token and each draft, or one per step."""
+        return len(self.draft_token_ids) + self.num_steps
 
     @property
     def is_sampling(self) -> bool:
@@ -124,6 +130,18 @@ class Scheduler:
         self.steps_since_admission += 1
         return out
 
+    def run_ahead(self, out: SchedulerOutput, steps: int) -> int:
+        """Let a step of decodes only (one new token each, no drafts) run up to `steps` decode steps back to back,
+        each feeding its greedy picks to the next (vLLM's multi-step scheduling): the blocks for the extra tokens
+        are allocated here. Fewer steps where a request has fewer tokens left; one where the pool cannot hold them
+        (the blocks already given stay with their requests: the next steps fill them). Returns the steps."""
+        steps = min([steps] + [s.request.max_new_tokens - s.request.num_output_tokens for s in out.scheduled])
+        if steps <= 1 or any(self.kv_cache.allocate_slots(s.request, steps) is None for s in out.scheduled):
+            return 1
+        for s in out.scheduled:
+            s.num_steps = steps
+        return steps
+
     def _pick_victim(self, first: int) -> Request:
         """The request to preempt among those not scheduled yet this step: the newest (fcfs), or the
         least urgent, newest first (priority)."""
@@ -205,8 +223,8 @@ class Scheduler:
         return max(limit - request.num_tokens, 0)
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
-        """Advance each scheduled request; append its sampled tokens (one, or the drafts kept and the
-        token after them); finish on EOS, a stop token or length, dropping what follows."""
+        """Advance each scheduled request; append its sampled tokens (one, the drafts kept and the token after
+        them, or one per step run back to back); finish on EOS, a stop token or length, dropping what follows."""
         finished = []
         for item in out.scheduled:
             request = item.request
@@ -218,8 +236,9 @@ class Scheduler:
                 token_ids = token_ids[:num_kept + 1]
                 request.num_draft_tokens += len(drafts)
                 request.num_accepted_tokens += num_kept
-            # the KV of rejected drafts stays in the tail blocks, overwritten by the next step
-            request.num_computed_tokens += item.num_new_tokens - len(drafts) + num_kept
+            # the KV of rejected drafts stays in the tail blocks, overwritten by the next step; steps run back to
+            # back computed the KV of every token they fed on
+            request.num_computed_tokens += item.num_new_tokens - len(drafts) + num_kept + item.num_steps - 1
             stop = None
             for token_id in token_ids or ():
                 request.append_output_token(token_id)

@@ -3,7 +3,8 @@
 Paged decode attention (paged_attention_cpu.cpp), the fused elementwise ops of a layer and greedy
 sampling's argmax + logsumexp (elementwise_cpu.cpp), a matmul over int8 / bf16 weights widened in
 registers (weight_only_linear_cpu.cpp), grouped 4/8-bit matmuls with float or int8 activations
-(int4_linear_cpu.cpp, int8_dot_cpu.cpp) and a Llama decode step in one call (llama_decode_cpu.cpp);
+(int4_linear_cpu.cpp, int8_dot_cpu.cpp) and a Llama decode step in one call, or greedy steps back to back
+(llama_decode_cpu.cpp);
 the loops they share live in the headers. They need a C++ compiler and `ninja` at
 run time; without them, or with GENSERVE_CPU_KERNELS=0, the PyTorch paths run instead (gather +
 SDPA for attention), which give the same results to float rounding, slower.
@@ -75,7 +76,8 @@ def load_cpu_kernels() -> bool:
         _loaded = all(hasattr(torch.ops.genserve_cpu, op)
                       for op in ("paged_decode_attention", "silu_and_mul", "rms_norm", "weight_only_linear",
                                  "int4_linear", "grouped_dequantize",
-                                 "int4_linear_int8_activations", "llama_decode", "greedy_pick"))
+                                 "int4_linear_int8_activations", "llama_decode", "llama_decode_greedy",
+                                 "greedy_pick"))
     except Exception as exc:  # no compiler, no ninja, read-only cache...: the SDPA path still works
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch attention path", exc)
     if _loaded:
@@ -165,6 +167,23 @@ def llama_decode(hidden: torch.Tensor, positions: torch.Tensor, norms: list[torc
                                                k_caches, v_caches, cos_sin, slot_mapping, block_tables,
                                                context_lens, block_size, num_heads, num_kv_heads, attn_scale, eps,
                                                int8_activations)
+
+
+def llama_decode_greedy(token_ids: torch.Tensor, positions: torch.Tensor, steps: int, embedding: tuple,
+                        head: tuple, head_int8: bool, norms: list[torch.Tensor], qweights: list[torch.Tensor],
+                        scales: list[torch.Tensor], mins: list[torch.Tensor], group_sizes: list[int],
+                        k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], cos_sin: torch.Tensor,
+                        slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                        block_size: int, num_heads: int, num_kv_heads: int, attn_scale: float, eps: float,
+                        int8_activations: bool) -> torch.Tensor:
+    """`steps` greedy decode steps in one call (llama_decode_cpu.cpp): each embeds the rows' tokens, runs the layer
+    stack, the LM head and the greedy pick, and feeds the picks to the next. token_ids / positions / context_lens
+    [B] of the first step; slot_mapping [B * steps] row-major; embedding / head: (qweight, scale, min, group size)
+    -> [B * steps, 2] float64 (id, log-probability), as the sampler packs them."""
+    return torch.ops.genserve_cpu.llama_decode_greedy(token_ids, positions, steps, *embedding, *head, head_int8, norms,
+                                                      qweights, scales, mins, group_sizes, k_caches, v_caches,
+                                                      cos_sin, slot_mapping, block_tables, context_lens, block_size,
+                                                      num_heads, num_kv_heads, attn_scale, eps, int8_activations)
 
 
 def grouped_dequantize(qweight: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:

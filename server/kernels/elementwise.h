@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "simd.h"
 
@@ -53,5 +54,11 @@ inline GENSERVE_SHARED void rms_norm_row(const scalar_t* xr, scalar_t* hr, const
     o[i] = static_cast<scalar_t>(to_float(weight[i]) * to_float(normed));
   }
 }
+
+// Greedy pick over one row of logits: picked[0] = the first maximum's id (torch.argmax's), picked[1] = its
+// log-probability logit - lse in float32; returns lse (logsumexp). Defined once, in elementwise_cpu.cpp: greedy_pick
+// and the fused greedy decode steps (llama_decode_cpu.cpp) run the one compiled copy (a copy per caller, even
+// noinline, may be cloned and vectorized differently, and rounded differently).
+float greedy_row(const float* row, int64_t vocab, double* picked);
 
 }  // namespace genserve_elementwise

@@ -13,6 +13,10 @@ With --activation-quantization int8, steps of up to INT8_ACTIVATION_MAX_ROWS seq
 larger ones run the float kernels, as the op-by-op path does.
 
 Anything else, and GENSERVE_FUSED_DECODE=0, runs the op-by-op path.
+
+Where the embedding and the LM head hold grouped weights too (GGUF, --quantize int8), decode steps whose rows all
+pick greedily run `greedy_steps` instead: embedding, layers, LM head and greedy pick in one call, for one step or
+for several back to back (--num-scheduler-steps), with the same results as the steps one by one.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ FUSED_MAX_ROWS = GROUPED_MAX_ROWS
 class FusedLlamaDecode:
     """The operands of every layer, gathered once; called per step by PreNormModel.forward."""
 
-    def __init__(self, norms, linears, attention_layers, rotary, int8_activations: bool) -> None:
+    def __init__(self, norms, linears, attention_layers, rotary, int8_activations: bool, embedding=None,
+                 head=None) -> None:
         self.norm_weights = [n.weight for n in norms]
         self.eps = norms[0].eps
         self.qweights = [m.weight for m in linears]
@@ -49,6 +54,14 @@ class FusedLlamaDecode:
         first = attention_layers[0]
         self.num_heads, self.num_kv_heads, self.scale = first.num_heads, first.num_kv_heads, first.scale
         self.int8_activations = int8_activations
+        # (qweight, scale, min, group size) of a grouped embedding and LM head; None: greedy_steps cannot run
+        self.embedding = _grouped_operands(embedding)
+        self.head = _grouped_operands(head)
+        self.head_int8 = head is not None and head.grouped is not None and head.grouped.int8_activations
+
+    @property
+    def runs_greedy_steps(self) -> bool:
+        return self.embedding is not None and self.head is not None
 
     def _gather_caches(self) -> None:
         self.k_caches = [layer.k_cache for layer in self.attention_layers]
@@ -68,6 +81,30 @@ class FusedLlamaDecode:
                                     meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
                                     meta.block_size, self.num_heads, self.num_kv_heads, self.scale, self.eps,
                                     self.int8_activations and rows <= INT8_ACTIVATION_MAX_ROWS)
+
+
+    def greedy_steps(self, token_ids: torch.Tensor, positions: torch.Tensor, steps: int, slot_mapping: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+        """`steps` greedy tokens per row from one call -> [B * steps, 2] float64 (id, logprob), row-major; the caller
+        checks the rows (decode only, greedy with nothing to mask, at most FUSED_MAX_ROWS)."""
+        if self.attention_layers[0].k_cache is not self.k_caches[0]:
+            self._gather_caches()
+        rows = token_ids.shape[0]
+        return kernels.llama_decode_greedy(token_ids, positions, steps, self.embedding, self.head,
+                                           self.head_int8 and rows <= INT8_ACTIVATION_MAX_ROWS, self.norm_weights,
+                                           self.qweights, self.scales, self.mins, self.group_sizes, self.k_caches,
+                                           self.v_caches, self.cos_sin, slot_mapping, block_tables, context_lens,
+                                           block_size, self.num_heads, self.num_kv_heads, self.scale, self.eps,
+                                           self.int8_activations and rows <= INT8_ACTIVATION_MAX_ROWS)
+
+
+def _grouped_operands(layer) -> tuple | None:
+    """A grouped embedding / LM head on our kernel's layout (N % 4 == 0), as llama_decode_greedy takes it."""
+    grouped = getattr(layer, "grouped", None)
+    if (grouped is None or grouped.torch_int4 is not None or grouped.input_order is not None
+            or layer.weight.shape[0] % 4 or layer.weight.device.type != "cpu" or layer.float_dtype != torch.float32):
+        return None
+    return layer.weight, layer.weight_scale, layer.weight_min, grouped.group_size
 
 
 def build(model, tp_size: int, lora_enabled: bool) -> tuple[FusedLlamaDecode | None, str]:
@@ -115,5 +152,6 @@ def build(model, tp_size: int, lora_enabled: bool) -> tuple[FusedLlamaDecode | N
         return None, "a K/V pool that is not float32"
     if not kernels.load_cpu_kernels():
         return None, "native CPU kernels unavailable"
-    return FusedLlamaDecode(norms, linears, attention_layers, rotary,
-                            linears[0].quant_method.int8_activations), "on"
+    fused = FusedLlamaDecode(norms, linears, attention_layers, rotary, linears[0].quant_method.int8_activations,
+                             body.embed_tokens, model.head if model.final_logit_softcap is None else None)
+    return fused, "on" + (", greedy steps with the LM head" if fused.runs_greedy_steps else "")

@@ -1,6 +1,7 @@
 """The fused decode step (kernels/llama_decode_cpu.cpp, models/fused_decode.py) on SmolLM2's Q4_1 GGUF: the same
 tokens and the same log-probabilities, to the bit, as the op-by-op path, for one sequence (the row kernel) and
-for a batch (the panel kernel), with float and int8 activations; where it does not fit, the op-by-op path."""
+for a batch (the panel kernel), with float and int8 activations, whether the LM head and the greedy pick run in the
+native call or in Python, one step per call or several back to back; where it does not fit, the op-by-op path."""
 
 from __future__ import annotations
 
@@ -37,26 +38,37 @@ def run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[tuple[int, flo
     return [tokens[i] for i in ids]
 
 
-def fused_and_op_by_op(engine: LLMEngine, prompts: list[list[int]]):
-    body = engine.runner.model.body
+def three_paths(engine: LLMEngine, prompts: list[list[int]]):
+    """The batch run three ways: greedy steps in one native call each (LM head and pick included: the default
+    for greedy rows), the fused layer stack with the LM head and sampler in Python, and op by op. Also how many
+    decode steps each fused path served."""
+    body, runner = engine.runner.model.body, engine.runner
     fused = body.fused_decode
-    assert fused is not None, "the fused decode step should serve this model"
-    calls = []
-    original = fused.__call__
+    assert fused is not None and fused.runs_greedy_steps, "the fused greedy steps should serve this model"
+    calls = {"greedy steps": 0, "layers": 0}
+    original_steps, original_call = fused.greedy_steps, fused.__call__
 
-    def counting(hidden, positions):
-        out = original(hidden, positions)
-        calls.append(out is not None)
+    def counting_steps(*args):
+        calls["greedy steps"] += 1
+        return original_steps(*args)
+
+    def counting_call(hidden, positions):
+        out = original_call(hidden, positions)
+        calls["layers"] += out is not None
         return out
 
-    body.fused_decode = counting
+    fused.greedy_steps = counting_steps
     try:
-        with_fused = run(engine, prompts)
-    finally:
+        greedy_steps = run(engine, prompts)
+        runner.runs_greedy_steps = lambda *_: False
+        body.fused_decode = counting_call
+        layers = run(engine, prompts)
         body.fused_decode = None
-    op_by_op = run(engine, prompts)
-    body.fused_decode = fused
-    return with_fused, op_by_op, calls
+        op_by_op = run(engine, prompts)
+    finally:
+        del fused.greedy_steps, runner.runs_greedy_steps
+        body.fused_decode = fused
+    return greedy_steps, layers, op_by_op, calls
 
 
 @pytest.mark.parametrize("activations", [None, "int8"])
@@ -65,10 +77,45 @@ def test_fused_decode_is_the_op_by_op_path_to_the_bit(gguf_file, activations):
     prompts = tokenize(engine.model_dir)
     # one row (4-row tiles), four rows (panels / int8 rows), twenty (panels: int8 activations stop at 16 rows)
     for batch in (prompts[:1], prompts, prompts * 5):
-        with_fused, op_by_op, calls = fused_and_op_by_op(engine, batch)
-        assert any(calls), "no decode step went through the fused call"
-        assert with_fused == op_by_op  # tokens and float log-probabilities, exactly
-        assert all(len(tokens) == NEW_TOKENS for tokens in with_fused)
+        greedy_steps, layers, op_by_op, calls = three_paths(engine, batch)
+        assert calls["greedy steps"] >= NEW_TOKENS - 1 and calls["layers"] >= NEW_TOKENS - 1, calls
+        assert greedy_steps == layers == op_by_op  # tokens and float log-probabilities, exactly
+        assert all(len(tokens) == NEW_TOKENS for tokens in greedy_steps)
+
+
+@pytest.mark.parametrize("activations", [None, "int8"])
+def test_steps_back_to_back_are_the_steps_one_by_one(gguf_file, activations):
+    """--num-scheduler-steps 4: each native call decodes 4 tokens per row, feeding its picks to the next step;
+    the tokens and log-probabilities are those of one step per call, also where a request's last burst is short
+    (NEW_TOKENS = 12 is not a multiple of 5) and where rows leave the batch at different steps."""
+    one = make_engine(gguf_file, activation_quantization=activations)
+    four = make_engine(gguf_file, activation_quantization=activations, num_scheduler_steps=5)
+    prompts = tokenize(one.model_dir)
+    calls = []
+    fused = four.runner.model.body.fused_decode
+    original = fused.greedy_steps
+
+    def recording(token_ids, positions, steps, *rest):
+        calls.append(steps)
+        return original(token_ids, positions, steps, *rest)
+
+    fused.greedy_steps = recording
+    for batch in (prompts[:1], prompts):
+        calls.clear()
+        assert run(four, batch) == run(one, batch)
+        # the first token comes from the prefill; 11 more in bursts of 5, 5 and the 1 left
+        assert calls == [5, 5, 1], calls
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (3, 9, 12, 7)]
+    for engine in (one, four):
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        got: dict[str, list] = {i: [] for i in ids}
+        while engine.has_unfinished:
+            for o in engine.step()[0]:
+                got[o.request_id] += [(t.id, t.logprob) for t in o.new_tokens]
+        if engine is one:
+            expected = [got[i] for i in ids]
+    assert [got[i] for i in ids] == expected
+    assert [len(tokens) for tokens in expected] == [3, 9, 12, 7]
 
 
 def test_float_weights_and_the_switch_keep_the_op_by_op_path(gguf_file, smollm2_dir, monkeypatch):
@@ -103,3 +150,38 @@ def test_bad_operands_are_refused_before_any_thread_starts(gguf_file):
                             (dict(qweights=fused.qweights[1:] + fused.qweights[:1]), "qkv_proj")):
         with pytest.raises(RuntimeError, match=message):
             kernels.llama_decode(**{**args, **change})
+
+
+def test_a_stop_inside_a_burst_drops_the_tokens_after_it(gguf_file):
+    """A stop sequence or EOS met mid-burst ends the request where one step per call would have, text and all."""
+    one = make_engine(gguf_file)
+    eight = make_engine(gguf_file, num_scheduler_steps=8)
+    prompt = tokenize(one.model_dir)[0]
+
+    def finish(engine, params):
+        engine.add_request(prompt, params)
+        tokens, last = [], None
+        while engine.has_unfinished:
+            for o in engine.step()[0]:
+                tokens += [t.id for t in o.new_tokens]
+                last = o
+        return tokens, last.finish_reason, last.generated_text
+
+    free, _, text = finish(one, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    stop = one.tokenizer.decode(free[5:7])
+    assert stop.strip() and stop in text
+    for params in (SamplingParams(max_new_tokens=20, stop=[stop]),
+                   SamplingParams(max_new_tokens=20, stop_token_ids=[free[6]])):
+        expected = finish(one, params)
+        assert finish(eight, params) == expected
+        assert expected[1] in ("stop_sequence", "eos_token") and len(expected[0]) < 20
+
+
+def test_steps_back_to_back_need_the_fused_greedy_call(smollm2_dir, caplog):
+    with pytest.raises(ValueError, match="num-scheduler-steps"):
+        EngineConfig(model_id=str(smollm2_dir), num_scheduler_steps=0)
+    with pytest.raises(ValueError, match="choose one"):
+        EngineConfig(model_id=str(smollm2_dir), num_scheduler_steps=4, speculate=2)
+    engine = LLMEngine(EngineConfig(model_id=str(smollm2_dir), dtype="float32", max_batch_total_tokens=2048,
+                                    max_total_tokens=256, num_scheduler_steps=4))
+    assert engine.num_scheduler_steps == 1 and "one decode step at a time" in caplog.text

@@ -159,3 +159,40 @@ def test_prefix_lookups_of_a_blocked_request_are_counted_once():
     assert s.kv_cache.prefix_cache_queries == 12
     run_to_completion(s)
     assert s.kv_cache.prefix_cache_queries == 24
+
+
+def test_run_ahead_allocates_the_steps_blocks_and_counts_every_token_fed():
+    s = make_scheduler(num_blocks=8, block_size=4)
+    req = make_request("a", 6, max_new=10, eos=(9,))
+    s.add_request(req)
+    fake_step(s)  # prefill: 6 tokens computed, one sampled
+    out = s.schedule()
+    assert s.run_ahead(out, 4) == 4 and out.scheduled[0].num_steps == 4 and out.scheduled[0].num_samples == 4
+    # 6 computed + 4 fed (the last known token and three picks) = 10 tokens: three blocks of 4
+    assert len(req.block_ids) == 3
+    s.update_from_output(out, {"a": [7, 7, 7, 7]})
+    assert req.num_output_tokens == 5 and req.num_computed_tokens == 10 and req.num_tokens == 11
+    # a burst that meets EOS: the picks after it are dropped and the request finishes
+    out = s.schedule()
+    assert s.run_ahead(out, 4) == 4
+    finished = s.update_from_output(out, {"a": [7, 9, 7, 7]})
+    assert finished == [req] and req.finish_reason == "eos_token" and req.token_ids[-2:] == [7, 9]
+    assert s.kv_cache.num_free_blocks == s.kv_cache.num_blocks
+
+
+def test_run_ahead_stops_at_the_length_limit_and_falls_back_when_the_pool_is_full():
+    s = make_scheduler(num_blocks=3, block_size=4)
+    req = make_request("a", 7, max_new=3)
+    s.add_request(req)
+    fake_step(s)
+    out = s.schedule()
+    assert s.run_ahead(out, 8) == 2  # two tokens left to the limit
+    s.update_from_output(out, {"a": [7, 7]})
+    assert req.is_finished and req.num_output_tokens == 3
+    # 11 computed tokens hold all three blocks: one more token fits, four do not
+    full = make_request("b", 11, max_new=10)
+    s.add_request(full)
+    fake_step(s)
+    out = s.schedule()
+    assert s.run_ahead(out, 4) == 1 and out.scheduled[0].num_steps == 1
+    assert s.kv_cache.num_free_blocks == 0
