@@ -188,7 +188,9 @@ def main(argv=None) -> int:
     logs = Path(args.log_dir)
     logs.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.model_dir)
-    servers = arms(args)
+    run_levels = {int(level) for level in args.levels.split(",")}
+    # only the arms this run measures: each server sizes its K/V pool from the free memory, and six did not fit
+    servers = [arm for arm in arms(args) if run_levels & set(arm.levels)]
     doc = {"machine": machine(), "settings": vars(args), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "versions": {}, "rounds": [], "loadavg": [],
            "ratio_pairs": {"genserve Q4_1 / llama.cpp Q4_1, 1 stream": ("genserve-q4_1@1", "llamacpp-q4_1@1"),

@@ -5,8 +5,12 @@ native call or in Python, one step per call or several back to back; where it do
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import pytest
 import torch
+from http_server import start_server
 from quant_reference import tokenize
 
 from genserve.server import kernels
@@ -185,3 +189,38 @@ def test_steps_back_to_back_need_the_fused_greedy_call(smollm2_dir, caplog):
     engine = LLMEngine(EngineConfig(model_id=str(smollm2_dir), dtype="float32", max_batch_total_tokens=2048,
                                     max_total_tokens=256, num_scheduler_steps=4))
     assert engine.num_scheduler_steps == 1 and "one decode step at a time" in caplog.text
+
+
+def test_bursts_stream_over_http_as_single_steps_would(gguf_file, tmp_path):
+    """A real server with --num-scheduler-steps 4: TGI's stream still sends one event per token, OpenAI's stream
+    and non-streamed requests the same text and token counts as one step per call (in process here)."""
+    one = make_engine(gguf_file)
+    prompt = "The three primary colors are"
+    ids = one.tokenizer(prompt)["input_ids"]
+    one.add_request(ids, SamplingParams(max_new_tokens=10))
+    expected = []
+    while one.has_unfinished:
+        expected += [t.id for o in one.step()[0] for t in o.new_tokens]
+    expected_text = one.tokenizer.decode([t for t in expected if t not in one.eos_token_ids])
+    server = start_server(tmp_path, "--model-id", str(gguf_file), "--num-scheduler-steps", "4")
+    try:
+        decode_steps = 'tgi_batch_forward_duration_count{method="decode"}'
+        before = server.metrics().get(decode_steps, 0)
+        with httpx.Client(base_url=server.base_url, timeout=120) as client:
+            body = {"inputs": prompt, "parameters": {"max_new_tokens": 10, "details": True, "stop": []}}
+            with client.stream("POST", "/generate_stream", json=body) as response:
+                events = [line for line in response.iter_lines() if line.startswith("data:")]
+            assert [json.loads(e[5:])["token"]["id"] for e in events] == expected
+            request = {"model": "tgi", "prompt": ids, "max_tokens": 10, "temperature": 0}
+            with client.stream("POST", "/v1/completions", json={**request, "stream": True}) as response:
+                chunks = [line for line in response.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+            text = "".join(json.loads(c[5:])["choices"][0]["text"] for c in chunks)
+            assert text == expected_text
+            done = client.post("/v1/completions", json=request).json()
+            assert done["choices"][0]["text"] == expected_text
+            assert done["usage"]["completion_tokens"] == len(expected)
+        # three requests of len(expected) tokens, the first of each from its prefill: bursts of 4 after
+        steps = server.metrics()[decode_steps] - before
+        assert steps <= 3 * -(-(len(expected) - 1) // 4), steps
+    finally:
+        server.stop()
