@@ -104,8 +104,7 @@ struct SpinBarrier {
 
 // Each thread's buffers.
 struct Scratch {
-  genserve_simd::AlignedFloats panel, ws;
-  std::vector<float> scores;
+  std::vector<float> panel, ws, scores;
   std::vector<int64_t> rows;
 };
 
@@ -291,7 +290,7 @@ Rows check_rows(const Stack& st, const at::Tensor& positions, const at::Tensor& 
 
 // The phases' outputs, which every thread reads.
 struct Shared {
-  genserve_simd::AlignedFloats qkv, attn, proj, gate_up;
+  std::vector<float> qkv, attn, proj, gate_up;
   Shared(const Stack& st, int64_t B)
       : qkv(B * st.qkv_width), attn(B * st.q_width), proj(B * st.Hd), gate_up(B * 2 * st.intermediate) {}
 };
@@ -299,7 +298,7 @@ struct Shared {
 // Each thread's buffers, and its own copy of the residual stream.
 struct ThreadState {
   Scratch s;
-  genserve_simd::AlignedFloats residual, normed, act, xsum;
+  std::vector<float> residual, normed, act, xsum;
   std::vector<QuantizedRow> xq;
   ThreadState(const Stack& st, int64_t B)
       : residual(B * st.Hd), normed(B * st.Hd), act(B * st.intermediate), xsum(B * ((st.max_k + 31) / 32)), xq(B) {
@@ -451,10 +450,8 @@ at::Tensor llama_decode_greedy(const at::Tensor& token_ids, const at::Tensor& po
   std::vector<int64_t> tokens(token_ids.data_ptr<int64_t>(), token_ids.data_ptr<int64_t>() + B);
   for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < V, "llama_decode_greedy: token id ", t, " outside the vocabulary");
   Shared sh(st, B);
-  // ATen's 64-byte aligned buffer, as the sampler's logits: greedy_row's vectorized sum peels to alignment, so its
-  // rounding depends on where the row starts
-  auto logits_buffer = at::empty({B, V}, token_ids.options().dtype(at::kFloat));
-  float* logits = logits_buffer.data_ptr<float>();
+  std::vector<float> logit_rows(B * V);
+  float* logits = logit_rows.data();
   auto out = at::empty({B * steps, 2}, token_ids.options().dtype(at::kDouble));
   double* picked = out.data_ptr<double>();
   SpinBarrier barrier;

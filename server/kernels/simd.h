@@ -5,10 +5,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <new>
-#include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -25,28 +22,6 @@
 #endif
 
 namespace genserve_simd {
-
-// 64-byte aligned storage, as ATen's tensors are. With -ffast-math GCC may peel a vectorized reduction until the
-// pointer is aligned, so its rounding depends on where a row starts: buffers of ours that such loops read (norms,
-// sums) must start where a tensor would, or copies of one row round apart.
-template <typename T>
-struct Aligned64 {
-  using value_type = T;
-  Aligned64() = default;
-  template <typename U>
-  Aligned64(const Aligned64<U>&) {}
-  T* allocate(std::size_t n) {
-    const std::size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
-    if (void* p = std::aligned_alloc(64, bytes ? bytes : 64)) return static_cast<T*>(p);
-    throw std::bad_alloc();
-  }
-  void deallocate(T* p, std::size_t) { std::free(p); }
-  template <typename U>
-  bool operator==(const Aligned64<U>&) const { return true; }
-  template <typename U>
-  bool operator!=(const Aligned64<U>&) const { return false; }
-};
-using AlignedFloats = std::vector<float, Aligned64<float>>;
 
 // One native SIMD register of floats: 16 with AVX-512, 8 otherwise (AVX2, NEON pairs). A wider generic
 // vector than the ISA has is split by the compiler, and its arrays spill to the stack.

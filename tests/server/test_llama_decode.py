@@ -89,14 +89,14 @@ def test_fused_decode_is_the_op_by_op_path_to_the_bit(gguf_file, activations):
 
 @pytest.mark.parametrize("activations", [None, "int8"])
 def test_steps_back_to_back_are_the_steps_one_by_one(gguf_file, activations):
-    """--num-scheduler-steps 4: each native call decodes 4 tokens per row, feeding its picks to the next step;
+    """--num-scheduler-steps 5: each native call decodes 5 tokens per row, feeding its picks to the next step;
     the tokens and log-probabilities are those of one step per call, also where a request's last burst is short
     (NEW_TOKENS = 12 is not a multiple of 5) and where rows leave the batch at different steps."""
     one = make_engine(gguf_file, activation_quantization=activations)
-    four = make_engine(gguf_file, activation_quantization=activations, num_scheduler_steps=5)
+    five = make_engine(gguf_file, activation_quantization=activations, num_scheduler_steps=5)
     prompts = tokenize(one.model_dir)
     calls = []
-    fused = four.runner.model.body.fused_decode
+    fused = five.runner.model.body.fused_decode
     original = fused.greedy_steps
 
     def recording(token_ids, positions, steps, *rest):
@@ -106,11 +106,11 @@ def test_steps_back_to_back_are_the_steps_one_by_one(gguf_file, activations):
     fused.greedy_steps = recording
     for batch in (prompts[:1], prompts):
         calls.clear()
-        assert run(four, batch) == run(one, batch)
+        assert run(five, batch) == run(one, batch)
         # the first token comes from the prefill; 11 more in bursts of 5, 5 and the 1 left
         assert calls == [5, 5, 1], calls
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (3, 9, 12, 7)]
-    for engine in (one, four):
+    for engine in (one, five):
         ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
         got: dict[str, list] = {i: [] for i in ids}
         while engine.has_unfinished:
