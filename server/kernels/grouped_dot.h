@@ -35,6 +35,13 @@ inline void widen_block(const uint8_t* p, vfloat* out) {
   out[1] = reinterpret_cast<vfloat>(_mm256_cvtepi32_ps(_mm256_and_si256(b1, nibble)));   // 8..15
   out[2] = reinterpret_cast<vfloat>(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)));       // 16..23
   out[3] = reinterpret_cast<vfloat>(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)));       // 24..31
+#elif defined(__AVX512F__)
+  // the 16 bytes as int32 lanes, then their low and high nibbles. The portable loop below wrote the values to the
+  // stack and read them back as vectors: on a Xeon (Sapphire Rapids) those loads missed store forwarding, and a
+  // one-row [3072, 576] matmul took 530 us
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  out[0] = reinterpret_cast<vfloat>(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F))));
+  out[1] = reinterpret_cast<vfloat>(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)));
 #else
   float tmp[kBlock];
   for (int j = 0; j < 16; ++j) {
