@@ -10,6 +10,7 @@ over rounds. Arms:
     llamacpp-q4_1   python -m llama_cpp.server --model <the .gguf> (one request at a time: 32 streams queue)
     genserve-q4_1-steps8, genserve-q4_1-int8act-steps8  the two above with --num-scheduler-steps 8 (8 greedy
                     decode steps per native call; tokens stream in bursts of 8), at 1 stream
+    genserve-q4_1-bf16  the Q4_1 file at --dtype bfloat16 (activations bf16; on AMX the tiles' kernel), 32 streams
     genserve-float  genserve serve on the safetensors folder at --dtype (auto: what genserve picks on this CPU)
 
 "ITL" is each request's mean time per token after the first ((last - first token time) / (tokens - 1)), so bursts
@@ -74,6 +75,8 @@ def arms(args) -> list[Arm]:
                                  str(args.threads), "--n_ctx", "2048", "--interrupt_requests", "False",
                                  "--host", "127.0.0.1"], threads, str(llama / "bin/python"), ["llama_cpp_python"],
                (1, 32), llama_request),
+           Arm("genserve-q4_1-bf16", [*serve, "--model-id", gguf, "--dtype", "bfloat16"], threads,
+               str(venv / "bin/python"), ["genserve", "torch"], (32,), genserve_request),
            Arm(f"genserve-{args.dtype}", [*serve, "--model-id", str(args.model_dir), "--dtype", args.dtype], threads,
                str(venv / "bin/python"), ["genserve", "torch"], (32,), genserve_request)]
     return out
@@ -206,7 +209,9 @@ def main(argv=None) -> int:
                                ("genserve-q4_1-int8act@32", f"genserve-{args.dtype}@32"),
                            "genserve Q4_1 / llama.cpp Q4_1, 32 streams": ("genserve-q4_1@32", "llamacpp-q4_1@32"),
                            f"genserve Q4_1 / genserve {args.dtype}, 32 streams":
-                               ("genserve-q4_1@32", f"genserve-{args.dtype}@32")}}
+                               ("genserve-q4_1@32", f"genserve-{args.dtype}@32"),
+                           f"genserve Q4_1 computing in bf16 / genserve {args.dtype}, 32 streams":
+                               ("genserve-q4_1-bf16@32", f"genserve-{args.dtype}@32")}}
     try:
         for arm in servers:
             arm.proc = start(arm, logs / f"{arm.name}.log")

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # included by the sources: part of the cache key
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp", "weight_only_linear_cpu.cpp",
-                         "int4_linear_cpu.cpp", "int8_dot_cpu.cpp", "llama_decode_cpu.cpp")]
+                         "int4_linear_cpu.cpp", "int8_dot_cpu.cpp", "llama_decode_cpu.cpp",
+                         "grouped_amx_cpu.cpp")]
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # -march=native: the build is tied to this CPU, hence the CPU flags in the cache key below.
 # -ffast-math on the compile only: it lets GCC vectorize exp() through libmvec; linking with it
@@ -77,7 +78,7 @@ def load_cpu_kernels() -> bool:
                       for op in ("paged_decode_attention", "silu_and_mul", "rms_norm", "weight_only_linear",
                                  "int4_linear", "grouped_dequantize",
                                  "int4_linear_int8_activations", "llama_decode", "llama_decode_greedy",
-                                 "greedy_pick"))
+                                 "greedy_pick", "int4_linear_amx", "has_amx_bf16"))
     except Exception as exc:  # no compiler, no ninja, read-only cache...: the SDPA path still works
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch attention path", exc)
     if _loaded:
@@ -189,3 +190,14 @@ def llama_decode_greedy(token_ids: torch.Tensor, positions: torch.Tensor, steps:
 def grouped_dequantize(qweight: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group_size: int) -> torch.Tensor:
     """The float32 weight q * scale + min [N, K] of int4_linear's operands (grouped_weights.dequantize, in C++)."""
     return torch.ops.genserve_cpu.grouped_dequantize(qweight, scale, mins, group_size)
+
+
+def has_amx_bf16() -> bool:
+    """Whether int4_linear_amx runs here: AMX-BF16 in the CPU, in this build, and granted by the kernel (Linux)."""
+    return load_cpu_kernels() and torch.ops.genserve_cpu.has_amx_bf16()
+
+
+def int4_linear_amx(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
+                    group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """int4_linear for bfloat16 x on AMX tiles (grouped_amx_cpu.cpp): weights rounded to bf16, sums in float32."""
+    return torch.ops.genserve_cpu.int4_linear_amx(x, qweight, scale, mins, group_size, bias)

@@ -6,6 +6,9 @@ packed int4 CPU matmul (`_weight_int4pack_mm_for_cpu`), whichever is faster on t
 timed at startup; larger batches (long prefills) dequantize the weight and run the dense GEMM. Without the native kernels, every batch dequantizes.
 With `--activation-quantization int8`, batches up to INT8_ACTIVATION_MAX_ROWS rows round x to int8 and run integer
 dot products instead (kernels/int8_dot_cpu.cpp): ~2x faster at one row, close to but not equal to the float kernel.
+Under bfloat16 on a CPU with AMX, batches from a row count timed at startup run on the tiles instead
+(kernels/grouped_amx_cpu.cpp: weights dequantized to bf16 panels, float32 sums); past GROUPED_MAX_ROWS the
+dequantized dense GEMM stays faster (2,048 rows [3072, 576]: 5.6 vs 10.5 ms; 256 rows: 1.9 vs 0.9).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +35,8 @@ GROUPED_MAX_ROWS = 256
 # 1 row x2.3, 4 rows x1.6, 8 rows x1.3, 16 rows x1.1)
 INT8_ACTIVATION_MAX_ROWS = 16
 TORCH_INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's packed int4 CPU matmul takes
+AMX_TIMED_ROWS = (1, 2, 4, 8, 16, 32)  # batch sizes timed for the AMX choice; it holds above the largest
+TIMED_BATCH = 32  # the decode batch choose_kernels times besides one row
 
 
 class GroupedWeights:
@@ -44,6 +50,7 @@ class GroupedWeights:
         self.torch_int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed, scale_and_zeros) when chosen
         self.input_order: torch.Tensor | None = None  # act-order GPTQ: columns are held in this order of x
         self.int8_activations = False  # --activation-quantization int8 (use_int8_activations)
+        self.amx_min_rows: int | None = None  # bf16 batches of this many rows or more run on AMX (choose_amx)
 
     def dequantized(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float weight [N, K], or only its `rows` (an embedding lookup dequantizes just those)."""
@@ -67,6 +74,9 @@ class GroupedWeights:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), packed, self.group_size,
                                                             scale_and_zeros.to(x.dtype))
             y = y if bias is None else y.add_(bias)
+        elif (self.amx_min_rows is not None and self.amx_min_rows <= rows <= GROUPED_MAX_ROWS
+              and x.dtype == torch.bfloat16 and not (self.int8_activations and rows <= INT8_ACTIVATION_MAX_ROWS)):
+            y = kernels.int4_linear_amx(flat, weight, scale, self.layer.weight_min, self.group_size, bias)
         elif (x.device.type == "cpu" and rows <= GROUPED_MAX_ROWS and weight.shape[0] % 4 == 0
               and kernels.load_cpu_kernels()):
             kernel = kernels.int4_linear_int8_activations if (
@@ -130,8 +140,7 @@ def use_int8_activations(model: nn.Module) -> None:
     if not kernels.load_cpu_kernels():
         raise ValueError("`--activation-quantization int8` needs genserve's native CPU kernels, which did not load "
                          "(a C++ compiler and ninja at run time; GENSERVE_CPU_KERNELS not 0)")
-    methods = [m.quant_method for m in linears]
-    methods += [m.grouped for m in model.modules() if getattr(m, "grouped", None) is not None]
+    methods = grouped_methods(model)
     for method in methods:
         method.int8_activations = True
     logger.info("int8 activations for %d grouped weights (batches up to %d rows)", len(methods),
@@ -159,13 +168,16 @@ def _best_of(fn, rounds: int = 5, calls: int = 10) -> float:
 
 @torch.no_grad()
 def choose_kernels(model: nn.Module, dtype: torch.dtype) -> dict:
-    """Per 4-bit weight shape: time our kernel and torch's packed int4 matmul on one row, keep the faster.
+    """Per 4-bit weight shape: time our kernels and torch's packed int4 matmul on one row and on a decode batch of
+    TIMED_BATCH rows, keep torch's only where it wins both (on a Xeon with AMX in bf16 it won one row x2 and lost
+    32 rows x5 to the AMX kernel); then, under bf16 on AMX, the row count from which the AMX kernel serves.
 
     GENSERVE_INT4_KERNEL=ours|torch skips the timing. With int8 activations (model.int8_activations) "ours" is the
-    int8-activation kernel. Returns {shape: choice} (also logged)."""
+    int8-activation kernel at one row. Returns {shape: choice} (also logged)."""
     forced = os.environ.get("GENSERVE_INT4_KERNEL")
     ours_kernel = kernels.int4_linear_int8_activations if getattr(model, "int8_activations", False) \
         else kernels.int4_linear
+    amx = _amx_usable(dtype)
     choices: dict = {}
     for layer in grouped_layers(model):
         method = layer.quant_method
@@ -180,18 +192,71 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype) -> dict:
                 choices[key] = "torch"
             else:
                 packed, scale_and_zeros = _to_torch_int4(layer, dtype)
-                x = torch.randn(1, k, dtype=dtype)
-                ours = _best_of(lambda x=x, m=layer, g=method.group_size: ours_kernel(
-                    x, m.weight, m.weight_scale, m.weight_min, g, None))
-                theirs = _best_of(lambda x=x, p=packed, g=method.group_size, s=scale_and_zeros:
-                                  torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, g, s))
-                choices[key] = "torch" if theirs < ours else "ours"
-                logger.info("int4 [%d, %d] g%d: ours %.1f us, torch int4pack %.1f us -> %s", n, k, method.group_size,
-                            ours * 1e5, theirs * 1e5, choices[key])
+                g, w, s, mn = method.group_size, layer.weight, layer.weight_scale, layer.weight_min
+                batch_kernel = kernels.int4_linear_amx if amx and n % 16 == 0 else kernels.int4_linear
+                times = []
+                for rows, ours in ((1, ours_kernel), (TIMED_BATCH, batch_kernel)):
+                    x = torch.randn(rows, k, dtype=dtype)
+                    calls = 10 if rows == 1 else 2
+                    ours_s = _best_of(partial(ours, x, w, s, mn, g, None), calls=calls)
+                    theirs_s = _best_of(partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed, g,
+                                                scale_and_zeros), calls=calls)
+                    times.append((rows, ours_s / calls, theirs_s / calls))
+                    if theirs_s >= ours_s:
+                        break  # torch's lost already: the batch timing (slow for it in float32) is not needed
+                choices[key] = "torch" if all(theirs < ours for _, ours, theirs in times) else "ours"
+                logger.info("int4 [%d, %d] g%d: %s -> %s", n, k, g, ", ".join(
+                    f"{rows} rows ours {ours * 1e6:.1f} us, torch int4pack {theirs * 1e6:.1f} us"
+                    for rows, ours, theirs in times), choices[key])
         if choices[key] == "torch":
             packed, scale_and_zeros = _to_torch_int4(layer, dtype)
             method.torch_int4 = (packed, scale_and_zeros)
             layer.weight = nn.Parameter(packed, requires_grad=False)  # the plain nibbles are not kept
             layer.weight_scale = nn.Parameter(scale_and_zeros, requires_grad=False)
             layer.weight_min = nn.Parameter(layer.weight_min.new_empty(0), requires_grad=False)
+    choices.update(choose_amx(model, dtype))
+    return choices
+
+
+def _amx_usable(dtype: torch.dtype) -> bool:
+    return (dtype == torch.bfloat16 and os.environ.get("GENSERVE_AMX", "1") != "0" and kernels.load_cpu_kernels()
+            and kernels.has_amx_bf16())
+
+
+def grouped_methods(model: nn.Module) -> list[GroupedWeights]:
+    """The grouped linears' methods and a grouped embedding's / LM head's (once when tied)."""
+    methods = {id(m.quant_method): m.quant_method for m in grouped_layers(model)}
+    methods.update({id(m.grouped): m.grouped for m in model.modules() if getattr(m, "grouped", None) is not None})
+    return list(methods.values())
+
+
+@torch.no_grad()
+def choose_amx(model: nn.Module, dtype: torch.dtype) -> dict:
+    """Under bfloat16 on a CPU with AMX-BF16: per weight shape, the fewest rows from which the AMX kernel beats the
+    float one, timed at AMX_TIMED_ROWS (on a Xeon with AMX, 2 threads, [3072, 576] g32: from 1 row, x5 at 1 row
+    and x9 at 32). GENSERVE_AMX=0 turns it off. Returns {shape: min rows or None} (also logged)."""
+    if not _amx_usable(dtype):
+        return {}
+    choices: dict = {}
+    for method in grouped_methods(model):
+        layer = method.layer
+        qweight, scale, mins = layer.weight, layer.weight_scale, layer.weight_min
+        if method.torch_int4 is not None or qweight.device.type != "cpu" or qweight.shape[0] % 16:
+            continue
+        key = ("amx", *qweight.shape, method.bits, method.group_size, scale.dtype)
+        if key not in choices:
+            calls = max(1, min(10, 2**24 // qweight.numel()))  # an LM head takes ms per call
+            wins = []
+            n, k = qweight.shape[0], qweight.shape[1] * (2 if method.bits == 4 else 1)
+            for rows in AMX_TIMED_ROWS:
+                x = torch.randn(rows, k, dtype=dtype)
+                operands = (x, qweight, scale, mins, method.group_size, None)
+                amx = _best_of(partial(kernels.int4_linear_amx, *operands), rounds=3, calls=calls)
+                ours = _best_of(partial(kernels.int4_linear, *operands), rounds=3, calls=calls)
+                wins.append(amx < ours)
+            # the fewest rows from which AMX wins at every timed size
+            choices[key] = next((rows for i, rows in enumerate(AMX_TIMED_ROWS) if all(wins[i:])), None)
+            logger.info("int%d [%d, %d] g%d bf16: AMX from %s rows", method.bits, n, k, method.group_size,
+                        choices[key])
+        method.amx_min_rows = choices[key]
     return choices

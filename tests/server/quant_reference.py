@@ -63,6 +63,7 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int = NEW_T
 
 
 def engine_greedy(model_id: str, prompts: list[list[int]], new_tokens: int = NEW_TOKENS, **settings):
-    engine = LLMEngine(EngineConfig(model_id=str(model_id), dtype="float32", max_batch_total_tokens=4096,
-                                    max_total_tokens=512, **settings))
+    settings.setdefault("dtype", "float32")
+    engine = LLMEngine(EngineConfig(model_id=str(model_id), max_batch_total_tokens=4096, max_total_tokens=512,
+                                    **settings))
     return engine, engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))

@@ -1,0 +1,346 @@
+// y = x @ W^T (+ bias) for grouped 4-bit / 8-bit weights (grouped_dot.h's layout) and bfloat16 activations, on
+// Intel AMX tiles (Sapphire Rapids and later). A batch of bf16 rows (32 decode streams, a short prefill) reads each
+// weight once per call, like int4_linear's float panels, but those panels' FMAs set the pace, and on a CPU whose
+// bf16 GEMM runs on AMX, oneDNN's bf16 linear beat them ~10x at 32 rows. Here each thread dequantizes panels of 32
+// weight rows to bfloat16 (w = q * scale + min in float32, one rounding to bf16, as a bf16 checkpoint of those
+// weights holds them) and multiplies them on the tiles, summing in float32.
+//
+// The tiles compute C^T = W x^T: weights are the A operand (16 weight rows x 32 k per tile, each dequantized block
+// of 32 values one tile row), x the B operand in AMX's pair-interleaved layout (16 k pairs x 16 activation rows),
+// built once per call; the C tiles are transposed in registers on the way out.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "grouped_dot.h"
+#include "grouped_operands.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define GENSERVE_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define GENSERVE_AMX 0
+#endif
+
+namespace {
+
+using namespace genserve_grouped;
+
+#if GENSERVE_AMX
+
+// Linux gives a process the AMX tile state only on request; without it the first tile instruction raises SIGILL.
+bool amx_permitted() {
+  static const bool granted = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+}
+
+// palette 1: eight tiles of 16 rows x 64 bytes. Tiles 0-3 accumulate C[weight tile][x tile], 4-5 hold two weight
+// tiles (A), 6-7 two x tiles (B).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+constexpr int64_t kTile = 16;        // rows of a tile
+constexpr int64_t kChunk = 32;       // k values per tile row (64 bytes of bf16)
+constexpr int64_t kPanelRows = 32;   // weight rows a thread dequantizes at once: two A tiles
+constexpr int64_t kTileBlock = kTile * kChunk;  // bf16 values of one tile
+
+// Tile rows must not straddle cache lines: a 64-byte row split over two lines made tile loads 3x slower. One
+// 64-byte aligned buffer per thread and use, kept across calls and grown when needed.
+template <int use>
+uint16_t* thread_buffer(size_t bytes) {
+  struct Buffer {
+    ~Buffer() { std::free(data); }
+    void* data = nullptr;
+    size_t size = 0;
+  };
+  thread_local Buffer buffer;
+  if (buffer.size < bytes) {
+    std::free(buffer.data);
+    buffer.size = (bytes + 63) / 64 * 64;
+    buffer.data = std::aligned_alloc(64, buffer.size);
+    TORCH_CHECK(buffer.data, "int4_linear_amx: out of memory for ", bytes, " bytes of tiles");
+  }
+  return static_cast<uint16_t*>(buffer.data);
+}
+enum BufferUse { kPanels, kScales, kActivations };
+
+// 4-bit weights by table: a group's 16 possible weights bf16(q * scale + min), computed once, and one word
+// permute per block picks them; twice as fast as widening each nibble to float (3 vs 6 cycles per block).
+// Entries [0, 16) hold group 0's values, [16, 32) group 1's: groups of 32 share one table per two blocks.
+inline __m512i value_table(float s0, float m0, float s1, float m1) {
+  const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(q, _mm512_set1_ps(s1), _mm512_set1_ps(m1)),
+                                                       _mm512_fmadd_ps(q, _mm512_set1_ps(s0), _mm512_set1_ps(m0))));
+}
+
+// one packed block (16 bytes: value j low nibble, j + 16 high) -> 32 bf16 from the table's half at `half`
+inline void lookup_block(const uint8_t* p, __m512i table, __m512i half, uint16_t* w) {
+  const __m512i shifts = _mm512_setr_epi64(0, 0, 0, 0, 0x0004000400040004LL, 0x0004000400040004LL,
+                                           0x0004000400040004LL, 0x0004000400040004LL);
+  const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i nibbles = _mm512_and_si512(_mm512_srlv_epi16(_mm512_cvtepu8_epi16(bytes), shifts),
+                                           _mm512_set1_epi16(0x0F));
+  _mm512_storeu_si512(w, _mm512_permutexvar_epi16(_mm512_or_si512(nibbles, half), table));
+}
+
+// one weight row [K] as bfloat16, block b at w + b * kTileBlock (its row of the b-th tile); scale and min of its
+// groups as float32
+inline void dequantize_row_bf16(const uint8_t* q, const float* scale, const float* mins, int64_t K, int64_t G,
+                                int64_t groups, uint16_t* w) {
+  const int64_t per_table = G == kBlock ? 2 : 1;
+  const __m512i second = _mm512_set1_epi16(16);
+  for (int64_t g = 0; g < groups; g += per_table) {
+    const int64_t g1 = std::min(g + per_table - 1, groups - 1);
+    const __m512i table = value_table(scale[g], mins[g], scale[g1], mins[g1]);
+    for (int64_t k = g * G; k < std::min(K, (g + per_table) * G); k += kBlock)
+      lookup_block(q + k / 2, table, k >= (g + 1) * G ? second : _mm512_setzero_si512(),
+                   w + k / kBlock * kTileBlock);
+  }
+}
+inline void dequantize_row_bf16(const int8_t* q, const float* scale, const float* mins, int64_t K, int64_t G,
+                                int64_t groups, uint16_t* w) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 s = _mm512_set1_ps(scale[g]), m = _mm512_set1_ps(mins[g]);
+    for (int64_t k = g * G; k < std::min(K, (g + 1) * G); k += kBlock) {
+      const __m128i* p = reinterpret_cast<const __m128i*>(q + k);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)));
+      const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, s, m), _mm512_fmadd_ps(lo, s, m));
+      _mm512_storeu_si512(w + k / kBlock * kTileBlock, reinterpret_cast<__m512i>(pair));
+    }
+  }
+}
+
+// a panel's scales or mins as float32 (float16 ones converted 16 at a time)
+inline const float* as_float(const float* v, int64_t, float*) { return v; }
+inline const float* as_float(const c10::Half* v, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + i))));
+  for (; i < n; ++i) out[i] = _cvtsh_ss(v[i].x);
+  return out;
+}
+
+// x [M, K] bf16 -> B tiles [ceil(M / 16)][K / 32][16 k pairs][16 rows][2], zero past M
+void interleave_activations(const uint16_t* x, int64_t M, int64_t K, uint16_t* tiles) {
+  const int64_t m_tiles = (M + kTile - 1) / kTile, chunks = K / kChunk;
+  std::memset(tiles, 0, m_tiles * chunks * kTile * kChunk * sizeof(uint16_t));
+  for (int64_t m = 0; m < M; ++m) {
+    uint32_t* tile_column = reinterpret_cast<uint32_t*>(tiles + (m / kTile) * chunks * kTile * kChunk) + m % kTile;
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(x + m * K);  // k pairs of this row
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t pair = 0; pair < kChunk / 2; ++pair)
+        tile_column[(c * kTile + pair) * kTile] = row[c * kChunk / 2 + pair];
+  }
+}
+
+// a 16 x 16 float block transposed in registers: unpack pairs, then pairs of pairs, then 128-bit lanes twice
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  auto pd = [](__m512 v) { return _mm512_castps_pd(v); };
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xdd);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xdd);
+  }
+}
+
+// out[m0 + m, n0 + r] = C[r][m] + bias[n0 + r]: one finished accumulator tile, transposed in registers so each
+// output row is one 32-byte store
+inline void store_tile(const float* c, const float* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t n0,
+                       int64_t m0) {
+  __m512 r[kTile];
+  for (int i = 0; i < kTile; ++i) r[i] = _mm512_load_ps(c + i * kTile);
+  transpose16(r);
+  const __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+  for (int64_t m = 0; m < std::min(kTile, M - m0); ++m)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (m0 + m) * N + n0),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_add_ps(r[m], b))));
+}
+
+// Panels [begin, end) of kPanelRows weight rows (the last may hold 16), all M rows of x against each. The next
+// panel is dequantized while the tiles multiply this one, a few rows per k chunk: the tiles then read rows
+// written a panel earlier, not ones still in the store buffer (timed alone, x0.77 of dequantize-then-multiply).
+template <typename weight_t, typename scale_t>
+void amx_panel_tasks(const uint16_t* x_tiles, const weight_t* qw, const scale_t* scale, const scale_t* mins,
+                     const float* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t K, int64_t G,
+                     int64_t begin, int64_t end) {
+  constexpr int64_t kPacking = std::is_same<weight_t, uint8_t>::value ? 2 : 1;
+  const int64_t num_groups = (K + G - 1) / G, chunks = K / kChunk, m_tiles = (M + kTile - 1) / kTile;
+  const int64_t x_tile_stride = chunks * kTile * kChunk;  // bf16 values per x tile column of chunks
+  uint16_t* panels = thread_buffer<kPanels>(2 * kPanelRows * K * sizeof(uint16_t));
+  alignas(64) float c[kTile * kTile];
+  float* scale_f = reinterpret_cast<float*>(thread_buffer<kScales>(2 * num_groups * sizeof(float)));
+  float* mins_f = scale_f + num_groups;
+  // rows [from, to) of panel t into its buffer
+  auto dequantize_rows = [&](int64_t t, int64_t from, int64_t to) {
+    const int64_t n0 = t * kPanelRows;
+    uint16_t* w = panels + (t % 2) * kPanelRows * K;
+    for (int64_t r = from; r < to; ++r) {
+      const int64_t n = n0 + r;
+      const float* sf = as_float(scale + n * num_groups, num_groups, scale_f);
+      const float* mf = as_float(mins + n * num_groups, num_groups, mins_f);
+      dequantize_row_bf16(qw + n * (K / kPacking), sf, mf, K, G, num_groups,
+                          w + (r / kTile) * chunks * kTileBlock + (r % kTile) * kChunk);
+    }
+  };
+  auto rows_of = [&](int64_t t) { return std::min(kPanelRows, N - t * kPanelRows); };
+  configure_tiles();
+  dequantize_rows(begin, 0, rows_of(begin));
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t n0 = t * kPanelRows, rows = rows_of(t);
+    const int64_t next_rows = t + 1 < end ? rows_of(t + 1) : 0;
+    const int64_t steps = ((m_tiles + 1) / 2) * chunks;
+    int64_t next_done = 0, owed = 0;  // next panel's rows due after each k chunk: next_rows / steps, in integers
+    const uint16_t* a0 = panels + (t % 2) * kPanelRows * K;
+    const uint16_t* a1 = a0 + chunks * kTileBlock;
+    for (int64_t mt = 0; mt < m_tiles; mt += 2) {
+      const bool two_x = mt + 1 < m_tiles, two_w = rows == kPanelRows;
+      const uint16_t* b0 = x_tiles + mt * x_tile_stride;
+      const uint16_t* b1 = b0 + x_tile_stride;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        _tile_loadd(4, a0 + ch * kTileBlock, 64);
+        _tile_loadd(6, b0 + ch * kTile * kChunk, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_x) {
+          _tile_loadd(7, b1 + ch * kTile * kChunk, 64);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if (two_w) {
+          _tile_loadd(5, a1 + ch * kTileBlock, 64);
+          _tile_dpbf16ps(2, 5, 6);
+          if (two_x) _tile_dpbf16ps(3, 5, 7);
+        }
+        int64_t due = next_done;
+        for (owed += next_rows; owed >= steps; owed -= steps) ++due;
+        if (due > next_done) {
+          dequantize_rows(t + 1, next_done, due);
+          next_done = due;
+        }
+      }
+      _tile_stored(0, c, kTile * sizeof(float));
+      store_tile(c, bias, out, M, N, n0, mt * kTile);
+      if (two_x) {
+        _tile_stored(1, c, kTile * sizeof(float));
+        store_tile(c, bias, out, M, N, n0, (mt + 1) * kTile);
+      }
+      if (two_w) {
+        _tile_stored(2, c, kTile * sizeof(float));
+        store_tile(c, bias, out, M, N, n0 + kTile, mt * kTile);
+        if (two_x) {
+          _tile_stored(3, c, kTile * sizeof(float));
+          store_tile(c, bias, out, M, N, n0 + kTile, (mt + 1) * kTile);
+        }
+      }
+    }
+    dequantize_rows(t + 1, next_done, next_rows);
+  }
+  _tile_release();
+}
+
+#endif  // GENSERVE_AMX
+
+// Whether this build and this process can run int4_linear_amx: the CPU has AMX-BF16, the kernels were compiled for
+// it, and Linux granted the tile state.
+bool has_amx_bf16() {
+#if GENSERVE_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// x: [M, K] bfloat16; qweight / scale / min as int4_linear (grouped_operands.h), N % 16 == 0; bias [N] -> [M, N]
+// bfloat16. Results are bf16 products summed in float32: close to, not equal to, int4_linear's float32 ones.
+at::Tensor int4_linear_amx(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                           const at::Tensor& mins, int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(has_amx_bf16(), "int4_linear_amx: this CPU, build or process has no AMX-BF16 tiles");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int4_linear_amx: x [M, K] bfloat16");
+  const auto op = check_grouped_operands(qweight, scale, mins, x.size(1), group_size, "int4_linear_amx");
+  TORCH_CHECK(op.N % 16 == 0, "int4_linear_amx: N must be a multiple of 16");
+  const int64_t M = x.size(0), N = op.N, K = op.K, G = op.G;
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+#if GENSERVE_AMX
+  auto qw = qweight.contiguous();
+  auto s = scale.contiguous();
+  auto mn = mins.contiguous();
+  auto xc = x.contiguous();
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, "bias: one per output row");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  uint16_t* x_tiles = thread_buffer<kActivations>(((M + kTile - 1) / kTile) * kTile * K * sizeof(uint16_t));
+  interleave_activations(reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>()), M, K, x_tiles);
+  auto* o = out.data_ptr<c10::BFloat16>();
+  const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
+  auto run = [&](const auto* q, const auto* sc, const auto* mi) {
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      amx_panel_tasks(x_tiles, q, sc, mi, b, o, M, N, K, G, begin, end);
+    });
+  };
+  auto by_scale = [&](const auto* q) {
+    if (op.half_scales) run(q, s.data_ptr<c10::Half>(), mn.data_ptr<c10::Half>());
+    else run(q, s.data_ptr<float>(), mn.data_ptr<float>());
+  };
+  if (op.four_bit) by_scale(qw.data_ptr<uint8_t>());
+  else by_scale(qw.data_ptr<int8_t>());
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(genserve_cpu, m) {
+  m.def("has_amx_bf16() -> bool", &has_amx_bf16);  // no tensor to dispatch on: one catch-all kernel
+  m.def("int4_linear_amx(Tensor x, Tensor qweight, Tensor scale, Tensor mins, int group_size, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(genserve_cpu, CPU, m) {
+  m.impl("int4_linear_amx", &int4_linear_amx);
+}
