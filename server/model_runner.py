@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +159,10 @@ class ModelRunner:
                         "blocks behind it return to the pool" if self.kv_sliding_window else
                         "every block kept (the other layers attend fully)")
         self._allocate_kv_cache()
+        # single-stream decode steps pick the one-row kernels' prefetch distance (one process: rank 0 alone
+        # would tune only its own shard)
+        self.prefetch_tuner = grouped_linear.PrefetchTuner.for_model(self.model) \
+            if device.type == "cpu" and self.tp_size == 1 else None
         if device.type == "cpu" and self.decode_backend == "kernel":
             fused, why = fused_decode.build(self.model, self.tp_size, self.lora is not None)
             if fused is not None:
@@ -372,6 +377,15 @@ class ModelRunner:
             os._exit(1)
 
     def _execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepOutput:
+        tuner = self.prefetch_tuner
+        if tuner is not None and tuner.active and len(out.scheduled) == 1 and out.scheduled[0].num_new_tokens == 1:
+            distance, start = tuner.next_distance(), time.perf_counter()
+            result = self._execute_step(out, rows)
+            tuner.record(distance, (time.perf_counter() - start) / out.scheduled[0].num_steps)
+            return result
+        return self._execute_step(out, rows)
+
+    def _execute_step(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepOutput:
         if self.runs_greedy_steps(out, rows):
             return self._greedy_steps(out)
         inputs = self.prepare(out)

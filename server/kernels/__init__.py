@@ -78,7 +78,7 @@ def load_cpu_kernels() -> bool:
                       for op in ("paged_decode_attention", "silu_and_mul", "rms_norm", "weight_only_linear",
                                  "int4_linear", "grouped_dequantize",
                                  "int4_linear_int8_activations", "llama_decode", "llama_decode_greedy",
-                                 "greedy_pick", "int4_linear_amx", "has_amx_bf16"))
+                                 "greedy_pick", "int4_linear_amx", "has_amx_bf16", "set_prefetch_distance"))
     except Exception as exc:  # no compiler, no ninja, read-only cache...: the SDPA path still works
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch attention path", exc)
     if _loaded:
@@ -201,3 +201,8 @@ def int4_linear_amx(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                     group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
     """int4_linear for bfloat16 x on AMX tiles (grouped_amx_cpu.cpp): weights rounded to bf16, sums in float32."""
     return torch.ops.genserve_cpu.int4_linear_amx(x, qweight, scale, mins, group_size, bias)
+
+
+def set_prefetch_distance(tasks: int) -> None:
+    """How many tasks ahead the one-row grouped kernels prefetch weights (process-wide; results do not change)."""
+    torch.ops.genserve_cpu.set_prefetch_distance(tasks)

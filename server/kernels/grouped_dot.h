@@ -135,7 +135,9 @@ GENSERVE_SHARED void grouped_row_tasks(const float* x, const float* xsum, const 
   constexpr int64_t kPacking = std::is_same<weight_t, uint8_t>::value ? 2 : 1;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n0 = t * kRowsPerTask;
-    prefetch_bytes(qw + (n0 + kRowsPerTask) * (K / kPacking), t + 1 < end ? kRowsPerTask * K / kPacking : 0);
+    const int64_t ahead = prefetch_distance();
+    prefetch_bytes(qw + (n0 + ahead * kRowsPerTask) * (K / kPacking),
+                   t + ahead < end ? kRowsPerTask * K / kPacking : 0);
     run_tile<kRowsPerTask, 1>(x, xsum, qw, scale, mins, bias, out, N, K, G, num_groups, n0, 0);
   }
 }

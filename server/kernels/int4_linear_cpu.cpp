@@ -126,11 +126,18 @@ at::Tensor grouped_dequantize(const at::Tensor& qweight, const at::Tensor& scale
   return out;
 }
 
+void set_prefetch_distance(int64_t tasks) {
+  TORCH_CHECK(tasks >= 1 && tasks <= 16, "set_prefetch_distance: 1 to 16 tasks ahead");
+  prefetch_distance() = tasks;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(genserve_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scale, Tensor mins, int group_size, Tensor? bias) -> Tensor");
   m.def("grouped_dequantize(Tensor qweight, Tensor scale, Tensor mins, int group_size) -> Tensor");
+  // the one-row kernels' weight prefetch distance, process-wide (no tensor: one catch-all kernel)
+  m.def("set_prefetch_distance(int tasks) -> ()", &set_prefetch_distance);
 }
 
 TORCH_LIBRARY_IMPL(genserve_cpu, CPU, m) {

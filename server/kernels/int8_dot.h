@@ -206,7 +206,8 @@ GENSERVE_SHARED void q8_tasks(const QuantizedRow* xs, const weight_t* qw, const 
       block_scales(scale + (n0 + r) * groups, blocks, G / kBlock, ws_buffer + r * blocks);
       ws[r] = ws_buffer + r * blocks;
     }
-    if (t + 1 < end) genserve_simd::prefetch_bytes(qw + (n0 + kRows) * row_bytes, kRows * row_bytes);
+    const int64_t ahead = genserve_simd::prefetch_distance();
+    if (t + ahead < end) genserve_simd::prefetch_bytes(qw + (n0 + ahead * kRows) * row_bytes, kRows * row_bytes);
     for (int64_t m = 0; m < M; ++m) {
       const QuantizedRow& x = xs[m];
       float acc[kRows];
