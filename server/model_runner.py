@@ -378,7 +378,7 @@ class ModelRunner:
 
     def _execute(self, out: SchedulerOutput, rows: dict[str, SamplingRow]) -> StepOutput:
         tuner = self.prefetch_tuner
-        if tuner is not None and tuner.active and len(out.scheduled) == 1 and out.scheduled[0].num_new_tokens == 1:
+        if tuner is not None and tuner.active and len(out.scheduled) == 1 and _is_decode(out.scheduled[0]):
             distance, start = tuner.next_distance(), time.perf_counter()
             result = self._execute_step(out, rows)
             tuner.record(distance, (time.perf_counter() - start) / out.scheduled[0].num_steps)
@@ -435,6 +435,12 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         """Paged runners keep nothing per request; the fallback runner drops its cache here."""
+
+
+def _is_decode(scheduled: ScheduledRequest) -> bool:
+    """One new token past the prompt (not a one-token prompt chunk, not drafts)."""
+    return (scheduled.num_new_tokens == 1 and not scheduled.draft_token_ids
+            and scheduled.request.num_computed_tokens >= scheduled.request.num_prompt_tokens)
 
 
 def sampling_rows(order: list[ScheduledRequest], rows: dict[str, SamplingRow]) -> list[SamplingRow]:

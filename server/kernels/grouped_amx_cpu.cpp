@@ -25,6 +25,8 @@
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include <cerrno>
 #else
 #define GENSERVE_AMX 0
 #endif
@@ -36,10 +38,15 @@ using namespace genserve_grouped;
 #if GENSERVE_AMX
 
 // Linux gives a process the AMX tile state only on request; without it the first tile instruction raises SIGILL.
+// A refusal (an old kernel, or ENOSPC: a thread's alternate signal stack too small for the tile state) is said
+// once, and the float kernels serve.
 bool amx_permitted() {
   static const bool granted = [] {
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0) return true;
+    TORCH_WARN("AMX tile state refused by the kernel (arch_prctl errno ", errno, "): grouped weights keep the "
+               "float kernels");
+    return false;
   }();
   return granted;
 }
@@ -79,10 +86,12 @@ uint16_t* thread_buffer(size_t bytes) {
   };
   thread_local Buffer buffer;
   if (buffer.size < bytes) {
+    const size_t size = (bytes + 63) / 64 * 64;
+    void* data = std::aligned_alloc(64, size);
+    TORCH_CHECK(data, "int4_linear_amx: out of memory for ", bytes, " bytes of tiles");
     std::free(buffer.data);
-    buffer.size = (bytes + 63) / 64 * 64;
-    buffer.data = std::aligned_alloc(64, buffer.size);
-    TORCH_CHECK(buffer.data, "int4_linear_amx: out of memory for ", bytes, " bytes of tiles");
+    buffer.data = data;
+    buffer.size = size;
   }
   return static_cast<uint16_t*>(buffer.data);
 }
@@ -150,11 +159,10 @@ void interleave_activations(const uint16_t* x, int64_t M, int64_t K, uint16_t* t
   const int64_t m_tiles = (M + kTile - 1) / kTile, chunks = K / kChunk;
   std::memset(tiles, 0, m_tiles * chunks * kTile * kChunk * sizeof(uint16_t));
   for (int64_t m = 0; m < M; ++m) {
-    uint32_t* tile_column = reinterpret_cast<uint32_t*>(tiles + (m / kTile) * chunks * kTile * kChunk) + m % kTile;
-    const uint32_t* row = reinterpret_cast<const uint32_t*>(x + m * K);  // k pairs of this row
+    uint16_t* tile_column = tiles + (m / kTile) * chunks * kTile * kChunk + (m % kTile) * 2;
     for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t pair = 0; pair < kChunk / 2; ++pair)
-        tile_column[(c * kTile + pair) * kTile] = row[c * kChunk / 2 + pair];
+      for (int64_t pair = 0; pair < kChunk / 2; ++pair)  // a k pair of this row: 4 bytes
+        std::memcpy(tile_column + (c * kTile + pair) * kTile * 2, x + m * K + c * kChunk + pair * 2, 4);
   }
 }
 

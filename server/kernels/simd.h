@@ -73,17 +73,20 @@ inline vfloat loadv(const int8_t* p) {  // GCC scalarizes the generic int8 -> fl
 // what is read again (the Python interpreter's working set, the K/V rows, the activations). Paired step by step
 // on Zen 3 (SmolLM2 Q4_1, one stream), NTA one tile ahead against T0 two tiles ahead: x0.97 (int8 activations)
 // and x0.95 (float); without the prefetch a step took x1.35.
-// How many tasks ahead the one-row kernels prefetch: 1 suited Zen 3 (4 and 8 were x1.05 and x1.08 slower there),
-// 2 a Xeon with AMX (x0.94 per token); set once at startup by timing (grouped_linear.choose_prefetch_distance).
-inline int64_t& prefetch_distance() {
-  static int64_t tasks = 1;
-  return tasks;
-}
 inline void prefetch_bytes(const void* start, int64_t bytes) {
 #if defined(__AVX2__)
   const char* p = static_cast<const char*>(start);
   for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_NTA);
 #endif
+}
+
+// How many tasks ahead the row kernels (grouped_row_tasks, q8_tasks) prefetch their weights: 1 suited Zen 3 (4
+// and 8 were x1.05 and x1.08 slower there), 2-4 a Xeon with AMX (x0.94 per token). Process-wide, chosen on a single
+// stream's first decode steps (grouped_linear.PrefetchTuner) or fixed by GENSERVE_PREFETCH_DISTANCE; written only
+// between kernel calls, so a plain variable.
+inline int64_t& prefetch_distance() {
+  static int64_t tasks = 1;
+  return tasks;
 }
 
 // one scale or min as float32 (c10's Half conversion is bit arithmetic; F16C does it in one instruction)

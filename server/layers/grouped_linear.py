@@ -4,11 +4,13 @@ of the fastest kernel for each weight shape.
 Batches up to GROUPED_MAX_ROWS rows (decode, short prefills) run our kernel (kernels/int4_linear_cpu.cpp) or torch's
 packed int4 CPU matmul (`_weight_int4pack_mm_for_cpu`), whichever is faster on this CPU for that shape,
 timed at startup; larger batches (long prefills) dequantize the weight and run the dense GEMM. Without the native kernels, every batch dequantizes.
-With `--activation-quantization int8`, batches up to INT8_ACTIVATION_MAX_ROWS rows round x to int8 and run integer
-dot products instead (kernels/int8_dot_cpu.cpp): ~2x faster at one row, close to but not equal to the float kernel.
+With `--activation-quantization int8`, batches up to a row count timed per weight shape at startup round x to int8
+and run integer dot products instead (kernels/int8_dot_cpu.cpp): ~1.5-2x faster at one row, close to but not equal
+to the float kernel.
 Under bfloat16 on a CPU with AMX, batches from a row count timed at startup run on the tiles instead
 (kernels/grouped_amx_cpu.cpp: weights dequantized to bf16 panels, float32 sums); past GROUPED_MAX_ROWS the
-dequantized dense GEMM stays faster (2,048 rows [3072, 576]: 5.6 vs 10.5 ms; 256 rows: 1.9 vs 0.9).
+dequantized dense GEMM stays faster ([3072, 576], dequantize + GEMM vs AMX: 2,048 rows 5.6 vs 10.5 ms; 256 rows
+1.9 vs 0.9).
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ logger = logging.getLogger(__name__)
 # up to this many rows our kernel beats dequantize + dense GEMM: AVX2 EPYC, 2 threads, [3072, 576] g32:
 # 8 rows 2.4 vs 58 ms, 32 rows 16 vs 176 ms, 128 rows 48 vs 116 ms, 512 rows 155 vs 148 ms
 GROUPED_MAX_ROWS = 256
-# up to this many rows the int8-activation kernel beats the float one (AVX2 EPYC, 1 thread, [3072, 576] g32:
-# 1 row x2.3, 4 rows x1.6, 8 rows x1.3, 16 rows x1.1)
-INT8_ACTIVATION_MAX_ROWS = 16
+# batch sizes timed for the int8-activation kernel against the float one; it serves up to the largest it wins at
+# (and every smaller one). [3072, 576] g32, 2 threads: AVX2 EPYC (Zen 3) up to 16 rows; Xeon with AMX up to 32
+# (x0.67 at 1 row, x0.93 at 32, x1.01 at 64)
+INT8_TIMED_ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 TORCH_INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's packed int4 CPU matmul takes
 AMX_TIMED_ROWS = (1, 2, 4, 8, 16, 32)  # batch sizes timed for the AMX choice; it holds above the largest
 TIMED_BATCH = 32  # the decode batch choose_kernels times besides one row
@@ -52,6 +55,7 @@ class GroupedWeights:
         self.torch_int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed, scale_and_zeros) when chosen
         self.input_order: torch.Tensor | None = None  # act-order GPTQ: columns are held in this order of x
         self.int8_activations = False  # --activation-quantization int8 (use_int8_activations)
+        self.int8_max_rows = 0  # with it, batches up to this many rows round x to int8 (timed per shape)
         self.amx_min_rows: int | None = None  # bf16 batches of this many rows or more run on AMX (choose_amx)
 
     def dequantized(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,12 +81,12 @@ class GroupedWeights:
                                                             scale_and_zeros.to(x.dtype))
             y = y if bias is None else y.add_(bias)
         elif (self.amx_min_rows is not None and self.amx_min_rows <= rows <= GROUPED_MAX_ROWS
-              and x.dtype == torch.bfloat16 and not (self.int8_activations and rows <= INT8_ACTIVATION_MAX_ROWS)):
+              and x.dtype == torch.bfloat16 and not (self.int8_activations and rows <= self.int8_max_rows)):
             y = kernels.int4_linear_amx(flat, weight, scale, self.layer.weight_min, self.group_size, bias)
         elif (x.device.type == "cpu" and rows <= GROUPED_MAX_ROWS and weight.shape[0] % 4 == 0
               and kernels.load_cpu_kernels()):
             kernel = kernels.int4_linear_int8_activations if (
-                self.int8_activations and rows <= INT8_ACTIVATION_MAX_ROWS) else kernels.int4_linear
+                self.int8_activations and rows <= self.int8_max_rows) else kernels.int4_linear
             y = kernel(flat, weight, scale, self.layer.weight_min, self.group_size, bias)
         else:
             y = F.linear(flat, self.dequantized(x.dtype), bias)
@@ -143,10 +147,49 @@ def use_int8_activations(model: nn.Module) -> None:
         raise ValueError("`--activation-quantization int8` needs genserve's native CPU kernels, which did not load "
                          "(a C++ compiler and ninja at run time; GENSERVE_CPU_KERNELS not 0)")
     methods = grouped_methods(model)
+    dtype = getattr(model, "dtype", torch.float32)
     for method in methods:
         method.int8_activations = True
-    logger.info("int8 activations for %d grouped weights (batches up to %d rows)", len(methods),
-                INT8_ACTIVATION_MAX_ROWS)
+    # The linears share one limit, timed on the largest of them (most of a step's weights): a fused decode step
+    # switches all its layers at once, and the op-by-op path must round the same rows. Timing each shape and taking
+    # the smallest let one noisy small shape set it. An embedding / LM head has its own limit, on both paths.
+    ours = [m.quant_method for m in linears if m.quant_method.torch_int4 is None]
+    if ours:
+        shared = _int8_max_rows(max(ours, key=lambda m: m.layer.weight.numel()), dtype)
+        for method in ours:
+            method.int8_max_rows = shared
+    vocabulary: dict[int, int] = {}  # a tied embedding and LM head: one weight, timed once
+    for method in methods:
+        if method.torch_int4 is None and method not in ours:
+            key = method.layer.weight.data_ptr()
+            if key not in vocabulary:
+                vocabulary[key] = _int8_max_rows(method, dtype)
+            method.int8_max_rows = vocabulary[key]
+    logger.info("int8 activations for %d grouped weights (batches up to %s rows)", len(methods),
+                sorted({m.int8_max_rows for m in methods}))
+
+
+@torch.no_grad()
+def _int8_max_rows(method: GroupedWeights, dtype: torch.dtype) -> int:
+    """The largest of INT8_TIMED_ROWS up to which the int8-activation kernel beats the float one at every timed size
+    (at least 1: the flag asks for it); GENSERVE_INT8_ACTIVATION_ROWS=N fixes it (engines that must agree)."""
+    if os.environ.get("GENSERVE_INT8_ACTIVATION_ROWS"):
+        return int(os.environ["GENSERVE_INT8_ACTIVATION_ROWS"])
+    layer = method.layer
+    qweight, scale, mins = layer.weight, layer.weight_scale, layer.weight_min
+    k = qweight.shape[1] * (2 if method.bits == 4 else 1)
+    calls = max(2, min(10, 2**23 // qweight.numel()))  # an LM head takes ms per call
+    limit = 1
+    for rows in INT8_TIMED_ROWS:
+        operands = (torch.randn(rows, k, dtype=dtype), qweight, scale, mins, method.group_size, None)
+        int8 = _best_of(partial(kernels.int4_linear_int8_activations, *operands), calls=calls)
+        float_ = _best_of(partial(kernels.int4_linear, *operands), calls=calls)
+        if int8 >= float_:
+            break
+        limit = rows
+    logger.info("int%d [%d, %d] g%d: int8 activations up to %d rows", method.bits, qweight.shape[0], k,
+                method.group_size, limit)
+    return limit
 
 
 def _to_torch_int4(layer: LinearBase, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,10 +278,12 @@ def grouped_methods(model: nn.Module) -> list[GroupedWeights]:
 @torch.no_grad()
 def choose_amx(model: nn.Module, dtype: torch.dtype) -> dict:
     """Under bfloat16 on a CPU with AMX-BF16: per weight shape, the fewest rows from which the AMX kernel beats the
-    float one, timed at AMX_TIMED_ROWS (on a Xeon with AMX, 2 threads, [3072, 576] g32: from 1 row, x5 at 1 row
-    and x9 at 32). GENSERVE_AMX=0 turns it off. Returns {shape: min rows or None} (also logged)."""
+    float one, timed at AMX_TIMED_ROWS (on a Xeon with AMX, 2 threads, [3072, 576] g32: about even at 1 row, x5.8
+    at 32). GENSERVE_AMX=0 turns it off, GENSERVE_AMX_MIN_ROWS=N fixes the row count. Returns {shape: min rows or
+    None} (also logged)."""
     if not _amx_usable(dtype):
         return {}
+    forced = os.environ.get("GENSERVE_AMX_MIN_ROWS")
     choices: dict = {}
     for method in grouped_methods(model):
         layer = method.layer
@@ -246,16 +291,18 @@ def choose_amx(model: nn.Module, dtype: torch.dtype) -> dict:
         if method.torch_int4 is not None or qweight.device.type != "cpu" or qweight.shape[0] % 16:
             continue
         key = ("amx", *qweight.shape, method.bits, method.group_size, scale.dtype)
-        if key not in choices:
+        if key not in choices and forced:
+            choices[key] = int(forced)
+        elif key not in choices:
             calls = max(1, min(10, 2**24 // qweight.numel()))  # an LM head takes ms per call
             wins = []
             n, k = qweight.shape[0], qweight.shape[1] * (2 if method.bits == 4 else 1)
             for rows in AMX_TIMED_ROWS:
                 x = torch.randn(rows, k, dtype=dtype)
                 operands = (x, qweight, scale, mins, method.group_size, None)
-                amx = _best_of(partial(kernels.int4_linear_amx, *operands), rounds=3, calls=calls)
-                ours = _best_of(partial(kernels.int4_linear, *operands), rounds=3, calls=calls)
-                wins.append(amx < ours)
+                amx_s = _best_of(partial(kernels.int4_linear_amx, *operands), rounds=3, calls=calls)
+                ours_s = _best_of(partial(kernels.int4_linear, *operands), rounds=3, calls=calls)
+                wins.append(amx_s < ours_s)
             # the fewest rows from which AMX wins at every timed size
             choices[key] = next((rows for i, rows in enumerate(AMX_TIMED_ROWS) if all(wins[i:])), None)
             logger.info("int%d [%d, %d] g%d bf16: AMX from %s rows", method.bits, n, k, method.group_size,
@@ -264,11 +311,11 @@ def choose_amx(model: nn.Module, dtype: torch.dtype) -> dict:
     return choices
 
 
-
 class PrefetchTuner:
-    """The one-row kernels' weight prefetch distance, chosen on the server's first one-row decode steps: they cycle
-    through PREFETCH_DISTANCES (outputs do not depend on it), and once each has SAMPLES steps the distance with
-    the lowest median time per token stays. The kernels timed alone at startup could not tell the distances apart
+    """The row kernels' weight prefetch distance (one-row float, int8-activation rows), chosen on the server's first
+    one-row decode steps: they cycle through PREFETCH_DISTANCES, each cycle starting one further on (a step's time
+    grows with its context), outputs never depending on it; once each distance has SAMPLES steps the one with the
+    lowest median time per token stays. The kernels timed alone at startup could not tell the distances apart
     (within 1 %), while decode steps could: on a Xeon with AMX, float activations, 2 tasks ahead took x0.94 the
     time per token of 1 (int8 activations: 1 best); on Zen 3, 1 beat 4 and 8. GENSERVE_PREFETCH_DISTANCE=N fixes
     it instead."""
@@ -282,10 +329,11 @@ class PrefetchTuner:
 
     @classmethod
     def for_model(cls, model: nn.Module) -> PrefetchTuner | None:
-        """A tuner where our one-row kernels serve grouped weights; None where they do not or the distance is
-        fixed (it is then set here)."""
-        if not kernels.load_cpu_kernels() or not any(m.torch_int4 is None and m.layer.weight.device.type == "cpu"
-                                                     for m in grouped_methods(model)):
+        """A tuner where a one-row step reaches the row kernels (grouped linears on our layout, not all on AMX from
+        one row); None where it does not or the distance is fixed (it is then set here)."""
+        if not kernels.load_cpu_kernels() or not any(
+                m.torch_int4 is None and m.layer.weight.device.type == "cpu" and m.amx_min_rows != 1
+                for m in (layer.quant_method for layer in grouped_layers(model))):
             return None
         forced = os.environ.get("GENSERVE_PREFETCH_DISTANCE")
         if forced:
@@ -299,7 +347,8 @@ class PrefetchTuner:
 
     def next_distance(self) -> int:
         """Set and return the distance the coming step runs with."""
-        distance = PREFETCH_DISTANCES[self._steps % len(PREFETCH_DISTANCES)]
+        n = len(PREFETCH_DISTANCES)
+        distance = PREFETCH_DISTANCES[(self._steps + self._steps // n) % n]
         kernels.set_prefetch_distance(distance)
         return distance
 

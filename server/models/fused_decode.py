@@ -9,8 +9,8 @@ OpenMP team for the whole step. It serves a step when:
 - activations, K/V pool and norms are float32, rotary is plain (no LongRoPE, full head), no sliding window;
 - the step is decode only, of at most FUSED_MAX_ROWS sequences, through the native paged-attention kernel.
 
-With --activation-quantization int8, steps of up to INT8_ACTIVATION_MAX_ROWS sequences round activations to int8,
-larger ones run the float kernels, as the op-by-op path does.
+With --activation-quantization int8, steps of up to the linears' smallest timed int8 row limit (int8_max_rows of
+grouped_linear) round activations to int8, larger ones run the float kernels, as the op-by-op path does.
 
 Anything else, and GENSERVE_FUSED_DECODE=0, runs the op-by-op path.
 
@@ -28,7 +28,7 @@ import torch
 
 from genserve.server import kernels
 from genserve.server.layers.attention import get_forward_context
-from genserve.server.layers.grouped_linear import GROUPED_MAX_ROWS, INT8_ACTIVATION_MAX_ROWS, GroupedWeights
+from genserve.server.layers.grouped_linear import GROUPED_MAX_ROWS, GroupedWeights
 from genserve.server.layers.norm import RMSNorm
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ FUSED_MAX_ROWS = GROUPED_MAX_ROWS
 class FusedLlamaDecode:
     """The operands of every layer, gathered once; called per step by PreNormModel.forward."""
 
-    def __init__(self, norms, linears, attention_layers, rotary, int8_activations: bool, embedding=None,
-                 head=None) -> None:
+    def __init__(self, norms, linears, attention_layers, rotary, embedding=None, head=None) -> None:
         self.norm_weights = [n.weight for n in norms]
         self.eps = norms[0].eps
         self.qweights = [m.weight for m in linears]
@@ -53,11 +52,14 @@ class FusedLlamaDecode:
         self.cos_sin = rotary.cos_sin_cache
         first = attention_layers[0]
         self.num_heads, self.num_kv_heads, self.scale = first.num_heads, first.num_kv_heads, first.scale
-        self.int8_activations = int8_activations
+        # steps of up to this many rows round activations to int8 (0: never), the linears' and the head's own
+        self.int8_max_rows = min(m.quant_method.int8_max_rows if m.quant_method.int8_activations else 0
+                                 for m in linears)
         # (qweight, scale, min, group size) of a grouped embedding and LM head; None: greedy_steps cannot run
         self.embedding = _grouped_operands(embedding)
         self.head = _grouped_operands(head)
-        self.head_int8 = head is not None and head.grouped is not None and head.grouped.int8_activations
+        grouped_head = getattr(head, "grouped", None)
+        self.head_int8_max_rows = grouped_head.int8_max_rows if grouped_head and grouped_head.int8_activations else 0
 
     @property
     def runs_greedy_steps(self) -> bool:
@@ -80,7 +82,7 @@ class FusedLlamaDecode:
                                     self.mins, self.group_sizes, self.k_caches, self.v_caches, self.cos_sin,
                                     meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
                                     meta.block_size, self.num_heads, self.num_kv_heads, self.scale, self.eps,
-                                    self.int8_activations and rows <= INT8_ACTIVATION_MAX_ROWS)
+                                    rows <= self.int8_max_rows)
 
 
     def greedy_steps(self, token_ids: torch.Tensor, positions: torch.Tensor, steps: int, slot_mapping: torch.Tensor,
@@ -91,11 +93,11 @@ class FusedLlamaDecode:
             self._gather_caches()
         rows = token_ids.shape[0]
         return kernels.llama_decode_greedy(token_ids, positions, steps, self.embedding, self.head,
-                                           self.head_int8 and rows <= INT8_ACTIVATION_MAX_ROWS, self.norm_weights,
+                                           rows <= self.head_int8_max_rows, self.norm_weights,
                                            self.qweights, self.scales, self.mins, self.group_sizes, self.k_caches,
                                            self.v_caches, self.cos_sin, slot_mapping, block_tables, context_lens,
                                            block_size, self.num_heads, self.num_kv_heads, self.scale, self.eps,
-                                           self.int8_activations and rows <= INT8_ACTIVATION_MAX_ROWS)
+                                           rows <= self.int8_max_rows)
 
 
 def _grouped_operands(layer) -> tuple | None:
@@ -152,6 +154,6 @@ def build(model, tp_size: int, lora_enabled: bool) -> tuple[FusedLlamaDecode | N
         return None, "a K/V pool that is not float32"
     if not kernels.load_cpu_kernels():
         return None, "native CPU kernels unavailable"
-    fused = FusedLlamaDecode(norms, linears, attention_layers, rotary, linears[0].quant_method.int8_activations,
-                             body.embed_tokens, model.head if model.final_logit_softcap is None else None)
+    fused = FusedLlamaDecode(norms, linears, attention_layers, rotary, body.embed_tokens,
+                             model.head if model.final_logit_softcap is None else None)
     return fused, "on" + (", greedy steps with the LM head" if fused.runs_greedy_steps else "")

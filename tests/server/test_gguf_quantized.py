@@ -10,6 +10,7 @@ from quant_reference import engine_greedy, float_checkpoint, hf_greedy, tokenize
 from safetensors.torch import load_file
 
 from genserve.server.gguf_weights import blocks_to_grouped, unpermute_rows
+from genserve.server.layers.grouped_linear import INT8_TIMED_ROWS
 from genserve.server.layers.grouped_weights import dequantize
 from genserve.server.layers.linear import LinearBase
 from genserve.server.model_files import resolve_model
@@ -98,6 +99,9 @@ def test_int8_activations_serve_the_q4_1_file_close_to_float_activations(quantiz
     model = engine.runner.model
     linears = [m for m in model.modules() if isinstance(m, LinearBase)]
     assert all(m.quant_method.int8_activations for m in linears) and model.lm_head.grouped.int8_activations
+    # up to a row count timed per weight shape at startup: at least one row, at most the largest timed
+    limits = {m.quant_method.int8_max_rows for m in linears} | {model.lm_head.grouped.int8_max_rows}
+    assert limits <= set(INT8_TIMED_ROWS), limits
     divergence = [first_divergence(a, b) for a, b in zip(exact, rounded, strict=True)]
     assert all(d >= 1 for d in divergence), divergence  # every prompt's first token agrees
     assert sum(divergence) >= len(prompts) * len(exact[0]) // 2, divergence

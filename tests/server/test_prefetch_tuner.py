@@ -24,6 +24,7 @@ def default_distance():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_distance_never_changes_a_result(bits):
+    # prefetches never fault nor change values: this guards the kernels' task indexing around them, and the range
     torch.manual_seed(bits)
     qweight, scale, mins = random_grouped(1536, 576, 32, bits, torch.float16)
     x = torch.randn(1, 576)
@@ -56,7 +57,7 @@ def quantized_dir(gguf_file):
 
 def test_a_single_streams_decode_steps_choose_it_and_keep_its_tokens(quantized_dir, smollm2_dir, monkeypatch):
     prompt = tokenize(smollm2_dir)[:1]
-    steps = PrefetchTuner.SAMPLES * len(PREFETCH_DISTANCES) + 4
+    steps = PrefetchTuner.SAMPLES * len(PREFETCH_DISTANCES) + 12
     with torch.no_grad():
         engine, tuned = engine_greedy(quantized_dir, prompt, new_tokens=steps)
         tuner = engine.runner.prefetch_tuner
