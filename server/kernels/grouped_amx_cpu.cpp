@@ -205,6 +205,69 @@ inline void store_tile(const float* c, const float* bias, c10::BFloat16* out, in
                         reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_add_ps(r[m], b))));
 }
 
+// One panel's products: rows (16 or 32) weight rows in tile order at `w`, against every x tile, into out. Two x tiles
+// by two weight tiles at a time in the four accumulators; after each k chunk, `between()` (the next panel's due
+// rows of dequantization, so the vector units work while the tiles do).
+template <typename Between>
+void multiply_panel(const uint16_t* w, int64_t rows, const uint16_t* x_tiles, int64_t m_tiles, int64_t chunks,
+                    const float* bias, c10::BFloat16* out, int64_t M, int64_t N, int64_t n0, Between&& between) {
+  const int64_t x_tile_stride = chunks * kTileBlock;  // bf16 values per x tile column of chunks
+  const uint16_t* a0 = w;
+  const uint16_t* a1 = w + chunks * kTileBlock;
+  const bool two_w = rows == kPanelRows;
+  alignas(64) float c[kTile * kTile];
+  auto store = [&](int64_t row_tile, int64_t m_tile) {
+    store_tile(c, bias, out, M, N, n0 + row_tile * kTile, m_tile * kTile);
+  };
+  for (int64_t mt = 0; mt < m_tiles; mt += 2) {
+    const bool two_x = mt + 1 < m_tiles;
+    const uint16_t* b0 = x_tiles + mt * x_tile_stride;
+    const uint16_t* b1 = b0 + x_tile_stride;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      _tile_loadd(4, a0 + ch * kTileBlock, 64);
+      _tile_loadd(6, b0 + ch * kTileBlock, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if (two_x) {
+        _tile_loadd(7, b1 + ch * kTileBlock, 64);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+      if (two_w) {
+        _tile_loadd(5, a1 + ch * kTileBlock, 64);
+        _tile_dpbf16ps(2, 5, 6);
+        if (two_x) _tile_dpbf16ps(3, 5, 7);
+      }
+      between();
+    }
+    _tile_stored(0, c, kTile * sizeof(float));
+    store(0, mt);
+    if (two_x) {
+      _tile_stored(1, c, kTile * sizeof(float));
+      store(0, mt + 1);
+    }
+    if (two_w) {
+      _tile_stored(2, c, kTile * sizeof(float));
+      store(1, mt);
+      if (two_x) {
+        _tile_stored(3, c, kTile * sizeof(float));
+        store(1, mt + 1);
+      }
+    }
+  }
+}
+
+// Spreads `rows` of work evenly over `steps` calls of due(), in integers: after call i, rows * i / steps are due.
+struct EvenPace {
+  int64_t rows, steps, owed = 0, done = 0;
+  int64_t due() {
+    for (owed += rows; owed >= steps; owed -= steps) ++done;
+    return done;
+  }
+};
+
 // Panels [begin, end) of kPanelRows weight rows (the last may hold 16), all M rows of x against each. The next
 // panel is dequantized while the tiles multiply this one, a few rows per k chunk: the tiles then read rows
 // written a panel earlier, not ones still in the store buffer (timed alone, x0.77 of dequantize-then-multiply).
@@ -214,77 +277,32 @@ void amx_panel_tasks(const uint16_t* x_tiles, const weight_t* qw, const scale_t*
                      int64_t begin, int64_t end) {
   constexpr int64_t kPacking = std::is_same<weight_t, uint8_t>::value ? 2 : 1;
   const int64_t num_groups = (K + G - 1) / G, chunks = K / kChunk, m_tiles = (M + kTile - 1) / kTile;
-  const int64_t x_tile_stride = chunks * kTile * kChunk;  // bf16 values per x tile column of chunks
   uint16_t* panels = thread_buffer<kPanels>(2 * kPanelRows * K * sizeof(uint16_t));
-  alignas(64) float c[kTile * kTile];
   float* scale_f = reinterpret_cast<float*>(thread_buffer<kScales>(2 * num_groups * sizeof(float)));
   float* mins_f = scale_f + num_groups;
-  // rows [from, to) of panel t into its buffer
+  auto panel = [&](int64_t t) { return panels + (t % 2) * kPanelRows * K; };
+  auto rows_of = [&](int64_t t) { return t < end ? std::min(kPanelRows, N - t * kPanelRows) : 0; };
+  // rows [from, to) of panel t into its buffer, each row's blocks to its row of the panel's tiles
   auto dequantize_rows = [&](int64_t t, int64_t from, int64_t to) {
-    const int64_t n0 = t * kPanelRows;
-    uint16_t* w = panels + (t % 2) * kPanelRows * K;
     for (int64_t r = from; r < to; ++r) {
-      const int64_t n = n0 + r;
+      const int64_t n = t * kPanelRows + r;
       const float* sf = as_float(scale + n * num_groups, num_groups, scale_f);
       const float* mf = as_float(mins + n * num_groups, num_groups, mins_f);
       dequantize_row_bf16(qw + n * (K / kPacking), sf, mf, K, G, num_groups,
-                          w + (r / kTile) * chunks * kTileBlock + (r % kTile) * kChunk);
+                          panel(t) + (r / kTile) * chunks * kTileBlock + (r % kTile) * kChunk);
     }
   };
-  auto rows_of = [&](int64_t t) { return std::min(kPanelRows, N - t * kPanelRows); };
   configure_tiles();
   dequantize_rows(begin, 0, rows_of(begin));
   for (int64_t t = begin; t < end; ++t) {
-    const int64_t n0 = t * kPanelRows, rows = rows_of(t);
-    const int64_t next_rows = t + 1 < end ? rows_of(t + 1) : 0;
-    const int64_t steps = ((m_tiles + 1) / 2) * chunks;
-    int64_t next_done = 0, owed = 0;  // next panel's rows due after each k chunk: next_rows / steps, in integers
-    const uint16_t* a0 = panels + (t % 2) * kPanelRows * K;
-    const uint16_t* a1 = a0 + chunks * kTileBlock;
-    for (int64_t mt = 0; mt < m_tiles; mt += 2) {
-      const bool two_x = mt + 1 < m_tiles, two_w = rows == kPanelRows;
-      const uint16_t* b0 = x_tiles + mt * x_tile_stride;
-      const uint16_t* b1 = b0 + x_tile_stride;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        _tile_loadd(4, a0 + ch * kTileBlock, 64);
-        _tile_loadd(6, b0 + ch * kTile * kChunk, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        if (two_x) {
-          _tile_loadd(7, b1 + ch * kTile * kChunk, 64);
-          _tile_dpbf16ps(1, 4, 7);
-        }
-        if (two_w) {
-          _tile_loadd(5, a1 + ch * kTileBlock, 64);
-          _tile_dpbf16ps(2, 5, 6);
-          if (two_x) _tile_dpbf16ps(3, 5, 7);
-        }
-        int64_t due = next_done;
-        for (owed += next_rows; owed >= steps; owed -= steps) ++due;
-        if (due > next_done) {
-          dequantize_rows(t + 1, next_done, due);
-          next_done = due;
-        }
-      }
-      _tile_stored(0, c, kTile * sizeof(float));
-      store_tile(c, bias, out, M, N, n0, mt * kTile);
-      if (two_x) {
-        _tile_stored(1, c, kTile * sizeof(float));
-        store_tile(c, bias, out, M, N, n0, (mt + 1) * kTile);
-      }
-      if (two_w) {
-        _tile_stored(2, c, kTile * sizeof(float));
-        store_tile(c, bias, out, M, N, n0 + kTile, mt * kTile);
-        if (two_x) {
-          _tile_stored(3, c, kTile * sizeof(float));
-          store_tile(c, bias, out, M, N, n0 + kTile, (mt + 1) * kTile);
-        }
-      }
-    }
-    dequantize_rows(t + 1, next_done, next_rows);
+    EvenPace next{rows_of(t + 1), ((m_tiles + 1) / 2) * chunks};
+    int64_t next_done = 0;
+    multiply_panel(panel(t), rows_of(t), x_tiles, m_tiles, chunks, bias, out, M, N, t * kPanelRows, [&] {
+      const int64_t due = next.due();
+      dequantize_rows(t + 1, next_done, due);
+      next_done = due;
+    });
+    dequantize_rows(t + 1, next_done, next.rows);
   }
   _tile_release();
 }
