@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genserve.server import kernels
+from genserve.server import distributed, kernels
 from genserve.server.layers.grouped_weights import BLOCK, dequantize, integer_values
 from genserve.server.layers.linear import LinearBase, RowParallelLinear
 
@@ -155,7 +155,7 @@ def use_int8_activations(model: nn.Module) -> None:
     # the smallest let one noisy small shape set it. An embedding / LM head has its own limit, on both paths.
     ours = [m.quant_method for m in linears if m.quant_method.torch_int4 is None]
     if ours:
-        shared = _int8_max_rows(max(ours, key=lambda m: m.layer.weight.numel()), dtype)
+        shared, = rank0_ints([_int8_max_rows(max(ours, key=lambda m: m.layer.weight.numel()), dtype)])
         for method in ours:
             method.int8_max_rows = shared
     vocabulary: dict[int, int] = {}  # a tied embedding and LM head: one weight, timed once
@@ -164,7 +164,10 @@ def use_int8_activations(model: nn.Module) -> None:
             key = method.layer.weight.data_ptr()
             if key not in vocabulary:
                 vocabulary[key] = _int8_max_rows(method, dtype)
-            method.int8_max_rows = vocabulary[key]
+    vocabulary = dict(zip(vocabulary, rank0_ints(list(vocabulary.values())), strict=True))
+    for method in methods:
+        if method.torch_int4 is None and method not in ours:
+            method.int8_max_rows = vocabulary[method.layer.weight.data_ptr()]
     logger.info("int8 activations for %d grouped weights (batches up to %s rows)", len(methods),
                 sorted({m.int8_max_rows for m in methods}))
 
@@ -224,6 +227,7 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype) -> dict:
         else kernels.int4_linear
     amx = _amx_usable(dtype)
     choices: dict = {}
+    timed = []  # (layer, key) in the model's order
     for layer in grouped_layers(model):
         method = layer.quant_method
         n, k = layer.weight.shape[0], layer.input_size
@@ -253,6 +257,12 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype) -> dict:
                 logger.info("int4 [%d, %d] g%d: %s -> %s", n, k, g, ", ".join(
                     f"{rows} rows ours {ours * 1e6:.1f} us, torch int4pack {theirs * 1e6:.1f} us"
                     for rows, ours, theirs in times), choices[key])
+        timed.append((layer, key))
+    kinds = ("ours", "torch")
+    agreed = rank0_ints([kinds.index(v) for v in choices.values()])
+    choices = dict(zip(choices, (kinds[i] for i in agreed), strict=True))
+    for layer, key in timed:
+        method = layer.quant_method
         if choices[key] == "torch":
             packed, scale_and_zeros = _to_torch_int4(layer, dtype)
             method.torch_int4 = (packed, scale_and_zeros)
@@ -261,6 +271,14 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype) -> dict:
             layer.weight_min = nn.Parameter(layer.weight_min.new_empty(0), requires_grad=False)
     choices.update(choose_amx(model, dtype))
     return choices
+
+
+def rank0_ints(values: list[int]) -> list[int]:
+    """Rank 0's timed choices on every rank, so all shards of a layer run one kernel (each rank timing its own could
+    pick differently on a noisy machine); at tp=1 as they are."""
+    if distributed.get_tp_size() == 1 or not values:
+        return values
+    return distributed.broadcast_cpu(torch.tensor(values, dtype=torch.long)).tolist()
 
 
 def _amx_usable(dtype: torch.dtype) -> bool:
@@ -285,6 +303,7 @@ def choose_amx(model: nn.Module, dtype: torch.dtype) -> dict:
         return {}
     forced = os.environ.get("GENSERVE_AMX_MIN_ROWS")
     choices: dict = {}
+    timed = []  # (method, key) in the model's order
     for method in grouped_methods(model):
         layer = method.layer
         qweight, scale, mins = layer.weight, layer.weight_scale, layer.weight_min
@@ -307,6 +326,10 @@ def choose_amx(model: nn.Module, dtype: torch.dtype) -> dict:
             choices[key] = next((rows for i, rows in enumerate(AMX_TIMED_ROWS) if all(wins[i:])), None)
             logger.info("int%d [%d, %d] g%d bf16: AMX from %s rows", method.bits, n, k, method.group_size,
                         choices[key])
+        timed.append((method, key))
+    agreed = rank0_ints([-1 if v is None else v for v in choices.values()])
+    choices = dict(zip(choices, (None if v < 0 else v for v in agreed), strict=True))
+    for method, key in timed:
         method.amx_min_rows = choices[key]
     return choices
 

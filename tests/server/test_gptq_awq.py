@@ -250,3 +250,39 @@ def test_tp2_ranks_hold_their_slices_of_the_groups(tmp_path, monkeypatch):
         mp.spawn(tp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     except mp.ProcessRaisedException as e:
         pytest.fail(str(e))
+
+
+def timed_choices_worker(rank: int, world_size: int, port: int, root: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from genserve.server.layers import grouped_linear
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = load_native(root)
+        quantize_model(model, "int4-g32")
+        # each rank "times" a different limit, as two ranks on a noisy machine can: rank 0's must hold on both
+        grouped_linear._int8_max_rows = lambda method, dtype: 8 if rank == 0 else 32
+        grouped_linear.use_int8_activations(model)
+        limits = {m.int8_max_rows for m in grouped_linear.grouped_methods(model)}
+        assert limits == {8}, (rank, limits)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_tp2_ranks_run_rank_0s_timed_choices(tmp_path):
+    import torch.multiprocessing as mp
+    from test_layers_tp import free_port
+
+    make_tiny_checkpoint(tmp_path / "float", "LlamaConfig",
+                         dict(hidden_size=64, intermediate_size=128, tie_word_embeddings=True))
+    try:
+        mp.spawn(timed_choices_worker, args=(2, free_port(), str(tmp_path / "float")), nprocs=2, join=True)
+    except mp.ProcessRaisedException as e:
+        pytest.fail(str(e))
