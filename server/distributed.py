@@ -66,6 +66,14 @@ def broadcast_cpu(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def broadcast_ints(values: list[int]) -> list[int]:
+    """Rank 0's values on every rank (the kernel choices timed at startup: all shards of a layer then run one kernel,
+    where each rank timing its own could pick differently on a noisy machine); at tp=1 as they are."""
+    if get_tp_size() == 1 or not values:
+        return values
+    return broadcast_cpu(torch.tensor(values, dtype=torch.long)).tolist()
+
+
 def all_reduce_min_cpu(value: int) -> int:
     t = torch.tensor([value], dtype=torch.long)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_step_group)

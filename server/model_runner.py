@@ -183,9 +183,7 @@ class ModelRunner:
         """The step goes to the fused greedy steps: decodes only (one new token past the prompt, no drafts), every
         row a plain greedy pick (nothing masked, no top-n), few enough rows for the fused kernel."""
         return (self.has_greedy_steps and 0 < len(out.scheduled) <= fused_decode.FUSED_MAX_ROWS
-                and all(s.num_new_tokens == 1 and not s.draft_token_ids
-                        and s.request.num_computed_tokens >= s.request.num_prompt_tokens
-                        and plain_greedy(rows[s.request.request_id]) for s in out.scheduled))
+                and all(_is_decode(s) and plain_greedy(rows[s.request.request_id]) for s in out.scheduled))
 
     def _lora_store(self, hf_config, adapters):
         """LoRA layers on the model before any weight loads (a bad adapter fails fast); `adapters`: the engine's

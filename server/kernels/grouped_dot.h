@@ -133,9 +133,9 @@ GENSERVE_SHARED void grouped_row_tasks(const float* x, const float* xsum, const 
                                        int64_t G, int64_t begin, int64_t end) {
   const int64_t num_groups = (K + G - 1) / G;
   constexpr int64_t kPacking = std::is_same<weight_t, uint8_t>::value ? 2 : 1;
+  const int64_t ahead = prefetch_distance();
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n0 = t * kRowsPerTask;
-    const int64_t ahead = prefetch_distance();
     prefetch_bytes(qw + (n0 + ahead * kRowsPerTask) * (K / kPacking),
                    t + ahead < end ? kRowsPerTask * K / kPacking : 0);
     run_tile<kRowsPerTask, 1>(x, xsum, qw, scale, mins, bias, out, N, K, G, num_groups, n0, 0);

@@ -197,6 +197,7 @@ GENSERVE_SHARED void q8_tasks(const QuantizedRow* xs, const weight_t* qw, const 
               out_t* out, int64_t M, int64_t N, int64_t K, int64_t G, int64_t begin, int64_t end, float* ws_buffer) {
   constexpr int64_t bytes_per_row_div = std::is_same<weight_t, uint8_t>::value ? 2 : 1;
   const int64_t row_bytes = K / bytes_per_row_div, groups = (K + G - 1) / G, blocks = K / kBlock;
+  const int64_t ahead = genserve_simd::prefetch_distance();
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n0 = t * kRows;
     const weight_t* rows[kRows];
@@ -206,7 +207,6 @@ GENSERVE_SHARED void q8_tasks(const QuantizedRow* xs, const weight_t* qw, const 
       block_scales(scale + (n0 + r) * groups, blocks, G / kBlock, ws_buffer + r * blocks);
       ws[r] = ws_buffer + r * blocks;
     }
-    const int64_t ahead = genserve_simd::prefetch_distance();
     if (t + ahead < end) genserve_simd::prefetch_bytes(qw + (n0 + ahead * kRows) * row_bytes, kRows * row_bytes);
     for (int64_t m = 0; m < M; ++m) {
       const QuantizedRow& x = xs[m];

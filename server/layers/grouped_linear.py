@@ -54,9 +54,17 @@ class GroupedWeights:
         self.name = f"int{bits}-g{group_size}"
         self.torch_int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed, scale_and_zeros) when chosen
         self.input_order: torch.Tensor | None = None  # act-order GPTQ: columns are held in this order of x
-        self.int8_activations = False  # --activation-quantization int8 (use_int8_activations)
-        self.int8_max_rows = 0  # with it, batches up to this many rows round x to int8 (timed per shape)
+        self.int8_max_rows = 0  # --activation-quantization int8: batches up to this many rows round x to int8
         self.amx_min_rows: int | None = None  # bf16 batches of this many rows or more run on AMX (choose_amx)
+
+    @property
+    def int8_activations(self) -> bool:
+        return self.int8_max_rows > 0
+
+    @property
+    def input_features(self) -> int:
+        """K of the held weight (two 4-bit values per byte)."""
+        return self.layer.weight.shape[1] * (2 if self.bits == 4 else 1)
 
     def dequantized(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float weight [N, K], or only its `rows` (an embedding lookup dequantizes just those)."""
@@ -81,12 +89,11 @@ class GroupedWeights:
                                                             scale_and_zeros.to(x.dtype))
             y = y if bias is None else y.add_(bias)
         elif (self.amx_min_rows is not None and self.amx_min_rows <= rows <= GROUPED_MAX_ROWS
-              and x.dtype == torch.bfloat16 and not (self.int8_activations and rows <= self.int8_max_rows)):
+              and x.dtype == torch.bfloat16 and rows > self.int8_max_rows):
             y = kernels.int4_linear_amx(flat, weight, scale, self.layer.weight_min, self.group_size, bias)
         elif (x.device.type == "cpu" and rows <= GROUPED_MAX_ROWS and weight.shape[0] % 4 == 0
               and kernels.load_cpu_kernels()):
-            kernel = kernels.int4_linear_int8_activations if (
-                self.int8_activations and rows <= self.int8_max_rows) else kernels.int4_linear
+            kernel = kernels.int4_linear_int8_activations if rows <= self.int8_max_rows else kernels.int4_linear
             y = kernel(flat, weight, scale, self.layer.weight_min, self.group_size, bias)
         else:
             y = F.linear(flat, self.dequantized(x.dtype), bias)
@@ -146,30 +153,22 @@ def use_int8_activations(model: nn.Module) -> None:
     if not kernels.load_cpu_kernels():
         raise ValueError("`--activation-quantization int8` needs genserve's native CPU kernels, which did not load "
                          "(a C++ compiler and ninja at run time; GENSERVE_CPU_KERNELS not 0)")
-    methods = grouped_methods(model)
     dtype = getattr(model, "dtype", torch.float32)
-    for method in methods:
-        method.int8_activations = True
     # The linears share one limit, timed on the largest of them (most of a step's weights): a fused decode step
     # switches all its layers at once, and the op-by-op path must round the same rows. Timing each shape and taking
-    # the smallest let one noisy small shape set it. An embedding / LM head has its own limit, on both paths.
+    # the smallest let one noisy small shape set it. An embedding / LM head has its own limit, on both paths; a
+    # tied pair holds one weight, timed once. (torch's int4pack layers never run our int8 kernel: limit 0.)
     ours = [m.quant_method for m in linears if m.quant_method.torch_int4 is None]
-    if ours:
-        shared, = rank0_ints([_int8_max_rows(max(ours, key=lambda m: m.layer.weight.numel()), dtype)])
-        for method in ours:
-            method.int8_max_rows = shared
-    vocabulary: dict[int, int] = {}  # a tied embedding and LM head: one weight, timed once
-    for method in methods:
+    groups = {"linears": ours} if ours else {}
+    for method in grouped_methods(model):
         if method.torch_int4 is None and method not in ours:
-            key = method.layer.weight.data_ptr()
-            if key not in vocabulary:
-                vocabulary[key] = _int8_max_rows(method, dtype)
-    vocabulary = dict(zip(vocabulary, rank0_ints(list(vocabulary.values())), strict=True))
-    for method in methods:
-        if method.torch_int4 is None and method not in ours:
-            method.int8_max_rows = vocabulary[method.layer.weight.data_ptr()]
-    logger.info("int8 activations for %d grouped weights (batches up to %s rows)", len(methods),
-                sorted({m.int8_max_rows for m in methods}))
+            groups.setdefault(method.layer.weight.data_ptr(), []).append(method)
+    timed = [_int8_max_rows(max(group, key=lambda m: m.layer.weight.numel()), dtype) for group in groups.values()]
+    for group, limit in zip(groups.values(), distributed.broadcast_ints(timed), strict=True):
+        for method in group:
+            method.int8_max_rows = limit
+    logger.info("int8 activations for %d grouped weights (batches up to %s rows)",
+                sum(len(group) for group in groups.values()), sorted(set(timed)))
 
 
 @torch.no_grad()
@@ -179,8 +178,7 @@ def _int8_max_rows(method: GroupedWeights, dtype: torch.dtype) -> int:
     if os.environ.get("GENSERVE_INT8_ACTIVATION_ROWS"):
         return int(os.environ["GENSERVE_INT8_ACTIVATION_ROWS"])
     layer = method.layer
-    qweight, scale, mins = layer.weight, layer.weight_scale, layer.weight_min
-    k = qweight.shape[1] * (2 if method.bits == 4 else 1)
+    qweight, scale, mins, k = layer.weight, layer.weight_scale, layer.weight_min, method.input_features
     calls = max(2, min(10, 2**23 // qweight.numel()))  # an LM head takes ms per call
     limit = 1
     for rows in INT8_TIMED_ROWS:
@@ -259,7 +257,7 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype) -> dict:
                     for rows, ours, theirs in times), choices[key])
         timed.append((layer, key))
     kinds = ("ours", "torch")
-    agreed = rank0_ints([kinds.index(v) for v in choices.values()])
+    agreed = distributed.broadcast_ints([kinds.index(v) for v in choices.values()])
     choices = dict(zip(choices, (kinds[i] for i in agreed), strict=True))
     for layer, key in timed:
         method = layer.quant_method
@@ -271,14 +269,6 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype) -> dict:
             layer.weight_min = nn.Parameter(layer.weight_min.new_empty(0), requires_grad=False)
     choices.update(choose_amx(model, dtype))
     return choices
-
-
-def rank0_ints(values: list[int]) -> list[int]:
-    """Rank 0's timed choices on every rank, so all shards of a layer run one kernel (each rank timing its own could
-    pick differently on a noisy machine); at tp=1 as they are."""
-    if distributed.get_tp_size() == 1 or not values:
-        return values
-    return distributed.broadcast_cpu(torch.tensor(values, dtype=torch.long)).tolist()
 
 
 def _amx_usable(dtype: torch.dtype) -> bool:
@@ -315,7 +305,7 @@ def choose_amx(model: nn.Module, dtype: torch.dtype) -> dict:
         elif key not in choices:
             calls = max(1, min(10, 2**24 // qweight.numel()))  # an LM head takes ms per call
             wins = []
-            n, k = qweight.shape[0], qweight.shape[1] * (2 if method.bits == 4 else 1)
+            n, k = qweight.shape[0], method.input_features
             for rows in AMX_TIMED_ROWS:
                 x = torch.randn(rows, k, dtype=dtype)
                 operands = (x, qweight, scale, mins, method.group_size, None)
@@ -327,7 +317,7 @@ def choose_amx(model: nn.Module, dtype: torch.dtype) -> dict:
             logger.info("int%d [%d, %d] g%d bf16: AMX from %s rows", method.bits, n, k, method.group_size,
                         choices[key])
         timed.append((method, key))
-    agreed = rank0_ints([-1 if v is None else v for v in choices.values()])
+    agreed = distributed.broadcast_ints([-1 if v is None else v for v in choices.values()])
     choices = dict(zip(choices, (None if v < 0 else v for v in agreed), strict=True))
     for method, key in timed:
         method.amx_min_rows = choices[key]

@@ -9,7 +9,7 @@ OpenMP team for the whole step. It serves a step when:
 - activations, K/V pool and norms are float32, rotary is plain (no LongRoPE, full head), no sliding window;
 - the step is decode only, of at most FUSED_MAX_ROWS sequences, through the native paged-attention kernel.
 
-With --activation-quantization int8, steps of up to the linears' smallest timed int8 row limit (int8_max_rows of
+With --activation-quantization int8, steps of up to the linears' shared timed int8 row limit (int8_max_rows of
 grouped_linear) round activations to int8, larger ones run the float kernels, as the op-by-op path does.
 
 Anything else, and GENSERVE_FUSED_DECODE=0, runs the op-by-op path.
@@ -52,14 +52,13 @@ class FusedLlamaDecode:
         self.cos_sin = rotary.cos_sin_cache
         first = attention_layers[0]
         self.num_heads, self.num_kv_heads, self.scale = first.num_heads, first.num_kv_heads, first.scale
-        # steps of up to this many rows round activations to int8 (0: never), the linears' and the head's own
-        self.int8_max_rows = min(m.quant_method.int8_max_rows if m.quant_method.int8_activations else 0
-                                 for m in linears)
+        # steps of up to this many rows round activations to int8 (0: never): the linears' shared limit, the head's own
+        self.int8_max_rows = min(m.quant_method.int8_max_rows for m in linears)
         # (qweight, scale, min, group size) of a grouped embedding and LM head; None: greedy_steps cannot run
         self.embedding = _grouped_operands(embedding)
         self.head = _grouped_operands(head)
         grouped_head = getattr(head, "grouped", None)
-        self.head_int8_max_rows = grouped_head.int8_max_rows if grouped_head and grouped_head.int8_activations else 0
+        self.head_int8_max_rows = grouped_head.int8_max_rows if grouped_head else 0
 
     @property
     def runs_greedy_steps(self) -> bool:

@@ -203,14 +203,10 @@ def write_gguf_layout(source, target, group_size: int = 32) -> None:
 def tp_worker(rank: int, world_size: int, port: int, root: str) -> None:
     import os
 
-    import torch.distributed as dist
-    from test_layers_tp import scenario_logits
+    from test_layers_tp import scenario_logits, tp_rank
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     os.environ["GENSERVE_INT4_KERNEL"] = "ours"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with tp_rank(rank, world_size, port):
         for name in ("float", "gptq", "awq", "gguf"):
             model = load_native(os.path.join(root, name))
             if name == "float":
@@ -223,17 +219,12 @@ def tp_worker(rank: int, world_size: int, port: int, root: str) -> None:
                 assert model.lm_head.weight is embedding.weight
             expected = torch.load(os.path.join(root, f"{name}_logits.pt"))
             torch.testing.assert_close(scenario_logits(model), expected, rtol=1e-4, atol=1e-4)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # as test_quantization's tp worker: gloo teardown at exit can abort a finished rank
 
 
 def test_tp2_ranks_hold_their_slices_of_the_groups(tmp_path, monkeypatch):
     """int4-g32 quantized per rank, GPTQ, AWQ and GGUF-layout g32 loaded per rank (the vocabulary too, in 8-bit
     groups for int4-g32 and GGUF): the same logits as one rank."""
-    import torch.multiprocessing as mp
-    from test_layers_tp import free_port, scenario_logits
+    from test_layers_tp import scenario_logits, spawn_tp2
 
     monkeypatch.setenv("GENSERVE_INT4_KERNEL", "ours")
     make_tiny_checkpoint(tmp_path / "float", "LlamaConfig",
@@ -246,23 +237,15 @@ def test_tp2_ranks_hold_their_slices_of_the_groups(tmp_path, monkeypatch):
         if name == "float":
             quantize_model(model, "int4-g32")
         torch.save(scenario_logits(model), tmp_path / f"{name}_logits.pt")
-    try:
-        mp.spawn(tp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    except mp.ProcessRaisedException as e:
-        pytest.fail(str(e))
+    spawn_tp2(tp_worker, str(tmp_path))
 
 
 def timed_choices_worker(rank: int, world_size: int, port: int, root: str) -> None:
-    import os
-
-    import torch.distributed as dist
+    from test_layers_tp import tp_rank
 
     from genserve.server.layers import grouped_linear
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with tp_rank(rank, world_size, port):
         model = load_native(root)
         quantize_model(model, "int4-g32")
         # each rank "times" a different limit, as two ranks on a noisy machine can: rank 0's must hold on both
@@ -270,19 +253,11 @@ def timed_choices_worker(rank: int, world_size: int, port: int, root: str) -> No
         grouped_linear.use_int8_activations(model)
         limits = {m.int8_max_rows for m in grouped_linear.grouped_methods(model)}
         assert limits == {8}, (rank, limits)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)
 
 
 def test_tp2_ranks_run_rank_0s_timed_choices(tmp_path):
-    import torch.multiprocessing as mp
-    from test_layers_tp import free_port
+    from test_layers_tp import spawn_tp2
 
     make_tiny_checkpoint(tmp_path / "float", "LlamaConfig",
                          dict(hidden_size=64, intermediate_size=128, tie_word_embeddings=True))
-    try:
-        mp.spawn(timed_choices_worker, args=(2, free_port(), str(tmp_path / "float")), nprocs=2, join=True)
-    except mp.ProcessRaisedException as e:
-        pytest.fail(str(e))
+    spawn_tp2(timed_choices_worker, str(tmp_path / "float"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -38,11 +39,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tp_worker(rank: int, world_size: int, port: int, cases: list[tuple[str, str]]) -> None:
+@contextmanager
+def tp_rank(rank: int, world_size: int, port: int):
+    """A spawned rank's gloo group, one thread, around the body; the process ends with it."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
+        yield
+        # destroy_process_group is no barrier: a rank that leaves first can cut off the other's
+        # last collective, which aborts it (SIGABRT seen about one run in three)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    # skip the interpreter's teardown of C++ statics: gloo threads torn down there can abort a
+    # finished rank ("terminate called without an active exception", seen under load)
+    os._exit(0)
+
+
+def spawn_tp2(worker, *args) -> None:
+    """worker(rank, 2, port, *args) on two spawned ranks; a rank's failure fails the test with its traceback."""
+    try:
+        mp.spawn(worker, args=(2, free_port(), *args), nprocs=2, join=True)
+    except mp.ProcessRaisedException as e:
+        pytest.fail(str(e))
+
+
+def tp_worker(rank: int, world_size: int, port: int, cases: list[tuple[str, str]]) -> None:
+    with tp_rank(rank, world_size, port):
         assert (get_tp_rank(), get_tp_size()) == (rank, world_size)
         assert torch.equal(all_reduce(torch.ones(2)), torch.full((2,), 2.0))
         assert torch.equal(all_gather(torch.tensor([[rank]]), dim=-1), torch.tensor([[0, 1]]))
@@ -53,14 +77,6 @@ def tp_worker(rank: int, world_size: int, port: int, cases: list[tuple[str, str]
             assert attn.attn.k_cache.shape[1] == 1, name
             expected = torch.load(os.path.join(path, "expected_logits.pt"))
             torch.testing.assert_close(scenario_logits(model), expected, atol=1e-4, rtol=1e-4, msg=name)
-        # destroy_process_group is no barrier: a rank that leaves first can cut off the other's
-        # last collective, which aborts it (SIGABRT seen about one run in three)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # skip the interpreter's teardown of C++ statics: gloo threads torn down there can abort a
-    # finished rank ("terminate called without an active exception", seen under load)
-    os._exit(0)
 
 
 def test_single_process_is_rank_zero_of_one():
@@ -80,7 +96,4 @@ def test_tp2_logits_equal_tp1(tmp_path):
         torch.testing.assert_close(expected[18], reference, atol=1e-4, rtol=1e-4)
         torch.save(expected, path / "expected_logits.pt")
         cases.append((name, str(path)))
-    try:
-        mp.spawn(tp_worker, args=(2, free_port(), cases), nprocs=2, join=True)
-    except mp.ProcessRaisedException as e:
-        pytest.fail(str(e))
+    spawn_tp2(tp_worker, cases)

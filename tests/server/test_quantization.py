@@ -7,11 +7,9 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from model_helpers import CONFIGS, load_native, make_tiny_checkpoint
-from test_layers_tp import free_port, scenario_logits
+from test_layers_tp import scenario_logits, spawn_tp2, tp_rank
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -188,10 +186,7 @@ def test_smollm2_eetq_greedy_mostly_matches_unquantized(smollm2_dir):
 
 
 def tp_worker(rank: int, world_size: int, port: int, path: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with tp_rank(rank, world_size, port):
         model = load_native(path)
         full = torch.load(os.path.join(path, "full_weights.pt"))
         quantize_model(model, "eetq")
@@ -206,14 +201,6 @@ def tp_worker(rank: int, world_size: int, port: int, path: str) -> None:
                                        full["gate_up_scale"][start:start + rows])
         expected = torch.load(os.path.join(path, "expected_logits.pt"))
         assert relative_error(scenario_logits(model), expected) < LOGIT_ERROR["eetq"]
-        # destroy_process_group is no barrier: a rank that leaves first can cut off the other's
-        # last collective, which aborts it (SIGABRT seen about one run in three)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # skip the interpreter's teardown of C++ statics: gloo threads torn down there can abort a
-    # finished rank ("terminate called without an active exception", seen under load)
-    os._exit(0)
 
 
 def test_tp2_ranks_quantize_their_own_shards(tmp_path):
@@ -225,10 +212,7 @@ def test_tp2_ranks_quantize_their_own_shards(tmp_path):
     torch.save({"qkv_rows": layer.self_attn.qkv_proj.weight.shape[0],
                 "gate_up_rows": layer.mlp.gate_up_proj.weight.shape[0],
                 "gate_up_scale": layer.mlp.gate_up_proj.weight_scale.data}, tmp_path / "full_weights.pt")
-    try:
-        mp.spawn(tp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    except mp.ProcessRaisedException as e:
-        pytest.fail(str(e))
+    spawn_tp2(tp_worker, str(tmp_path))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
