@@ -3,7 +3,8 @@
 Paged decode attention (paged_attention_cpu.cpp), the fused elementwise ops of a layer and greedy
 sampling's argmax + logsumexp (elementwise_cpu.cpp), a matmul over int8 / bf16 weights widened in
 registers (weight_only_linear_cpu.cpp), grouped 4/8-bit matmuls with float or int8 activations
-(int4_linear_cpu.cpp, int8_dot_cpu.cpp) and a Llama decode step in one call, or greedy steps back to back
+(int4_linear_cpu.cpp, int8_dot_cpu.cpp), or bfloat16 activations on AMX tiles or AVX512-BF16 dot products
+(grouped_amx_cpu.cpp, grouped_dpbf16_cpu.cpp), and a Llama decode step in one call, or greedy steps back to back
 (llama_decode_cpu.cpp);
 the loops they share live in the headers. They need a C++ compiler and `ninja` at
 run time; without them, or with GENSERVE_CPU_KERNELS=0, the PyTorch paths run instead (gather +
@@ -28,7 +29,7 @@ HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # included by the sources: 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp", "weight_only_linear_cpu.cpp",
                          "int4_linear_cpu.cpp", "int8_dot_cpu.cpp", "llama_decode_cpu.cpp",
-                         "grouped_amx_cpu.cpp")]
+                         "grouped_amx_cpu.cpp", "grouped_dpbf16_cpu.cpp")]
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # -march=native: the build is tied to this CPU, hence the CPU flags in the cache key below.
 # -ffast-math on the compile only: it lets GCC vectorize exp() through libmvec; linking with it
@@ -78,7 +79,8 @@ def load_cpu_kernels() -> bool:
                       for op in ("paged_decode_attention", "silu_and_mul", "rms_norm", "weight_only_linear",
                                  "int4_linear", "grouped_dequantize",
                                  "int4_linear_int8_activations", "llama_decode", "llama_decode_greedy",
-                                 "greedy_pick", "int4_linear_amx", "has_amx_bf16", "set_prefetch_distance"))
+                                 "greedy_pick", "int4_linear_amx", "has_amx_bf16", "int4_linear_dpbf16",
+                                 "has_avx512_bf16", "set_prefetch_distance"))
     except Exception as exc:  # no compiler, no ninja, read-only cache...: the SDPA path still works
         logger.warning("native CPU kernels unavailable (%s); using the PyTorch attention path", exc)
     if _loaded:
@@ -201,6 +203,18 @@ def int4_linear_amx(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                     group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
     """int4_linear for bfloat16 x on AMX tiles (grouped_amx_cpu.cpp): weights rounded to bf16, sums in float32."""
     return torch.ops.genserve_cpu.int4_linear_amx(x, qweight, scale, mins, group_size, bias)
+
+
+def has_avx512_bf16() -> bool:
+    """Whether int4_linear_dpbf16 runs here: the kernels were built for a CPU with AVX512-BF16."""
+    return load_cpu_kernels() and torch.ops.genserve_cpu.has_avx512_bf16()
+
+
+def int4_linear_dpbf16(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
+                       group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """int4_linear for bfloat16 x on AVX512-BF16 dot products (grouped_dpbf16_cpu.cpp): weights rounded to bf16,
+    sums in float32."""
+    return torch.ops.genserve_cpu.int4_linear_dpbf16(x, qweight, scale, mins, group_size, bias)
 
 
 def set_prefetch_distance(tasks: int) -> None:

@@ -7,10 +7,11 @@ timed at startup; larger batches (long prefills) dequantize the weight and run t
 With `--activation-quantization int8`, batches up to a row count timed per weight shape at startup round x to int8
 and run integer dot products instead (kernels/int8_dot_cpu.cpp): ~1.5-2x faster at one row, close to but not equal
 to the float kernel.
-Under bfloat16 on a CPU with AMX, batches from a row count timed at startup run on the tiles instead
-(kernels/grouped_amx_cpu.cpp: weights dequantized to bf16 panels, float32 sums); past GROUPED_MAX_ROWS the
-dequantized dense GEMM stays faster ([3072, 576], dequantize + GEMM vs AMX: 2,048 rows 5.6 vs 10.5 ms; 256 rows
-1.9 vs 0.9).
+Under bfloat16 on a CPU that multiplies bf16 in hardware, batches from a row count timed at startup run a bf16
+kernel instead, weights dequantized to bf16 panels and products summed in float32: AMX tiles
+(kernels/grouped_amx_cpu.cpp) or AVX512-BF16 dot products (kernels/grouped_dpbf16_cpu.cpp, for Zen 4 and other CPUs
+without AMX), whichever is faster; past GROUPED_MAX_ROWS the dequantized dense GEMM stays faster ([3072, 576],
+dequantize + GEMM vs AMX: 2,048 rows 5.6 vs 10.5 ms; 256 rows 1.9 vs 0.9).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ GROUPED_MAX_ROWS = 256
 # (x0.67 at 1 row, x0.93 at 32, x1.01 at 64)
 INT8_TIMED_ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 TORCH_INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's packed int4 CPU matmul takes
-AMX_TIMED_ROWS = (1, 2, 4, 8, 16, 32)  # batch sizes timed for the AMX choice; it holds above the largest
+BF16_TIMED_ROWS = (1, 2, 4, 8, 16, 32)  # batch sizes timed for the bf16-kernel choice; it holds above the largest
 TIMED_BATCH = 32  # the decode batch choose_kernels times besides one row
 PREFETCH_DISTANCES = (1, 2, 3, 4)  # weight tasks ahead the one-row kernels may prefetch (PrefetchTuner)
 
@@ -55,7 +56,9 @@ class GroupedWeights:
         self.torch_int4: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed, scale_and_zeros) when chosen
         self.input_order: torch.Tensor | None = None  # act-order GPTQ: columns are held in this order of x
         self.int8_max_rows = 0  # --activation-quantization int8: batches up to this many rows round x to int8
-        self.amx_min_rows: int | None = None  # bf16 batches of this many rows or more run on AMX (choose_amx)
+        # bf16 batches of bf16_min_rows or more run bf16_kernel (choose_bf16_kernels)
+        self.bf16_kernel: str | None = None
+        self.bf16_min_rows: int | None = None
 
     @property
     def int8_activations(self) -> bool:
@@ -88,9 +91,9 @@ class GroupedWeights:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), packed, self.group_size,
                                                             scale_and_zeros.to(x.dtype))
             y = y if bias is None else y.add_(bias)
-        elif (self.amx_min_rows is not None and self.amx_min_rows <= rows <= GROUPED_MAX_ROWS
+        elif (self.bf16_min_rows is not None and self.bf16_min_rows <= rows <= GROUPED_MAX_ROWS
               and x.dtype == torch.bfloat16 and rows > self.int8_max_rows):
-            y = kernels.int4_linear_amx(flat, weight, scale, self.layer.weight_min, self.group_size, bias)
+            y = BF16_KERNELS[self.bf16_kernel](flat, weight, scale, self.layer.weight_min, self.group_size, bias)
         elif (x.device.type == "cpu" and rows <= GROUPED_MAX_ROWS and weight.shape[0] % 4 == 0
               and kernels.load_cpu_kernels()):
             kernel = kernels.int4_linear_int8_activations if rows <= self.int8_max_rows else kernels.int4_linear
@@ -223,7 +226,7 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype) -> dict:
     forced = os.environ.get("GENSERVE_INT4_KERNEL")
     ours_kernel = kernels.int4_linear_int8_activations if getattr(model, "int8_activations", False) \
         else kernels.int4_linear
-    amx = _amx_usable(dtype)
+    bf16 = bf16_kernels(dtype)
     choices: dict = {}
     timed = []  # (layer, key) in the model's order
     for layer in grouped_layers(model):
@@ -240,7 +243,8 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype) -> dict:
             else:
                 packed, scale_and_zeros = _to_torch_int4(layer, dtype)
                 g, w, s, mn = method.group_size, layer.weight, layer.weight_scale, layer.weight_min
-                batch_kernel = kernels.int4_linear_amx if amx and n % 16 == 0 else kernels.int4_linear
+                batch_kernel = next((BF16_KERNELS[name] for name in bf16 if n % BF16_ROW_MULTIPLE[name] == 0),
+                                    kernels.int4_linear)
                 times = []
                 for rows, ours in ((1, ours_kernel), (TIMED_BATCH, batch_kernel)):
                     x = torch.randn(rows, k, dtype=dtype)
@@ -267,13 +271,30 @@ def choose_kernels(model: nn.Module, dtype: torch.dtype) -> dict:
             layer.weight = nn.Parameter(packed, requires_grad=False)  # the plain nibbles are not kept
             layer.weight_scale = nn.Parameter(scale_and_zeros, requires_grad=False)
             layer.weight_min = nn.Parameter(layer.weight_min.new_empty(0), requires_grad=False)
-    choices.update(choose_amx(model, dtype))
+    choices.update(choose_bf16_kernels(model, dtype))
     return choices
 
 
-def _amx_usable(dtype: torch.dtype) -> bool:
-    return (dtype == torch.bfloat16 and os.environ.get("GENSERVE_AMX", "1") != "0" and kernels.load_cpu_kernels()
-            and kernels.has_amx_bf16())
+# the bf16-activation kernels, in the order choose_kernels prefers them untimed, and the multiple of rows each needs
+BF16_KERNELS = {"amx": kernels.int4_linear_amx, "dpbf16": kernels.int4_linear_dpbf16}
+BF16_ROW_MULTIPLE = {"amx": 16, "dpbf16": 4}
+
+
+def bf16_kernels(dtype: torch.dtype) -> list[str]:
+    """The bf16-activation kernels this CPU and build run (BF16_KERNELS' names), for bfloat16 models only.
+    GENSERVE_BF16_KERNEL=amx|dpbf16 keeps just that one, =float none."""
+    if dtype != torch.bfloat16 or not kernels.load_cpu_kernels():
+        return []
+    found = [name for name, usable in (("amx", kernels.has_amx_bf16), ("dpbf16", kernels.has_avx512_bf16))
+             if usable()]
+    forced = os.environ.get("GENSERVE_BF16_KERNEL")
+    if forced is None:
+        return found
+    if forced not in (*BF16_KERNELS, "float"):
+        raise ValueError(f"GENSERVE_BF16_KERNEL={forced!r}: one of {', '.join(BF16_KERNELS)} or float")
+    if forced != "float" and forced not in found:
+        logger.warning("GENSERVE_BF16_KERNEL=%s: this CPU or build cannot run it; the float kernels serve", forced)
+    return [forced] if forced in found else []
 
 
 def grouped_methods(model: nn.Module) -> list[GroupedWeights]:
@@ -284,43 +305,51 @@ def grouped_methods(model: nn.Module) -> list[GroupedWeights]:
 
 
 @torch.no_grad()
-def choose_amx(model: nn.Module, dtype: torch.dtype) -> dict:
-    """Under bfloat16 on a CPU with AMX-BF16: per weight shape, the fewest rows from which the AMX kernel beats the
-    float one, timed at AMX_TIMED_ROWS (on a Xeon with AMX, 2 threads, [3072, 576] g32: about even at 1 row, x5.8
-    at 32). GENSERVE_AMX=0 turns it off, GENSERVE_AMX_MIN_ROWS=N fixes the row count. Returns {shape: min rows or
-    None} (also logged)."""
-    if not _amx_usable(dtype):
+def choose_bf16_kernels(model: nn.Module, dtype: torch.dtype) -> dict:
+    """Under bfloat16, per weight shape: the bf16 kernel (bf16_kernels) fastest at the largest of BF16_TIMED_ROWS,
+    and the fewest rows from which it beats the float kernel at every timed size. On a Xeon with AMX, 2 threads,
+    [3072, 576] g32: AMX about even at 1 row, x5.8 at 32; on Zen 4, AVX512-BF16 x2.4 at 32.
+    GENSERVE_BF16_MIN_ROWS=N fixes the row count (the kernel is then the first usable one). Returns
+    {shape: (kernel, min rows) or None} (also logged)."""
+    usable = bf16_kernels(dtype)
+    if not usable:
         return {}
-    forced = os.environ.get("GENSERVE_AMX_MIN_ROWS")
+    forced = os.environ.get("GENSERVE_BF16_MIN_ROWS")
     choices: dict = {}
     timed = []  # (method, key) in the model's order
     for method in grouped_methods(model):
         layer = method.layer
         qweight, scale, mins = layer.weight, layer.weight_scale, layer.weight_min
-        if method.torch_int4 is not None or qweight.device.type != "cpu" or qweight.shape[0] % 16:
+        n = qweight.shape[0]
+        candidates = [name for name in usable if n % BF16_ROW_MULTIPLE[name] == 0]
+        if method.torch_int4 is not None or qweight.device.type != "cpu" or not candidates:
             continue
-        key = ("amx", *qweight.shape, method.bits, method.group_size, scale.dtype)
+        key = ("bf16", *qweight.shape, method.bits, method.group_size, scale.dtype)
         if key not in choices and forced:
-            choices[key] = int(forced)
+            choices[key] = (candidates[0], int(forced))
         elif key not in choices:
             calls = max(1, min(10, 2**24 // qweight.numel()))  # an LM head takes ms per call
-            wins = []
-            n, k = qweight.shape[0], method.input_features
-            for rows in AMX_TIMED_ROWS:
-                x = torch.randn(rows, k, dtype=dtype)
-                operands = (x, qweight, scale, mins, method.group_size, None)
-                amx_s = _best_of(partial(kernels.int4_linear_amx, *operands), rounds=3, calls=calls)
-                ours_s = _best_of(partial(kernels.int4_linear, *operands), rounds=3, calls=calls)
-                wins.append(amx_s < ours_s)
-            # the fewest rows from which AMX wins at every timed size
-            choices[key] = next((rows for i, rows in enumerate(AMX_TIMED_ROWS) if all(wins[i:])), None)
-            logger.info("int%d [%d, %d] g%d bf16: AMX from %s rows", method.bits, n, k, method.group_size,
-                        choices[key])
+            k = method.input_features
+            seconds = {name: [] for name in ("float", *candidates)}
+            for rows in BF16_TIMED_ROWS:
+                operands = (torch.randn(rows, k, dtype=dtype), qweight, scale, mins, method.group_size, None)
+                for name in seconds:
+                    kernel = kernels.int4_linear if name == "float" else BF16_KERNELS[name]
+                    seconds[name].append(_best_of(partial(kernel, *operands), rounds=3, calls=calls))
+            best = min(candidates, key=lambda name: seconds[name][-1])
+            wins = [ours < float_ for ours, float_ in zip(seconds[best], seconds["float"], strict=True)]
+            min_rows = next((rows for i, rows in enumerate(BF16_TIMED_ROWS) if all(wins[i:])), None)
+            choices[key] = None if min_rows is None else (best, min_rows)
+            logger.info("int%d [%d, %d] g%d bf16: %s", method.bits, n, k, method.group_size,
+                        "float kernels" if min_rows is None else f"{best} from {min_rows} rows")
         timed.append((method, key))
-    agreed = distributed.broadcast_ints([-1 if v is None else v for v in choices.values()])
-    choices = dict(zip(choices, (None if v < 0 else v for v in agreed), strict=True))
+    names = list(BF16_KERNELS)
+    # as ints for the broadcast: kernel index * 1000 + rows, -1 for none
+    agreed = distributed.broadcast_ints([-1 if v is None else names.index(v[0]) * 1000 + v[1]
+                                         for v in choices.values()])
+    choices = dict(zip(choices, (None if v < 0 else (names[v // 1000], v % 1000) for v in agreed), strict=True))
     for method, key in timed:
-        method.amx_min_rows = choices[key]
+        method.bf16_kernel, method.bf16_min_rows = choices[key] or (None, None)
     return choices
 
 
@@ -345,7 +374,7 @@ class PrefetchTuner:
         """A tuner where a one-row step reaches the row kernels (grouped linears on our layout, not all on AMX from
         one row); None where it does not or the distance is fixed (it is then set here)."""
         if not kernels.load_cpu_kernels() or not any(
-                m.torch_int4 is None and m.layer.weight.device.type == "cpu" and m.amx_min_rows != 1
+                m.torch_int4 is None and m.layer.weight.device.type == "cpu" and m.bf16_min_rows != 1
                 for m in (layer.quant_method for layer in grouped_layers(model))):
             return None
         forced = os.environ.get("GENSERVE_PREFETCH_DISTANCE")
