@@ -282,27 +282,17 @@ at::Tensor int4_linear_amx(const at::Tensor& x, const at::Tensor& qweight, const
   auto s = scale.contiguous();
   auto mn = mins.contiguous();
   auto xc = x.contiguous();
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "bias: one per output row");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
+  const at::Tensor bias_f = float_bias(bias, N);
   const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   uint16_t* x_tiles = thread_buffer<kActivations>(((M + kTile - 1) / kTile) * kTile * K * sizeof(uint16_t));
   interleave_activations(reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>()), M, K, x_tiles);
   auto* o = out.data_ptr<c10::BFloat16>();
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
-  auto run = [&](const auto* q, const auto* sc, const auto* mi) {
+  with_typed_operands(op, qw, s, mn, [&](const auto* q, const auto* sc, const auto* mi) {
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
       amx_panel_tasks(x_tiles, q, sc, mi, b, o, M, N, K, G, begin, end);
     });
-  };
-  auto by_scale = [&](const auto* q) {
-    if (op.half_scales) run(q, s.data_ptr<c10::Half>(), mn.data_ptr<c10::Half>());
-    else run(q, s.data_ptr<float>(), mn.data_ptr<float>());
-  };
-  if (op.four_bit) by_scale(qw.data_ptr<uint8_t>());
-  else by_scale(qw.data_ptr<int8_t>());
+  });
 #endif
   return out;
 }

@@ -17,6 +17,7 @@
 
 namespace {
 
+using namespace genserve_grouped;
 #if GENSERVE_BF16_DOT
 using namespace genserve_bf16;
 
@@ -115,7 +116,7 @@ at::Tensor int4_linear_dpbf16(const at::Tensor& x, const at::Tensor& qweight, co
                               const at::Tensor& mins, int64_t group_size, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(has_avx512_bf16(), "int4_linear_dpbf16: this CPU or build has no AVX512-BF16");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int4_linear_dpbf16: x [M, K] bfloat16");
-  const auto op = genserve_grouped::check_grouped_operands(qweight, scale, mins, x.size(1), group_size,
+  const auto op = check_grouped_operands(qweight, scale, mins, x.size(1), group_size,
                                                            "int4_linear_dpbf16");
   const int64_t M = x.size(0), N = op.N, K = op.K, G = op.G;
   auto out = at::empty({M, N}, x.options());
@@ -125,26 +126,16 @@ at::Tensor int4_linear_dpbf16(const at::Tensor& x, const at::Tensor& qweight, co
   auto s = scale.contiguous();
   auto mn = mins.contiguous();
   auto xc = x.contiguous();
-  at::Tensor bias_f;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "bias: one per output row");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
+  const at::Tensor bias_f = float_bias(bias, N);
   const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
   auto* o = out.data_ptr<c10::BFloat16>();
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
-  auto run = [&](const auto* q, const auto* sc, const auto* mi) {
+  with_typed_operands(op, qw, s, mn, [&](const auto* q, const auto* sc, const auto* mi) {
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
       panel_tasks(xp, q, sc, mi, b, o, M, N, K, G, begin, end);
     });
-  };
-  auto by_scale = [&](const auto* q) {
-    if (op.half_scales) run(q, s.data_ptr<c10::Half>(), mn.data_ptr<c10::Half>());
-    else run(q, s.data_ptr<float>(), mn.data_ptr<float>());
-  };
-  if (op.four_bit) by_scale(qw.data_ptr<uint8_t>());
-  else by_scale(qw.data_ptr<int8_t>());
+  });
 #endif
   return out;
 }

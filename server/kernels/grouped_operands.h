@@ -40,4 +40,24 @@ inline GroupedOperands check_grouped_operands(const at::Tensor& qweight, const a
   return op;
 }
 
+// bias [N] as float32 (undefined when there is none), for kernels that add it to float32 sums
+inline at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK(bias->numel() == N, "bias: one per output row");
+  return bias->to(at::kFloat).contiguous();
+}
+
+// run(qweight, scale, min) with the typed pointers of these (contiguous) operands: uint8 or int8 weights, float32
+// or float16 scales and mins
+template <typename Run>
+void with_typed_operands(const GroupedOperands& op, const at::Tensor& qweight, const at::Tensor& scale,
+                         const at::Tensor& mins, Run&& run) {
+  auto by_scale = [&](const auto* q) {
+    if (op.half_scales) run(q, scale.data_ptr<c10::Half>(), mins.data_ptr<c10::Half>());
+    else run(q, scale.data_ptr<float>(), mins.data_ptr<float>());
+  };
+  if (op.four_bit) by_scale(qweight.data_ptr<uint8_t>());
+  else by_scale(qweight.data_ptr<int8_t>());
+}
+
 }  // namespace genserve_grouped
