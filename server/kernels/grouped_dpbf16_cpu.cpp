@@ -1,9 +1,11 @@
 // y = x @ W^T (+ bias) for grouped 4-bit / 8-bit weights (grouped_dot.h's layout) and bfloat16 activations, with
-// AVX512-BF16 dot products (vdpbf16ps: 32 bf16 products summed into 16 float32 lanes per instruction) for CPUs that
-// have them without AMX tiles (AMD Zen 4 and later). int4_linear's float panels do 16 FMAs per instruction; on Zen 4
-// at 32 rows torch's bf16 linear (oneDNN, on vdpbf16ps) beat them. Each thread dequantizes panels of kPanelRows
-// weight rows to bf16 once per call (grouped_bf16.h: w = q * scale + min in float32, one rounding to bf16), and a
-// register tile of 4 weight rows x 4 activation rows sums their products in float32.
+// AVX512-BF16 dot products for CPUs that have them without AMX tiles (AMD Zen 4 and later). vdpbf16ps adds, in each
+// of 16 float32 lanes, the products of one pair of bf16. Each thread expands panels of 32 weight rows to bf16 once
+// per call, pair-interleaved ([K / 2][16 rows][2] per 16 rows, oneDNN's "VNNI" layout), so that one vector holds one
+// K pair of 16 rows and each activation row's pair is broadcast: a lane sums one output, with no lane sums left to
+// reduce (a quarter of the time of the row-major panels this replaced). The panel holds the integers q (exact in
+// bf16), not q * scale + min: each group's dot product is scaled after, out = sum over groups of scale * dot(x, q) +
+// min * sum(x), so the weights are exact (not rounded to bf16) and expanding them takes no per-row arithmetic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,100 +20,251 @@
 namespace {
 
 using namespace genserve_grouped;
-#if GENSERVE_BF16_DOT
+// the 4-bit expansion permutes bytes (AVX512-VBMI: Zen 4, Sapphire Rapids; not Cooper Lake)
+#if GENSERVE_BF16_DOT && defined(__AVX512VBMI__)
+#define GENSERVE_DPBF16 1
 using namespace genserve_bf16;
 
-constexpr int64_t kPanelRows = 16;  // weight rows dequantized per task: 18 KB of bf16 at K = 576, in L1
-constexpr int kTileRows = 4;        // weight rows per register tile
-constexpr int kTileCols = 6;        // activation rows per register tile: 24 accumulators, 4 weight registers
+constexpr int64_t kLanes = 16;   // weight rows per vector: one output per float32 lane
+constexpr int kPanelVectors = 2;  // 16-row halves per panel: 32 rows, 36 KB of bf16 at K = 576
+constexpr int64_t kPanelRows = kLanes * kPanelVectors;
+constexpr int kTileRows = 6;      // activation rows per register tile: 12 sums and 12 group sums at 2 vectors
 
-// Four vectors -> one whose 128-bit lane l holds (a0, a1, a2, a3)'s sums over lane l's four floats.
-inline __m512 sum_lanes4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-  auto pd = [](__m512 v) { return _mm512_castps_pd(v); };
-  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(pd(s01), pd(s23))),
-                       _mm512_castpd_ps(_mm512_unpackhi_pd(pd(s01), pd(s23))));
-}
+// 4-bit weights enter the panel as q + 128: exact in bf16, and its bits are 0x4300 | q (one bitwise op per
+// vector). The offset goes into the group's min: min - 128 * scale.
+constexpr float kNibbleOffset = 128.0f;
 
-// Sixteen accumulators -> one vector whose lane i is the sum of acc[i]'s 16 lanes (~45 shuffles and adds, where
-// sixteen separate reductions take ~150).
-inline __m512 sum16(const __m512* acc) {
-  const __m512 u0 = sum_lanes4(acc[0], acc[1], acc[2], acc[3]), u1 = sum_lanes4(acc[4], acc[5], acc[6], acc[7]);
-  const __m512 u2 = sum_lanes4(acc[8], acc[9], acc[10], acc[11]);
-  const __m512 u3 = sum_lanes4(acc[12], acc[13], acc[14], acc[15]);
-  const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xdd));
-  const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u2, u3, 0x88), _mm512_shuffle_f32x4(u2, u3, 0xdd));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xdd));
-}
-
-// out[m0 + c, n0 + r] = dot(x[m0 + c], w[r]) + bias[n0 + r] for r < 4, c < cols: w the panel's rows at n0 (bf16,
-// row-major [4][K]), x bf16 [M, K]
-template <int cols>
-inline void dot_tile(const uint16_t* x, const uint16_t* w, const float* bias, c10::BFloat16* out, int64_t N,
-                     int64_t K, int64_t n0, int64_t m0) {
-  __m512 acc[kTileRows * kTileCols];
-  for (auto& a : acc) a = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += kBlock) {
-    __m512bh wv[kTileRows];
-    for (int r = 0; r < kTileRows; ++r) wv[r] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + r * K + k));
-    for (int c = 0; c < cols; ++c) {
-      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(x + (m0 + c) * K + k));
-      for (int r = 0; r < kTileRows; ++r) acc[c * kTileRows + r] = _mm512_dpbf16_ps(acc[c * kTileRows + r], wv[r], xv);
+// Byte and dword permutes of the 4-bit expansion below, filled once.
+struct NibbleIndices {
+  alignas(64) int32_t dwords01[16], dwords23[16];  // rows 0-7 (or 8-15) of four: dwords 0 and 1 (2 and 3)
+  alignas(64) uint8_t low_words[64], high_words[64];  // word t = 2r + c <- byte 4r + c (low) or 4r + 2 + c (high)
+  NibbleIndices() {
+    for (int s = 0; s < 16; ++s) dwords01[s] = 4 * (s % 8) + s / 8, dwords23[s] = dwords01[s] + 2;
+    for (int t = 0; t < 32; ++t) {
+      low_words[2 * t] = static_cast<uint8_t>(4 * (t / 2) + t % 2), high_words[2 * t] = low_words[2 * t] + 2;
+      low_words[2 * t + 1] = high_words[2 * t + 1] = 0;  // masked off: the words' high bytes are zero
     }
   }
-  alignas(64) float sums[32];
-  _mm512_store_ps(sums, sum16(acc));  // lane c * 4 + r: weight row n0 + r, activation row m0 + c
-  if (cols > 4) {
-    __m512 rest[16];
-    for (int i = 0; i < 16; ++i) rest[i] = i < (cols - 4) * kTileRows ? acc[16 + i] : _mm512_setzero_ps();
-    _mm512_store_ps(sums + 16, sum16(rest));
-  }
-  for (int c = 0; c < cols; ++c) {
-    const __m128 b = bias ? _mm_loadu_ps(bias + n0) : _mm_setzero_ps();
-    const __m128i y = reinterpret_cast<__m128i>(_mm_cvtneps_pbh(_mm_add_ps(_mm_load_ps(sums + c * kTileRows), b)));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + (m0 + c) * N + n0), y);
+};
+const NibbleIndices kNibbleIndices;
+
+// Block b (K from 32 b) of 16 weight rows from n0 (rows from `rows` on are zero), 4-bit, as pair[d] = the k pair
+// (32 b + 2d, + 1) of the 16 rows, lane l = row l, each weight bf16 q + 128. A row's block is 16 bytes (byte j: k = j
+// low nibble, j + 16 high), so its dword i holds pairs 2i, 2i + 1 (low nibbles) and 2i + 8, 2i + 9 (high): a 16 x 4
+// dword transpose, then one byte permute per two pairs.
+inline void expand_block(const uint8_t* qw, int64_t n0, int rows, int64_t K, int64_t b, __m512i* pair) {
+  const uint8_t* block = qw + n0 * (K / 2) + b * kBlock / 2;
+  auto row = [&](int r) {
+    return r < rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + r * (K / 2))) : _mm_setzero_si128();
+  };
+  __m512i quad[4];  // quad[a], 128-bit lane l: row 4a + l
+  for (int a = 0; a < 4; ++a)
+    quad[a] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(row(4 * a)),
+                                                                       row(4 * a + 1), 1), row(4 * a + 2), 2),
+                                 row(4 * a + 3), 3);
+  const NibbleIndices& ix = kNibbleIndices;
+  const __m512i d01 = _mm512_load_si512(ix.dwords01), d23 = _mm512_load_si512(ix.dwords23);
+  const __m512i p01 = _mm512_permutex2var_epi32(quad[0], d01, quad[1]);
+  const __m512i p23 = _mm512_permutex2var_epi32(quad[0], d23, quad[1]);
+  const __m512i q01 = _mm512_permutex2var_epi32(quad[2], d01, quad[3]);
+  const __m512i q23 = _mm512_permutex2var_epi32(quad[2], d23, quad[3]);
+  const __m512i dword[4] = {_mm512_shuffle_i64x2(p01, q01, 0x44), _mm512_shuffle_i64x2(p01, q01, 0xEE),
+                            _mm512_shuffle_i64x2(p23, q23, 0x44), _mm512_shuffle_i64x2(p23, q23, 0xEE)};
+  const __m512i low = _mm512_load_si512(ix.low_words), high = _mm512_load_si512(ix.high_words);
+  const __m512i nibble = _mm512_set1_epi16(0x0F), bias = _mm512_set1_epi16(0x4300);
+  constexpr __mmask64 kEvenBytes = 0x5555555555555555ULL;
+  for (int i = 0; i < 4; ++i) {  // dword i: pairs 2i, 2i + 1, 2i + 8, 2i + 9
+    const __m512i e0 = _mm512_maskz_permutexvar_epi8(kEvenBytes, low, dword[i]);
+    const __m512i e1 = _mm512_maskz_permutexvar_epi8(kEvenBytes, high, dword[i]);
+    pair[2 * i] = _mm512_ternarylogic_epi32(e0, nibble, bias, 0xEA);  // (e & 0x0F) | 0x4300
+    pair[2 * i + 1] = _mm512_ternarylogic_epi32(e1, nibble, bias, 0xEA);
+    pair[2 * i + 8] = _mm512_or_si512(_mm512_srli_epi16(e0, 4), bias);
+    pair[2 * i + 9] = _mm512_or_si512(_mm512_srli_epi16(e1, 4), bias);
   }
 }
 
-// Panels [begin, end) of kPanelRows weight rows (the last may hold fewer, a multiple of 4), all M rows of x against
-// each, in activation tiles of 4 (the x tile stays in L1 across the panel's weight rows).
-template <typename weight_t, typename scale_t>
-void panel_tasks(const uint16_t* x, const weight_t* qw, const scale_t* scale, const scale_t* mins, const float* bias,
-                 c10::BFloat16* out, int64_t M, int64_t N, int64_t K, int64_t G, int64_t begin, int64_t end) {
-  constexpr int64_t kPacking = std::is_same<weight_t, uint8_t>::value ? 2 : 1;
-  const int64_t num_groups = (K + G - 1) / G;
-  std::vector<uint16_t> panel(kPanelRows * K);
-  std::vector<float> scale_f(num_groups), mins_f(num_groups);
-  for (int64_t t = begin; t < end; ++t) {
-    const int64_t n_begin = t * kPanelRows, rows = std::min(kPanelRows, N - n_begin);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t n = n_begin + r;
-      const float* sf = as_float(scale + n * num_groups, num_groups, scale_f.data());
-      const float* mf = as_float(mins + n * num_groups, num_groups, mins_f.data());
-      dequantize_row_bf16(qw + n * (K / kPacking), sf, mf, K, G, num_groups, panel.data() + r * K, kBlock);
+// v[r] = 32 bf16 of row r (one block of K) -> v[d] = the block's pair d of rows 0..15: a 16 x 16 transpose of
+// 32-bit pairs in four rounds of 16 shuffles.
+inline void transpose_pairs(__m512i* v) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);      // per 128-bit lane: a0 b0 a1 b1
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);  // a2 b2 a3 b3
+  }
+  for (int i = 0; i < 16; i += 4) {  // v[i + j], lane l: pair 4l + j of rows i .. i + 3
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // the 128-bit lanes of v[j], v[4 + j], v[8 + j], v[12 + j] transposed
+    const __m512i s0 = _mm512_shuffle_i32x4(v[j], v[4 + j], 0x88), s1 = _mm512_shuffle_i32x4(v[j], v[4 + j], 0xdd);
+    const __m512i s2 = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], 0x88);
+    const __m512i s3 = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], 0xdd);
+    t[j] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+    t[4 + j] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+    t[8 + j] = _mm512_shuffle_i32x4(s0, s2, 0xdd);
+    t[12 + j] = _mm512_shuffle_i32x4(s1, s3, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) v[i] = t[i];
+}
+
+// The same for 8-bit weights, each bf16 q (exact: |q| <= 128), through float32 and a transpose of pairs.
+inline void expand_block(const int8_t* qw, int64_t n0, int rows, int64_t K, int64_t b, __m512i* pair) {
+  for (int r = 0; r < 16; ++r) {
+    if (r >= rows) {
+      pair[r] = _mm512_setzero_si512();
+      continue;
     }
-    for (int64_t m0 = 0; m0 < M; m0 += kTileCols)
-      for (int64_t r = 0; r < rows; r += kTileRows) {
-        const uint16_t* w = panel.data() + r * K;
-        switch (std::min<int64_t>(kTileCols, M - m0)) {
-          case 6: dot_tile<6>(x, w, bias, out, N, K, n_begin + r, m0); break;
-          case 5: dot_tile<5>(x, w, bias, out, N, K, n_begin + r, m0); break;
-          case 4: dot_tile<4>(x, w, bias, out, N, K, n_begin + r, m0); break;
-          case 3: dot_tile<3>(x, w, bias, out, N, K, n_begin + r, m0); break;
-          case 2: dot_tile<2>(x, w, bias, out, N, K, n_begin + r, m0); break;
-          default: dot_tile<1>(x, w, bias, out, N, K, n_begin + r, m0);
-        }
+    const __m128i* p = reinterpret_cast<const __m128i*>(qw + (n0 + r) * K + b * kBlock);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)));
+    pair[r] = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+  }
+  transpose_pairs(pair);
+}
+inline float weight_offset(const uint8_t*) { return kNibbleOffset; }
+inline float weight_offset(const int8_t*) { return 0.0f; }
+
+// What every tile of one call reads: x bf16 [M, K] and its per-group sums [M, groups], out bf16 [M, N].
+struct Call {
+  const uint16_t* x;
+  const float* x_sums;
+  const float* bias;
+  c10::BFloat16* out;
+  int64_t M, N, K, G, groups;
+};
+
+// One panel: its words ([kPanelVectors][K / 2][16][2]), and per group the 32 rows' scales and mins (the offset of
+// the words taken off), [groups][32]; rows n0 .. n0 + valid - 1 of the weight.
+struct Panel {
+  const uint16_t* words;
+  const float* scale;
+  const float* mins;
+  int64_t n0, valid;
+};
+
+// out[m0 + i, n0 + 16 j + l] for i < rows, j < vectors, l < 16 (outputs past the panel's valid rows not stored):
+// per group, the dot products of x's pairs with the panel's, then scaled by the group's scale, plus its min times
+// the sum of x over the group
+template <int vectors, int rows>
+inline void dot_tile(const Call& c, const Panel& p, int64_t m0) {
+  __m512 acc[rows][vectors];
+  for (auto& a : acc)
+    for (auto& v : a) v = _mm512_setzero_ps();
+  const uint32_t* xr[rows];
+  for (int i = 0; i < rows; ++i) xr[i] = reinterpret_cast<const uint32_t*>(c.x + (m0 + i) * c.K);
+  for (int64_t g = 0; g < c.groups; ++g) {
+    __m512 dot[rows][vectors];
+    for (auto& a : dot)
+      for (auto& v : a) v = _mm512_setzero_ps();
+    const int64_t end = std::min(c.K, (g + 1) * c.G) / 2;
+    for (int64_t q = g * c.G / 2; q < end; ++q) {
+      __m512bh w[vectors];
+      for (int j = 0; j < vectors; ++j)
+        w[j] = reinterpret_cast<__m512bh>(_mm512_load_si512(p.words + (j * c.K / 2 + q) * 2 * kLanes));
+      for (int i = 0; i < rows; ++i) {
+        const __m512bh xq = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xr[i][q])));
+        for (int j = 0; j < vectors; ++j) dot[i][j] = _mm512_dpbf16_ps(dot[i][j], w[j], xq);
       }
+    }
+    for (int j = 0; j < vectors; ++j) {
+      const __m512 s = _mm512_load_ps(p.scale + g * kPanelRows + j * kLanes);
+      const __m512 mn = _mm512_load_ps(p.mins + g * kPanelRows + j * kLanes);
+      for (int i = 0; i < rows; ++i)
+        acc[i][j] = _mm512_fmadd_ps(dot[i][j], s, _mm512_fmadd_ps(_mm512_set1_ps(c.x_sums[(m0 + i) * c.groups + g]),
+                                                                  mn, acc[i][j]));
+    }
+  }
+  for (int j = 0; j < vectors; ++j) {
+    const int64_t n = p.n0 + j * kLanes, count = std::min<int64_t>(kLanes, p.valid - j * kLanes);
+    const __mmask16 mask = count >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+    const __m512 b = c.bias ? _mm512_maskz_loadu_ps(mask, c.bias + n) : _mm512_setzero_ps();
+    for (int i = 0; i < rows; ++i)
+      _mm256_mask_storeu_epi16(c.out + (m0 + i) * c.N + n, mask,
+                               reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][j], b))));
   }
 }
-#endif  // GENSERVE_BF16_DOT
 
-// Whether this build can run int4_linear_dpbf16: compiled for a CPU with AVX512-BF16 (the build is -march=native).
-bool has_avx512_bf16() { return GENSERVE_BF16_DOT; }
+// all M rows of x against one panel, kTileRows at a time
+template <int vectors>
+inline void panel_rows(const Call& c, const Panel& p) {
+  int64_t m0 = 0;
+  for (; m0 + kTileRows <= c.M; m0 += kTileRows) dot_tile<vectors, kTileRows>(c, p, m0);
+  static_assert(kTileRows == 6, "the remainder cases below");
+  switch (c.M - m0) {
+    case 5: dot_tile<vectors, 5>(c, p, m0); break;
+    case 4: dot_tile<vectors, 4>(c, p, m0); break;
+    case 3: dot_tile<vectors, 3>(c, p, m0); break;
+    case 2: dot_tile<vectors, 2>(c, p, m0); break;
+    case 1: dot_tile<vectors, 1>(c, p, m0); break;
+    default: break;
+  }
+}
+
+// Panels [begin, end) of kPanelRows weight rows (the last may hold fewer: its missing rows are zero and not stored),
+// each expanded once and multiplied by all M rows of x.
+template <typename weight_t, typename scale_t>
+void panel_tasks(const Call& c, const weight_t* qw, const scale_t* scale, const scale_t* mins, int64_t begin,
+                 int64_t end) {
+  const int64_t K = c.K, groups = c.groups;
+  // 64-byte aligned: a vector load across two cache lines costs two
+  const at::Tensor buffer = at::empty({kPanelRows * K / 2 + 2 * kPanelRows * groups}, at::kFloat);
+  auto* words = reinterpret_cast<uint16_t*>(buffer.data_ptr<float>());
+  float* panel_scale = buffer.data_ptr<float>() + kPanelRows * K / 2;
+  float* panel_mins = panel_scale + kPanelRows * groups;
+  std::vector<float> row_scale(groups), row_mins(groups);
+  const float offset = weight_offset(qw);
+  __m512i pair[16];
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t n0 = t * kPanelRows, valid = std::min(kPanelRows, c.N - n0);
+    for (int64_t r = 0; r < kPanelRows; ++r) {
+      const float* s = r < valid ? as_float(scale + (n0 + r) * groups, groups, row_scale.data()) : nullptr;
+      const float* m = r < valid ? as_float(mins + (n0 + r) * groups, groups, row_mins.data()) : nullptr;
+      for (int64_t g = 0; g < groups; ++g) {
+        panel_scale[g * kPanelRows + r] = s ? s[g] : 0.0f;
+        panel_mins[g * kPanelRows + r] = s ? m[g] - offset * s[g] : 0.0f;
+      }
+    }
+    const int vectors = valid > kLanes ? 2 : 1;
+    for (int j = 0; j < vectors; ++j) {
+      const int rows = static_cast<int>(std::min<int64_t>(kLanes, valid - j * kLanes));
+      uint16_t* half = words + j * K * kLanes;
+      for (int64_t b = 0; b < K / kBlock; ++b) {
+        expand_block(qw, n0 + j * kLanes, rows, K, b, pair);
+        for (int d = 0; d < 16; ++d) _mm512_store_si512(half + (b * 16 + d) * 2 * kLanes, pair[d]);
+      }
+    }
+    const Panel panel{words, panel_scale, panel_mins, n0, valid};
+    if (vectors == 2) panel_rows<2>(c, panel);
+    else panel_rows<1>(c, panel);
+  }
+}
+
+// x's sums over each group of K, [M, groups] float32 (bf16 widened exactly, summed in float32)
+at::Tensor group_sums(const at::Tensor& x, int64_t G) {
+  const int64_t M = x.size(0), K = x.size(1), groups = (K + G - 1) / G;
+  auto sums = at::zeros({M, groups}, x.options().dtype(at::kFloat));
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+  float* s = sums.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += kBlock) {
+      const __m512i v = _mm512_loadu_si512(xp + m * K + k);
+      const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));  // even bf16 -> float32
+      const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(-65536)));  // odd
+      s[m * groups + k / G] += _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+    }
+  return sums;
+}
+#else
+#define GENSERVE_DPBF16 0
+#endif  // GENSERVE_DPBF16
+
+// Whether this build can run int4_linear_dpbf16: compiled for a CPU with AVX512-BF16 and -VBMI (the build is -march=native).
+bool has_avx512_bf16() { return GENSERVE_DPBF16; }
 
 // x: [M, K] bfloat16; qweight / scale / min as int4_linear (grouped_operands.h); bias [N] -> [M, N] bfloat16.
-// bf16 products summed in float32, like int4_linear_amx (in another order).
+// Products of bf16 x and the exact weights summed in float32 (int4_linear_amx multiplies the weights rounded to bf16).
 at::Tensor int4_linear_dpbf16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                               const at::Tensor& mins, int64_t group_size, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(has_avx512_bf16(), "int4_linear_dpbf16: this CPU or build has no AVX512-BF16");
@@ -121,20 +274,19 @@ at::Tensor int4_linear_dpbf16(const at::Tensor& x, const at::Tensor& qweight, co
   const int64_t M = x.size(0), N = op.N, K = op.K, G = op.G;
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;
-#if GENSERVE_BF16_DOT
+#if GENSERVE_DPBF16
   auto qw = qweight.contiguous();
   auto s = scale.contiguous();
   auto mn = mins.contiguous();
   auto xc = x.contiguous();
   const at::Tensor bias_f = float_bias(bias, N);
-  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
-  auto* o = out.data_ptr<c10::BFloat16>();
+  const at::Tensor sums = group_sums(xc, G);
+  const Call call{reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>()), sums.data_ptr<float>(),
+                  bias_f.defined() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr<c10::BFloat16>(),
+                  M, N, K, G, sums.size(1)};
   const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
   with_typed_operands(op, qw, s, mn, [&](const auto* q, const auto* sc, const auto* mi) {
-    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-      panel_tasks(xp, q, sc, mi, b, o, M, N, K, G, begin, end);
-    });
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) { panel_tasks(call, q, sc, mi, begin, end); });
   });
 #endif
   return out;

@@ -33,8 +33,16 @@ KERNEL_NAMES = [usable("amx"), usable("dpbf16")]
 
 
 def bf16_weight(qweight, scale, mins, group_size) -> torch.Tensor:
-    """The weight as the kernel multiplies it: dequantized in float32, rounded once to bfloat16."""
+    """The weight as the AMX kernel multiplies it: dequantized in float32, rounded once to bfloat16."""
     return kernels.grouped_dequantize(qweight, scale, mins, group_size).to(torch.bfloat16)
+
+
+def kernel_weight(name, qweight, scale, mins, group_size) -> torch.Tensor:
+    """The weight each kernel multiplies: AMX tiles hold it rounded to bf16; the AVX512-BF16 kernel multiplies the
+    integers q and scales each group's sum after, so its weight is the exact q * scale + min."""
+    if name == "amx":
+        return bf16_weight(qweight, scale, mins, group_size).double()
+    return kernels.grouped_dequantize(qweight, scale, mins, group_size).double()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -44,14 +52,14 @@ def bf16_weight(qweight, scale, mins, group_size) -> torch.Tensor:
                          ids=["small", "ragged-last-group-and-16-row-panel", "smollm2-mlp", "g64", "odd-group-count"])
 @pytest.mark.parametrize("rows", [1, 3, 15, 16, 17, 33, 64])
 @pytest.mark.parametrize("name", KERNEL_NAMES)
-def test_bf16_kernel_sums_the_bf16_weights_products(name, bits, scale_dtype, n, k, group_size, rows):
+def test_bf16_kernel_sums_the_products_of_the_weights_it_multiplies(name, bits, scale_dtype, n, k, group_size, rows):
     torch.manual_seed(rows * 7 + n)
     qweight, scale, mins = random_grouped(n, k, group_size, bits, scale_dtype)
     x = torch.randn(rows, k).to(torch.bfloat16)
     bias = torch.randn(n).to(torch.bfloat16) if rows % 2 else None
     with torch_threads(2):
         y = BF16_KERNELS[name](x, qweight, scale, mins, group_size, bias)
-    expected = x.double() @ bf16_weight(qweight, scale, mins, group_size).double().T
+    expected = x.double() @ kernel_weight(name, qweight, scale, mins, group_size).T
     if bias is not None:
         expected += bias.double()
     assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
@@ -61,14 +69,21 @@ def test_bf16_kernel_sums_the_bf16_weights_products(name, bits, scale_dtype, n, 
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=["f16", "f32"])
 @pytest.mark.parametrize("name", KERNEL_NAMES)
-def test_bf16_kernel_rounds_each_weight_once_to_bf16(name, bits):
-    # a one-hot row picks one weight times 1: the output is exactly the bf16 weight the tiles multiplied
+def test_a_one_hot_row_gives_the_weight_the_kernel_multiplies(name, bits, scale_dtype):
     torch.manual_seed(bits)
-    qweight, scale, mins = random_grouped(96, 256, 32, bits, torch.float16)
+    qweight, scale, mins = random_grouped(96, 256, 32, bits, scale_dtype)
     x = torch.eye(256, dtype=torch.bfloat16)[:40]
     y = BF16_KERNELS[name](x, qweight, scale, mins, 32, None)
-    assert torch.equal(y, bf16_weight(qweight, scale, mins, 32)[:, :40].T.contiguous())
+    if name == "amx":  # the tiles multiply the weight rounded to bf16: exactly that comes out
+        assert torch.equal(y, bf16_weight(qweight, scale, mins, 32)[:, :40].T.contiguous())
+        return
+    # the exact weight rounded once to bf16 (2^-8 relative at most), give or take float32 roundings of the scaled
+    # group sum: scale * (q + 128) + (min - 128 * scale) for 4-bit weights, a few units of 2^-24 * 128 * scale
+    exact = kernels.grouped_dequantize(qweight, scale, mins, 32)[:, :40].T.double()
+    row_scale = (scale.double().abs().amax(1) + mins.double().abs().amax(1))[None, :]
+    assert ((y.double() - exact).abs() <= 2**-8 * exact.abs() + 2**-14 * row_scale).all()
 
 
 @pytest.mark.parametrize("name", KERNEL_NAMES)
