@@ -213,10 +213,11 @@ def main(argv=None) -> int:
                            f"genserve Q4_1 computing in bf16 / genserve {args.dtype}, 32 streams":
                                ("genserve-q4_1-bf16@32", f"genserve-{args.dtype}@32")}}
     try:
+        # one server at a time: each times its kernels at startup, and timings taken beside another server's
+        # start were noisy enough to pick the slower kernel (Zen 4, session 12)
         for arm in servers:
             arm.proc = start(arm, logs / f"{arm.name}.log")
             doc["versions"][arm.name] = versions(arm.python, arm.packages)
-        for arm in servers:
             problem = wait_ready(arm.proc, arm.url, 1200)
             if problem:
                 print(f"{arm.name}: {problem}\n{(logs / f'{arm.name}.log').read_text()[-2000:]}", file=sys.stderr)
