@@ -206,7 +206,7 @@ def int4_linear_amx(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
 
 def has_avx512_bf16() -> bool:
-    """Whether int4_linear_dpbf16 runs here: the kernels were built for a CPU with AVX512-BF16."""
+    """Whether int4_linear_dpbf16 runs here: the kernels were built for a CPU with AVX512-BF16 and -VBMI."""
     return load_cpu_kernels() and torch.ops.genserve_cpu.has_avx512_bf16()
 
 

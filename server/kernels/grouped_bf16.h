@@ -1,6 +1,7 @@
-// Grouped 4/8-bit weights (grouped_dot.h's layout) dequantized to bfloat16, for the kernels that multiply bf16
-// activations in hardware: AMX tiles (grouped_amx_cpu.cpp) and AVX512-BF16 dot products (grouped_dpbf16_cpu.cpp).
-// w = q * scale + min in float32, rounded once to bf16: the weight a bf16 checkpoint of those values holds.
+// Grouped 4/8-bit weights (grouped_dot.h's layout) dequantized to bfloat16 for AMX tiles (grouped_amx_cpu.cpp):
+// w = q * scale + min in float32, rounded once to bf16, the weight a bf16 checkpoint of those values holds. The
+// block size and the float16 scale widening serve the AVX512-BF16 kernel too (grouped_dpbf16_cpu.cpp), which
+// expands the integers q instead and scales each group's sum.
 #pragma once
 
 #include <c10/util/Half.h>

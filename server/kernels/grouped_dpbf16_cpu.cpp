@@ -272,17 +272,16 @@ at::Tensor group_sums(const at::Tensor& x, int64_t G) {
 #define GENSERVE_DPBF16 0
 #endif  // GENSERVE_DPBF16
 
-// Whether this build can run int4_linear_dpbf16: compiled for a CPU with AVX512-BF16 and -VBMI (the build is -march=native).
+// Whether this build can run int4_linear_dpbf16: compiled for a CPU with AVX512-BF16 and -VBMI (-march=native).
 bool has_avx512_bf16() { return GENSERVE_DPBF16; }
 
 // x: [M, K] bfloat16; qweight / scale / min as int4_linear (grouped_operands.h); bias [N] -> [M, N] bfloat16.
 // Products of bf16 x and the exact weights summed in float32 (int4_linear_amx multiplies the weights rounded to bf16).
 at::Tensor int4_linear_dpbf16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                               const at::Tensor& mins, int64_t group_size, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(has_avx512_bf16(), "int4_linear_dpbf16: this CPU or build has no AVX512-BF16");
+  TORCH_CHECK(has_avx512_bf16(), "int4_linear_dpbf16: this CPU or build has no AVX512-BF16 and -VBMI");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int4_linear_dpbf16: x [M, K] bfloat16");
-  const auto op = check_grouped_operands(qweight, scale, mins, x.size(1), group_size,
-                                                           "int4_linear_dpbf16");
+  const auto op = check_grouped_operands(qweight, scale, mins, x.size(1), group_size, "int4_linear_dpbf16");
   const int64_t M = x.size(0), N = op.N, K = op.K, G = op.G;
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;
