@@ -17,6 +17,7 @@
 
 #include "grouped_bf16.h"
 #include "grouped_operands.h"
+#include "simd.h"
 
 namespace {
 
@@ -35,12 +36,10 @@ constexpr int kTileRows = 6;      // activation rows per register tile: 12 sums 
 // vector). The offset goes into the group's min: min - 128 * scale.
 constexpr float kNibbleOffset = 128.0f;
 
-// Byte and dword permutes of the 4-bit expansion below, filled once.
+// Byte permutes of the 4-bit expansion below, filled once.
 struct NibbleIndices {
-  alignas(64) int32_t dwords01[16], dwords23[16];  // rows 0-7 (or 8-15) of four: dwords 0 and 1 (2 and 3)
   alignas(64) uint8_t low_words[64], high_words[64];  // word t = 2r + c <- byte 4r + c (low) or 4r + 2 + c (high)
   NibbleIndices() {
-    for (int s = 0; s < 16; ++s) dwords01[s] = 4 * (s % 8) + s / 8, dwords23[s] = dwords01[s] + 2;
     for (int t = 0; t < 32; ++t) {
       low_words[2 * t] = static_cast<uint8_t>(4 * (t / 2) + t % 2), high_words[2 * t] = low_words[2 * t] + 2;
       low_words[2 * t + 1] = high_words[2 * t + 1] = 0;  // masked off: the words' high bytes are zero
@@ -54,23 +53,9 @@ const NibbleIndices kNibbleIndices;
 // low nibble, j + 16 high), so its dword i holds pairs 2i, 2i + 1 (low nibbles) and 2i + 8, 2i + 9 (high): a 16 x 4
 // dword transpose, then one byte permute per two pairs.
 inline void expand_block(const uint8_t* qw, int64_t n0, int rows, int64_t K, int64_t b, __m512i* pair) {
-  const uint8_t* block = qw + n0 * (K / 2) + b * kBlock / 2;
-  auto row = [&](int r) {
-    return r < rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + r * (K / 2))) : _mm_setzero_si128();
-  };
-  __m512i quad[4];  // quad[a], 128-bit lane l: row 4a + l
-  for (int a = 0; a < 4; ++a)
-    quad[a] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(row(4 * a)),
-                                                                       row(4 * a + 1), 1), row(4 * a + 2), 2),
-                                 row(4 * a + 3), 3);
+  __m512i dword[4];
+  genserve_simd::transpose_dwords_16x4(qw + n0 * (K / 2) + b * kBlock / 2, K / 2, rows, dword);
   const NibbleIndices& ix = kNibbleIndices;
-  const __m512i d01 = _mm512_load_si512(ix.dwords01), d23 = _mm512_load_si512(ix.dwords23);
-  const __m512i p01 = _mm512_permutex2var_epi32(quad[0], d01, quad[1]);
-  const __m512i p23 = _mm512_permutex2var_epi32(quad[0], d23, quad[1]);
-  const __m512i q01 = _mm512_permutex2var_epi32(quad[2], d01, quad[3]);
-  const __m512i q23 = _mm512_permutex2var_epi32(quad[2], d23, quad[3]);
-  const __m512i dword[4] = {_mm512_shuffle_i64x2(p01, q01, 0x44), _mm512_shuffle_i64x2(p01, q01, 0xEE),
-                            _mm512_shuffle_i64x2(p23, q23, 0x44), _mm512_shuffle_i64x2(p23, q23, 0xEE)};
   const __m512i low = _mm512_load_si512(ix.low_words), high = _mm512_load_si512(ix.high_words);
   const __m512i nibble = _mm512_set1_epi16(0x0F), bias = _mm512_set1_epi16(0x4300);
   constexpr __mmask64 kEvenBytes = 0x5555555555555555ULL;

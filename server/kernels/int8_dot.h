@@ -26,6 +26,7 @@ struct QuantizedRow {
   std::vector<int8_t> q;
   std::vector<float> scale;  // one per block
   std::vector<float> group_sum;  // exact float sum of x per weight group, for the min term
+  std::vector<int32_t> code_sum;  // sum of q per block: int8_panel.h's offset correction for 8-bit weights
 };
 
 inline GENSERVE_SHARED void quantize_row(const float* x, int64_t K, int64_t G, bool pair_order, QuantizedRow& out) {
@@ -33,6 +34,7 @@ inline GENSERVE_SHARED void quantize_row(const float* x, int64_t K, int64_t G, b
   out.q.assign(K, 0);
   out.scale.assign(blocks, 0.f);
   out.group_sum.assign(groups, 0.f);
+  out.code_sum.assign(blocks, 0);
   int8_t natural[kBlock];
   for (int64_t b = 0; b < blocks; ++b) {
     const float* xb = x + b * kBlock;
@@ -44,7 +46,9 @@ inline GENSERVE_SHARED void quantize_row(const float* x, int64_t K, int64_t G, b
     out.group_sum[b * kBlock / G] += sum;
     const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
     out.scale[b] = d;
-    for (int i = 0; i < kBlock; ++i) natural[i] = static_cast<int8_t>(std::lrintf(xb[i] * inv));
+    int32_t codes = 0;
+    for (int i = 0; i < kBlock; ++i) codes += natural[i] = static_cast<int8_t>(std::lrintf(xb[i] * inv));
+    out.code_sum[b] = codes;
     int8_t* dst = out.q.data() + b * kBlock;
     if (!pair_order || (b == blocks - 1 && blocks % 2)) {
       std::memcpy(dst, natural, kBlock);

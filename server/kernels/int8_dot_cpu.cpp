@@ -22,6 +22,7 @@
 
 #include "grouped_operands.h"
 #include "int8_dot.h"
+#include "int8_panel.h"
 
 namespace {
 
@@ -32,6 +33,16 @@ template <typename weight_t, typename scale_t, typename out_t>
 void q8_activation_linear(const std::vector<QuantizedRow>& xs, const weight_t* qw, const scale_t* scale,
                           const scale_t* mins, const float* bias, out_t* out, int64_t M, int64_t N, int64_t K,
                           int64_t G) {
+#if GENSERVE_INT8_PANEL
+  if (uses_panels(M)) {
+    const int64_t bytes = panel_buffer_bytes(K, (K + G - 1) / G);
+    at::parallel_for(0, panels_of(N), 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> buffer(bytes);
+      q8_panel_tasks(xs.data(), qw, scale, mins, bias, out, M, N, K, G, begin, end, buffer.data());
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, N / kRows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> ws_buffer(kRows * (K / kBlock));
     q8_tasks(xs.data(), qw, scale, mins, bias, out, M, N, K, G, begin, end, ws_buffer.data());
@@ -54,7 +65,8 @@ at::Tensor int4_linear_int8_activations(const at::Tensor& x, const at::Tensor& q
   auto mn = mins.contiguous();
   auto xf = x.to(at::kFloat).contiguous();
   std::vector<QuantizedRow> xs(M);
-  for (int64_t m = 0; m < M; ++m) quantize_row(xf.data_ptr<float>() + m * K, K, G, is_4bit, xs[m]);
+  const bool pair_order = is_4bit && !uses_panels(M);  // the row kernel's order; the panels read x as it is
+  for (int64_t m = 0; m < M; ++m) quantize_row(xf.data_ptr<float>() + m * K, K, G, pair_order, xs[m]);
   at::Tensor bias_f;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == N, "bias: one per output row");

@@ -99,6 +99,33 @@ inline float widen(c10::Half v) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// 16 rows of 16 bytes (row r at block + r * stride; rows from `rows` on read as zero) -> dword[i], lane l = row l's
+// bytes 4i .. 4i + 3: a 16 x 4 dword transpose. Both panel kernels expand 4-bit blocks through it (a row's block:
+// byte j holds k = j in its low nibble, k = j + 16 in its high one).
+inline void transpose_dwords_16x4(const uint8_t* block, int64_t stride, int rows, __m512i* dword) {
+  auto row = [&](int r) {
+    return r < rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + r * stride)) : _mm_setzero_si128();
+  };
+  __m512i quad[4];  // quad[a], 128-bit lane l: row 4a + l
+  for (int a = 0; a < 4; ++a)
+    quad[a] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(row(4 * a)),
+                                                                       row(4 * a + 1), 1), row(4 * a + 2), 2),
+                                 row(4 * a + 3), 3);
+  // element s of d01: row s % 8's dword s / 8 (of quad[0] | quad[1]: element 4r + c = row r's dword c)
+  const __m512i d01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+  const __m512i d23 = _mm512_add_epi32(d01, _mm512_set1_epi32(2));
+  const __m512i p01 = _mm512_permutex2var_epi32(quad[0], d01, quad[1]);
+  const __m512i p23 = _mm512_permutex2var_epi32(quad[0], d23, quad[1]);
+  const __m512i q01 = _mm512_permutex2var_epi32(quad[2], d01, quad[3]);
+  const __m512i q23 = _mm512_permutex2var_epi32(quad[2], d23, quad[3]);
+  dword[0] = _mm512_shuffle_i64x2(p01, q01, 0x44);
+  dword[1] = _mm512_shuffle_i64x2(p01, q01, 0xEE);
+  dword[2] = _mm512_shuffle_i64x2(p23, q23, 0x44);
+  dword[3] = _mm512_shuffle_i64x2(p23, q23, 0xEE);
+}
+#endif
+
 inline float hsum(vfloat v) {
   float total = 0.f;
   for (int i = 0; i < W; ++i) total += v[i];
