@@ -38,17 +38,29 @@ inline GENSERVE_SHARED void quantize_row(const float* x, int64_t K, int64_t G, b
   int8_t natural[kBlock];
   for (int64_t b = 0; b < blocks; ++b) {
     const float* xb = x + b * kBlock;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    // the scalar loop's arithmetic in two vectors (cvtps rounds to nearest even, as lrintf does)
+    const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const float sum = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(natural), _mm512_cvtepi32_epi8(q_lo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(natural + 16), _mm512_cvtepi32_epi8(q_hi));
+    out.code_sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+#else
     float amax = 0.f, sum = 0.f;
     for (int i = 0; i < kBlock; ++i) {
       amax = std::max(amax, std::fabs(xb[i]));
       sum += xb[i];
     }
-    out.group_sum[b * kBlock / G] += sum;
-    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    out.scale[b] = d;
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
     int32_t codes = 0;
     for (int i = 0; i < kBlock; ++i) codes += natural[i] = static_cast<int8_t>(std::lrintf(xb[i] * inv));
     out.code_sum[b] = codes;
+#endif
+    out.group_sum[b * kBlock / G] += sum;
+    out.scale[b] = amax / 127.f;
     int8_t* dst = out.q.data() + b * kBlock;
     if (!pair_order || (b == blocks - 1 && blocks % 2)) {
       std::memcpy(dst, natural, kBlock);

@@ -66,7 +66,9 @@ at::Tensor int4_linear_int8_activations(const at::Tensor& x, const at::Tensor& q
   auto xf = x.to(at::kFloat).contiguous();
   std::vector<QuantizedRow> xs(M);
   const bool pair_order = is_4bit && !uses_panels(M);  // the row kernel's order; the panels read x as it is
-  for (int64_t m = 0; m < M; ++m) quantize_row(xf.data_ptr<float>() + m * K, K, G, pair_order, xs[m]);
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) quantize_row(xf.data_ptr<float>() + m * K, K, G, pair_order, xs[m]);
+  });
   at::Tensor bias_f;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == N, "bias: one per output row");

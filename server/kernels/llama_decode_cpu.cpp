@@ -28,6 +28,7 @@
 #include "grouped_dot.h"
 #include "grouped_operands.h"
 #include "int8_dot.h"
+#include "int8_panel.h"
 
 namespace {
 
@@ -105,13 +106,15 @@ struct SpinBarrier {
 // Each thread's buffers.
 struct Scratch {
   std::vector<float> panel, ws, scores;
+  std::vector<uint8_t> int8_panel;
   std::vector<int64_t> rows;
 };
 
 // What the linear reads besides x: per-group sums (float activations, one row) or int8 rows; one thread.
 void prepare_input(const Linear& L, const float* x, int64_t M, bool int8, float* xsum, QuantizedRow* xq) {
   if (int8) {
-    for (int64_t m = 0; m < M; ++m) genserve_int8::quantize_row(x + m * L.K, L.K, L.G, L.four_bit, xq[m]);
+    const bool pair_order = L.four_bit && !genserve_int8::uses_panels(M);  // the row kernel's order
+    for (int64_t m = 0; m < M; ++m) genserve_int8::quantize_row(x + m * L.K, L.K, L.G, pair_order, xq[m]);
   } else if (M == 1) {
     genserve_grouped::group_sums(x, 1, L.K, L.G, xsum);
   }
@@ -123,6 +126,14 @@ void run_linear(const Linear& L, const float* x, const float* xsum, const Quanti
                 float* out, int tid, int nt, Scratch& s) {
   with_types(L, [&](const auto* q, const auto* scale, const auto* mins) {
     int64_t begin, end;
+#if GENSERVE_INT8_PANEL
+    if (int8 && genserve_int8::uses_panels(M)) {
+      share(genserve_int8::panels_of(L.N), tid, nt, begin, end);
+      genserve_int8::q8_panel_tasks(xq, q, scale, mins, nullptr, out, M, L.N, L.K, L.G, begin, end,
+                                    s.int8_panel.data());
+      return;
+    }
+#endif
     if (int8) {
       share(L.N / genserve_int8::kRows, tid, nt, begin, end);
       genserve_int8::q8_tasks(xq, q, scale, mins, nullptr, out, M, L.N, L.K, L.G, begin, end, s.ws.data());
@@ -304,6 +315,9 @@ struct ThreadState {
       : residual(B * st.Hd), normed(B * st.Hd), act(B * st.intermediate), xsum(B * ((st.max_k + 31) / 32)), xq(B) {
     s.panel.resize(genserve_grouped::kPanel * st.max_k);
     s.ws.resize(genserve_int8::kRows * (st.max_k / 32));
+#if GENSERVE_INT8_PANEL
+    s.int8_panel.resize(genserve_int8::panel_buffer_bytes(st.max_k, st.max_k / 32));  // groups of 32 at the most
+#endif
   }
 };
 

@@ -35,10 +35,11 @@ logger = logging.getLogger(__name__)
 # up to this many rows our kernel beats dequantize + dense GEMM: AVX2 EPYC, 2 threads, [3072, 576] g32:
 # 8 rows 2.4 vs 58 ms, 32 rows 16 vs 176 ms, 128 rows 48 vs 116 ms, 512 rows 155 vs 148 ms
 GROUPED_MAX_ROWS = 256
-# batch sizes timed for the int8-activation kernel against the float one; it serves up to the largest it wins at
-# (and every smaller one). [3072, 576] g32, 2 threads: AVX2 EPYC (Zen 3) up to 16 rows; Xeon with AMX up to 32
-# (x0.67 at 1 row, x0.93 at 32, x1.01 at 64)
-INT8_TIMED_ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+# batch sizes timed for the int8-activation kernel against the kernel that serves them otherwise (the float one,
+# or under bf16 the bf16 kernel from its row count on); it serves up to the largest it wins at (and every smaller
+# one). [3072, 576] g32, 2 threads: AVX2 EPYC (Zen 3) up to 16 rows; Xeon with AMX up to 32 (x0.67 at 1 row, x0.93
+# at 32, x1.01 at 64); Zen 4 (VNNI panels from 4 rows) against AVX512-BF16: x0.44 at 1 row, x0.67 at 32
+INT8_TIMED_ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 TORCH_INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's packed int4 CPU matmul takes
 BF16_TIMED_ROWS = (1, 2, 4, 8, 16, 32)  # batch sizes timed for the bf16-kernel choice; it holds above the largest
 TIMED_BATCH = 32  # the decode batch choose_kernels times besides one row
@@ -80,6 +81,11 @@ class GroupedWeights:
             return kernels.grouped_dequantize(qweight, scale, mins, self.group_size).to(dtype)
         return dequantize(qweight, scale, mins, self.group_size, dtype)
 
+    def uses_bf16_kernel(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether a batch of `rows` in `dtype` would run the bf16 kernel, int8 activations aside."""
+        return (self.bf16_min_rows is not None and self.bf16_min_rows <= rows <= GROUPED_MAX_ROWS
+                and dtype == torch.bfloat16)
+
     def apply(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -91,8 +97,7 @@ class GroupedWeights:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), packed, self.group_size,
                                                             scale_and_zeros.to(x.dtype))
             y = y if bias is None else y.add_(bias)
-        elif (self.bf16_min_rows is not None and self.bf16_min_rows <= rows <= GROUPED_MAX_ROWS
-              and x.dtype == torch.bfloat16 and rows > self.int8_max_rows):
+        elif self.uses_bf16_kernel(rows, x.dtype) and rows > self.int8_max_rows:
             y = BF16_KERNELS[self.bf16_kernel](flat, weight, scale, self.layer.weight_min, self.group_size, bias)
         elif (x.device.type == "cpu" and rows <= GROUPED_MAX_ROWS and weight.shape[0] % 4 == 0
               and kernels.load_cpu_kernels()):
@@ -176,19 +181,21 @@ def use_int8_activations(model: nn.Module) -> None:
 
 @torch.no_grad()
 def _int8_max_rows(method: GroupedWeights, dtype: torch.dtype) -> int:
-    """The largest of INT8_TIMED_ROWS up to which the int8-activation kernel beats the float one at every timed size
-    (at least 1: the flag asks for it); GENSERVE_INT8_ACTIVATION_ROWS=N fixes it (engines that must agree)."""
+    """The largest of INT8_TIMED_ROWS up to which the int8-activation kernel beats the kernel that would serve those
+    rows otherwise (the float one, or the bf16 kernel choose_bf16_kernels picked) at every timed size (at least 1:
+    the flag asks for it); GENSERVE_INT8_ACTIVATION_ROWS=N fixes it (engines that must agree)."""
     if os.environ.get("GENSERVE_INT8_ACTIVATION_ROWS"):
         return int(os.environ["GENSERVE_INT8_ACTIVATION_ROWS"])
     layer = method.layer
     qweight, scale, mins, k = layer.weight, layer.weight_scale, layer.weight_min, method.input_features
-    calls = max(2, min(10, 2**23 // qweight.numel()))  # an LM head takes ms per call
     limit = 1
     for rows in INT8_TIMED_ROWS:
+        # an LM head takes ms per call, and a call of 256 rows tens of ms
+        calls = max(1, min(10, 2**23 // qweight.numel() // max(1, rows // 32)))
         operands = (torch.randn(rows, k, dtype=dtype), qweight, scale, mins, method.group_size, None)
         int8 = _best_of(partial(kernels.int4_linear_int8_activations, *operands), calls=calls)
-        float_ = _best_of(partial(kernels.int4_linear, *operands), calls=calls)
-        if int8 >= float_:
+        otherwise = BF16_KERNELS[method.bf16_kernel] if method.uses_bf16_kernel(rows, dtype) else kernels.int4_linear
+        if int8 >= _best_of(partial(otherwise, *operands), calls=calls):
             break
         limit = rows
     logger.info("int%d [%d, %d] g%d: int8 activations up to %d rows", method.bits, qweight.shape[0], k,

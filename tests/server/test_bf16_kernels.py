@@ -20,6 +20,7 @@ from genserve.server.layers.grouped_linear import (
     grouped_methods,
 )
 from genserve.server.model_files import resolve_model
+from genserve.server.sampling_params import SamplingParams
 
 USABLE = bf16_kernels(torch.bfloat16) if kernels.load_cpu_kernels() else []
 pytestmark = pytest.mark.skipif(not USABLE, reason="no AMX-BF16 or AVX512-BF16 on this CPU")
@@ -125,6 +126,44 @@ def test_bf16_serving_of_the_q4_1_file_runs_the_bf16_kernel_and_agrees_with_the_
     # bf16 model as that is from float32, 84 %; a first token can differ, so only the total is checked)
     divergence = [first_divergence(a, b) for a, b in zip(ours, dense, strict=True)]
     assert sum(divergence) >= len(prompts) * len(ours[0]) // 2, divergence
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_int8_activations_under_bf16_are_timed_against_the_bf16_kernel_and_take_the_batches_up_to_their_limit(
+        name, quantized_dir, smollm2_dir, monkeypatch):
+    """--dtype bfloat16 --activation-quantization int8: the int8 limit is timed against the kernel those rows would
+    run otherwise (the bf16 one from its row count on), and each batch runs the int8 kernel up to the limit, the
+    bf16 kernel above it."""
+    monkeypatch.setenv("GENSERVE_BF16_KERNEL", name)
+    monkeypatch.setenv("GENSERVE_BF16_MIN_ROWS", "2")
+    calls = {"int8": [], name: []}
+    int8_kernel, bf16_kernel = kernels.int4_linear_int8_activations, BF16_KERNELS[name]
+
+    def recording(kind, kernel):
+        def run(x, weight, *rest):
+            calls[kind].append((x.shape[0], weight.shape))
+            return kernel(x, weight, *rest)
+        return run
+
+    monkeypatch.setattr(kernels, "int4_linear_int8_activations", recording("int8", int8_kernel))
+    monkeypatch.setitem(BF16_KERNELS, name, recording(name, bf16_kernel))
+    prompts = tokenize(smollm2_dir)
+    with torch.no_grad():
+        engine, rounded = engine_greedy(quantized_dir, prompts, new_tokens=8, dtype="bfloat16",
+                                        activation_quantization="int8")
+    methods = [m for m in grouped_methods(engine.runner.model) if m.torch_int4 is None]
+    limits = {m.layer.weight.shape: m.int8_max_rows for m in methods}
+    # timing: for 2 rows and more (while int8 won) the bf16 kernel was the baseline, on the weights timed
+    timed = [rows for rows, shape in calls[name] if shape in limits]
+    assert timed and min(timed) >= 2 and all(limit >= 1 for limit in limits.values()), (timed, limits)
+    calls["int8"].clear(), calls[name].clear()
+    with torch.no_grad():
+        again = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert again == rounded
+    assert calls["int8"] and all(rows <= limits[shape] for rows, shape in calls["int8"])
+    assert all(rows > limits[shape] for rows, shape in calls[name])
+    # a batch of 16 prompts decodes 16 rows: the int8 kernel takes them where the limit reaches 16
+    assert any(rows == len(prompts) for rows, _ in calls["int8"] + calls[name])
 
 
 def test_genserve_bf16_kernel_float_keeps_the_float_kernels(quantized_dir, smollm2_dir, monkeypatch):

@@ -121,7 +121,8 @@ def int8_activation_reference(x, qweight, scale, mins, group_size, bias):
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32], ids=["f16", "f32"])
 @pytest.mark.parametrize("n,k,group_size", [(64, 256, 32), (36, 576, 128), (8, 96, 32), (1536, 576, 32)],
                          ids=["small", "ragged-last-group", "odd-block-count", "smollm2-mlp"])
-@pytest.mark.parametrize("rows", [1, 3, 16])
+# 1 and 3 rows: the row kernel; 4 and more: VNNI panels where the CPU has them (int8_panel.h), in tiles of 6, 5, 4
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 32])
 def test_int8_activation_kernel_matches_its_float64_reference(bits, scale_dtype, n, k, group_size, rows):
     torch.manual_seed(rows * 7 + n)
     qweight, scale, mins = random_grouped(n, k, group_size, bits, scale_dtype)
@@ -139,12 +140,16 @@ def test_int8_activation_kernel_matches_its_float64_reference(bits, scale_dtype,
     assert 0 < difference < 0.03
 
 
-def test_int8_activation_kernel_takes_bfloat16_and_refuses_bad_shapes():
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [2, 8])
+def test_int8_activation_kernel_takes_bfloat16_and_refuses_bad_shapes(bits, rows):
     torch.manual_seed(1)
-    qweight, scale, mins = random_grouped(64, 256, 32, 4, torch.float16)
-    x = torch.randn(2, 256).to(torch.bfloat16)
+    qweight, scale, mins = random_grouped(68, 256, 32, bits, torch.float16)  # 68: a panel of 4 valid rows
+    x = torch.randn(rows, 256).to(torch.bfloat16)
     y = kernels.int4_linear_int8_activations(x, qweight, scale, mins, 32, None)
     assert y.dtype == torch.bfloat16
+    # the float32 sums rounded once to bf16, to nearest even as torch rounds
+    assert torch.equal(y, kernels.int4_linear_int8_activations(x.float(), qweight, scale, mins, 32, None).bfloat16())
     expected = int8_activation_reference(x.float(), qweight, scale, mins, 32, None)
     assert (y.double() - expected).abs().max() <= 1e-2 * expected.abs().max()
     with pytest.raises(RuntimeError, match="multiples of 32"):
