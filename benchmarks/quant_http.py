@@ -11,6 +11,7 @@ over rounds. Arms:
     genserve-q4_1-steps8, genserve-q4_1-int8act-steps8  the two above with --num-scheduler-steps 8 (8 greedy
                     decode steps per native call; tokens stream in bursts of 8), at 1 stream
     genserve-q4_1-bf16  the Q4_1 file at --dtype bfloat16 (activations bf16; on AMX the tiles' kernel), 32 streams
+    genserve-q4_1-bf16-int8act  the same with --activation-quantization int8 (VNNI panels where the CPU has them)
     genserve-float  genserve serve on the safetensors folder at --dtype (auto: what genserve picks on this CPU)
 
 "ITL" is each request's mean time per token after the first ((last - first token time) / (tokens - 1)), so bursts
@@ -76,6 +77,9 @@ def arms(args) -> list[Arm]:
                                  "--host", "127.0.0.1"], threads, str(llama / "bin/python"), ["llama_cpp_python"],
                (1, 32), llama_request),
            Arm("genserve-q4_1-bf16", [*serve, "--model-id", gguf, "--dtype", "bfloat16"], threads,
+               str(venv / "bin/python"), ["genserve", "torch"], (32,), genserve_request),
+           Arm("genserve-q4_1-bf16-int8act", [*serve, "--model-id", gguf, "--dtype", "bfloat16",
+                                              "--activation-quantization", "int8"], threads,
                str(venv / "bin/python"), ["genserve", "torch"], (32,), genserve_request),
            Arm(f"genserve-{args.dtype}", [*serve, "--model-id", str(args.model_dir), "--dtype", args.dtype], threads,
                str(venv / "bin/python"), ["genserve", "torch"], (32,), genserve_request)]
@@ -177,6 +181,7 @@ def parse_args(argv=None):
                    help="rounds that run llama.cpp at 32 streams (it serves one request at a time: slow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--levels", default="1,32", help="stream counts to run (comma-separated, from 1 and 32)")
+    p.add_argument("--arms", default=None, help="only these arms (comma-separated names; default: all)")
     p.add_argument("--note", default=None)
     p.add_argument("--log-dir", default="/tmp/genserve-quant-http")
     return p.parse_args(argv)
@@ -193,7 +198,8 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(args.model_dir)
     run_levels = {int(level) for level in args.levels.split(",")}
     # only the arms this run measures: each server sizes its K/V pool from the free memory, and six did not fit
-    servers = [arm for arm in arms(args) if run_levels & set(arm.levels)]
+    chosen = set(args.arms.split(",")) if args.arms else None
+    servers = [arm for arm in arms(args) if run_levels & set(arm.levels) and (chosen is None or arm.name in chosen)]
     doc = {"machine": machine(), "settings": vars(args), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "versions": {}, "rounds": [], "loadavg": [],
            "ratio_pairs": {"genserve Q4_1 / llama.cpp Q4_1, 1 stream": ("genserve-q4_1@1", "llamacpp-q4_1@1"),
@@ -211,7 +217,9 @@ def main(argv=None) -> int:
                            f"genserve Q4_1 / genserve {args.dtype}, 32 streams":
                                ("genserve-q4_1@32", f"genserve-{args.dtype}@32"),
                            f"genserve Q4_1 computing in bf16 / genserve {args.dtype}, 32 streams":
-                               ("genserve-q4_1-bf16@32", f"genserve-{args.dtype}@32")}}
+                               ("genserve-q4_1-bf16@32", f"genserve-{args.dtype}@32"),
+                           f"genserve Q4_1 in bf16, int8 activations / genserve {args.dtype}, 32 streams":
+                               ("genserve-q4_1-bf16-int8act@32", f"genserve-{args.dtype}@32")}}
     try:
         # one server at a time: each times its kernels at startup, and timings taken beside another server's
         # start were noisy enough to pick the slower kernel (Zen 4, session 12)
